@@ -1,0 +1,289 @@
+"""``activeindex`` command line: parse → call the library → print. No algorithm lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import typer
+from tqdm import tqdm
+
+from activeindex import __version__
+from activeindex.collection import AddReport, Collection
+from activeindex.errors import ActiveIndexError
+from activeindex.extractors import BUILTIN_MODELS, Extractor, Precision, ResizePolicy, create_extractor
+from activeindex.features import Failure, extract_paths
+from activeindex.images import list_images
+from activeindex.index import Metric
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Find edited copies of images: descriptors, FAISS collections, active indexing.",
+)
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="builtin, builtin:NAME, torchscript:PATH or onnx:PATH",
+    ),
+]
+InputSizeOpt = Annotated[
+    Optional[int], typer.Option(help="input size of a TorchScript/ONNX model (default: from the file, else 224)")
+]
+ResizeOpt = Annotated[Optional[ResizePolicy], typer.Option(help="resize policy of a TorchScript/ONNX model")]
+PrecisionOpt = Annotated[
+    Precision, typer.Option(help="auto: bf16 where it stays within cosine 0.99 of fp32")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+
+
+def _err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+@contextmanager
+def _progress(total: int, desc: str) -> Iterator[Any]:
+    """A progress bar on a terminal (stderr), silent when piped."""
+    with tqdm(total=total, desc=desc, unit="img", disable=None, file=sys.stderr, leave=False) as bar:
+        yield bar.update
+
+
+def _build_extractor(model: str, input_size: int | None, resize: ResizePolicy | None, precision: Precision) -> Extractor:
+    extractor = create_extractor(model, input_size=input_size, resize=resize, precision=precision)
+    _warn_untrained(extractor)
+    return extractor
+
+
+def _warn_untrained(extractor: Extractor) -> None:
+    if not extractor.trained:
+        _err(
+            f"warning: {extractor.spec_string} is an UNTRAINED architecture (no packaged weights): "
+            "its descriptors are not fit for copy detection. Pass --model torchscript:PATH or onnx:PATH."
+        )
+
+
+def _expand(inputs: list[Path]) -> list[Path]:
+    listing = list_images(inputs)
+    for p in listing.ignored:
+        _err(f"skipped {p}: not an image file (extension)")
+    if not listing.images:
+        raise ActiveIndexError(f"no image files found in {', '.join(map(str, inputs))}")
+    return listing.images
+
+
+def _names_for(paths: list[Path], inputs: list[Path]) -> list[str]:
+    """Names stored for images: the path relative to the folder given, or the file name."""
+    roots = [p.resolve() for p in inputs if p.is_dir()]
+    names = []
+    for p in paths:
+        rp = p.resolve()
+        root = next((r for r in roots if rp.is_relative_to(r)), None)
+        names.append(str(rp.relative_to(root)) if root else p.name)
+    return names
+
+
+def _report_failures(failures: list[Failure]) -> None:
+    for f in failures:
+        _err(f"skipped {f.path}: {f.reason}")
+
+
+@app.command()
+def models() -> None:
+    """List the built-in models."""
+    from activeindex.extractors.builtin import weights_resource
+
+    for name, entry in BUILTIN_MODELS.items():
+        state = "trained" if weights_resource(name).is_file() else "untrained"
+        typer.echo(f"builtin:{name:10s} {state:9s} {entry.description}")
+
+
+@app.command()
+def extract(
+    images: Annotated[list[Path], typer.Argument(help="image files or folders (recursive)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder")],
+    model: ModelOpt = "builtin",
+    input_size: InputSizeOpt = None,
+    resize: ResizeOpt = None,
+    precision: PrecisionOpt = Precision.AUTO,
+    batch_size: Annotated[int, typer.Option(help="images per model call")] = 32,
+    torch_out: Annotated[bool, typer.Option("--torch", help="also write fts.pt (a torch tensor)")] = False,
+) -> None:
+    """Describe images: writes OUT/features.npy (float32, n×d) and OUT/names.txt."""
+    extractor = _build_extractor(model, input_size, resize, precision)
+    paths = _expand(images)
+    with _progress(len(paths), "extract") as update:
+        result = extract_paths(paths, extractor, batch_size=batch_size, progress=update)
+    _report_failures(result.failures)
+    from activeindex.features import save_features
+
+    save_features(out, result.features, _names_for(result.paths, images), torch_tensor=torch_out)
+    _err(
+        f"{len(result.paths)} images described ({extractor.dim}-d, {extractor.precision.value}), "
+        f"{len(result.failures)} skipped → {out}"
+    )
+
+
+@app.command()
+def create(
+    collection: Annotated[Path, typer.Argument(help="new collection folder")],
+    index: Annotated[str, typer.Option("--index", help="FAISS factory string, e.g. IVF1024,PQ16x8")],
+    train: Annotated[list[Path], typer.Option("--train", help="training images/folders, or one .npy of descriptors")],
+    model: ModelOpt = "builtin",
+    input_size: InputSizeOpt = None,
+    resize: ResizeOpt = None,
+    precision: PrecisionOpt = Precision.AUTO,
+    metric: Annotated[Metric, typer.Option(help="l2 (as the paper) or ip")] = Metric.L2,
+    nprobe: Annotated[int, typer.Option(help="IVF cells visited per query")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a collection: train the index on descriptors of training images."""
+    extractor = _build_extractor(model, input_size, resize, precision)
+    if len(train) == 1 and train[0].suffix == ".npy":
+        xt = np.load(train[0], allow_pickle=False)
+        source = str(train[0])
+    else:
+        paths = _expand(train)
+        with _progress(len(paths), "train descriptors") as update:
+            result = extract_paths(paths, extractor, progress=update)
+        _report_failures(result.failures)
+        xt, source = result.features, f"{len(result.paths)} images"
+    coll = Collection.create(collection, extractor, index, xt, metric=metric, nprobe=nprobe)
+    with coll:
+        if as_json:
+            typer.echo(json.dumps(coll.info(), indent=2))
+        else:
+            _err(f"created {collection}: {index} ({metric.value}, nprobe {nprobe}), trained on {source}")
+
+
+def _print_add(report: AddReport, as_json: bool) -> None:
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "added": [{"id": i, "name": n} for i, n in report.added],
+                    "duplicates": [{"name": n, "id": i} for n, i in report.duplicates],
+                    "skipped": [{"path": str(f.path), "reason": f.reason} for f in report.failures],
+                },
+                indent=2,
+            )
+        )
+    for name, i in report.duplicates:
+        _err(f"already in the collection: {name} (id {i})")
+    _report_failures(report.failures)
+    _err(f"added {len(report.added)}, duplicates {len(report.duplicates)}, skipped {len(report.failures)}")
+
+
+@app.command()
+def add(
+    collection: Annotated[Path, typer.Argument(help="collection folder")],
+    images: Annotated[list[Path], typer.Argument(help="image files or folders (recursive)")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Add images to a collection (an image already present by content is reported, not re-added)."""
+    with Collection.open(collection) as coll:
+        _warn_untrained(coll.extractor)
+        paths = _expand(images)
+        with _progress(len(paths), "add") as update:
+            report = coll.add_images(paths, names=_names_for(paths, images), progress=update)
+        _print_add(report, as_json)
+
+
+@app.command()
+def query(
+    collection: Annotated[Path, typer.Argument(help="collection folder")],
+    images: Annotated[list[Path], typer.Argument(help="query image files or folders")],
+    k: Annotated[int, typer.Option("-k", help="matches per query", min=1)] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the nearest stored images of each query image."""
+    with Collection.open(collection) as coll:
+        _warn_untrained(coll.extractor)
+        paths = _expand(images)
+        with _progress(len(paths), "query") as update:
+            results, failures = coll.query_images(paths, k=k, progress=update)
+    _report_failures(failures)
+    if as_json:
+        out = [{"query": r.query, "matches": [m.__dict__ for m in r.matches]} for r in results]
+        typer.echo(json.dumps(out, indent=2))
+        return
+    for r in results:
+        typer.echo(r.query)
+        for rank, m in enumerate(r.matches, 1):
+            decision = "" if m.copy is None else ("  COPY" if m.copy else "")
+            typer.echo(f"  {rank:3d}. id {m.id:<8d} {m.score:7.4f}  {m.name}{decision}")
+
+
+@app.command()
+def remove(
+    collection: Annotated[Path, typer.Argument(help="collection folder")],
+    ids: Annotated[list[int], typer.Argument(help="ids to remove")],
+) -> None:
+    """Remove images by id from the index and the database."""
+    with Collection.open(collection) as coll:
+        removed, unknown = coll.remove(ids)
+    for i in unknown:
+        _err(f"no image with id {i}")
+    _err(f"removed {len(removed)}")
+    if unknown:
+        raise typer.Exit(1)
+
+
+@app.command()
+def info(
+    collection: Annotated[Path, typer.Argument(help="collection folder")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Describe a collection."""
+    with Collection.open(collection) as coll:
+        data = coll.info()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    ex = data["extractor"]
+    typer.echo(f"collection   {data['path']}")
+    typer.echo(f"images       {data['images']}  {data['by_mode'] or ''}")
+    typer.echo(f"index        {data['factory']}  metric {data['metric']}  nprobe {data['nprobe']}  "
+               f"{data['index_bytes'] / 1e6:.2f} MB")
+    typer.echo(f"model        {ex['kind']}:{ex.get('name') or ex.get('path')}  {data['dim']}-d  "
+               f"{'trained' if ex.get('trained', True) else 'UNTRAINED'}  digest {ex['digest'][:12]}")
+    thr = data["threshold"]
+    typer.echo(f"copy thresh. {'not calibrated' if thr is None else f'{thr:.4f}'}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"activeindex {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main() -> None:
+    try:
+        app()  # standalone mode: click handles usage errors and exits with their code
+    except ActiveIndexError as exc:
+        _err(f"error: {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The extractor: a descriptor network plus the preprocessing and precision it runs with.
+
+An :class:`Extractor` maps images to L2-normalised float32 descriptors. It owns
+
+- its :class:`Preprocessing` (square input size, resize policy, mean/std), so that a collection can
+  store it and every later query is prepared exactly like the references were;
+- a ``digest`` of its weights, so that a collection refuses descriptors from another model;
+- its compute precision: bf16 autocast on CPUs that support it *and* where the descriptors stay
+  within cosine 0.99 of fp32 on a calibration batch; fp32 otherwise.
+
+Two entry points: :meth:`Extractor.embed` is differentiable and takes float images in [0, 1] already at
+the input size (activation optimises pixels through it); :meth:`Extractor.features` takes a uint8
+batch and returns numpy descriptors without building a graph.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from activeindex.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Minimum cosine between bf16 and fp32 descriptors for bf16 autocast to be used.
+BF16_MIN_COSINE = 0.99
+
+
+class ResizePolicy(str, enum.Enum):
+    """How an image of any shape becomes the square network input."""
+
+    SQUARE = "square"  # resize both sides to the input size (aspect not kept, nothing cut off)
+    CENTER_CROP = "center-crop"  # resize the shorter side to the input size, cut the centre square
+
+
+class Precision(str, enum.Enum):
+    AUTO = "auto"  # bf16 where supported and faithful (cosine >= 0.99 to fp32), else fp32
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything needed to turn a decoded RGB image into the network input."""
+
+    input_size: int = 224
+    resize: ResizePolicy = ResizePolicy.SQUARE
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.input_size < 8:
+            raise ModelError(f"input size {self.input_size} is too small (minimum 8 pixels)")
+        object.__setattr__(self, "resize", ResizePolicy(self.resize))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["resize"] = self.resize.value
+        return out
+
+    @property
+    def decode_min_side(self) -> int:
+        """Smallest image side a reduced-size decode may produce without losing input detail."""
+        return self.input_size
+
+    def prepare(self, img: Image.Image) -> np.ndarray:
+        """RGB PIL image → HWC uint8 array of shape (input_size, input_size, 3)."""
+        s = self.input_size
+        if self.resize is ResizePolicy.CENTER_CROP:
+            w, h = img.size
+            scale = s / min(w, h)
+            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+            img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+            left, top = (nw - s) // 2, (nh - s) // 2
+            img = img.crop((left, top, left + s, top + s))
+        elif img.size != (s, s):
+            img = img.resize((s, s), Image.BILINEAR, reducing_gap=3.0)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def state_dict_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's parameters and buffers (names, dtypes, shapes and bytes, sorted)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def calibration_batch(size: int, n: int = 4, seed: int = 0) -> torch.Tensor:
+    """Deterministic natural-ish float images in [0, 1], (n, 3, size, size): smooth noise + edges."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 8, 8, generator=g)
+    img = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    img = img + 0.15 * torch.rand(n, 3, size, size, generator=g)
+    ramp = torch.linspace(0, 1, size)
+    img[:, :, : size // 2] += 0.3 * (ramp[None, None, None, :] > 0.5)
+    return img.clamp(0, 1)
+
+
+@dataclass
+class Extractor:
+    """A descriptor network with its preprocessing. Build one with ``create_extractor(spec)``."""
+
+    model: torch.nn.Module
+    preprocessing: Preprocessing
+    spec: dict  # how to rebuild it: {"kind", "name"/"path", ...}; stored in collections
+    digest: str
+    dim: int = field(init=False)
+    trained: bool = True
+    precision: Precision = Precision.AUTO
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        self.model.eval().to(self.device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        mean = torch.tensor(self.preprocessing.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocessing.std, device=self.device).view(1, 3, 1, 1)
+        self._mean, self._std = mean, std
+        probe = calibration_batch(self.preprocessing.input_size).to(self.device)
+        with torch.no_grad():
+            ref = self._forward(probe, torch.float32)
+        if ref.ndim != 2 or ref.shape[0] != probe.shape[0]:
+            raise ModelError(
+                f"model {self.spec_string} returned shape {tuple(ref.shape)} for a batch of "
+                f"{probe.shape[0]} images; a descriptor model must return (batch, dim)"
+            )
+        if not torch.isfinite(ref).all():
+            raise ModelError(f"model {self.spec_string} returned non-finite descriptors")
+        self.dim = int(ref.shape[1])
+        self.precision = self._resolve_precision(probe, ref)
+
+    # -- precision -----------------------------------------------------------------------------
+    def _resolve_precision(self, probe: torch.Tensor, ref: torch.Tensor) -> Precision:
+        requested = Precision(self.precision)
+        if requested is Precision.FP32:
+            return Precision.FP32
+        supported = self.device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if not supported:
+            if requested is Precision.BF16:
+                raise ModelError("bf16 was requested but this CPU has no native bf16 support")
+            return Precision.FP32
+        with torch.no_grad():
+            low = self._forward(probe, torch.bfloat16)
+        cos = float((low * ref).sum(dim=1).min())
+        if requested is Precision.BF16 or cos >= BF16_MIN_COSINE:
+            logger.debug("bf16 autocast for %s (min cosine to fp32 %.4f)", self.spec_string, cos)
+            return Precision.BF16
+        logger.info(
+            "fp32 for %s: bf16 descriptors drift (min cosine %.4f < %.2f)",
+            self.spec_string, cos, BF16_MIN_COSINE,
+        )
+        return Precision.FP32
+
+    @property
+    def autocast_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision is Precision.BF16 else torch.float32
+
+    @property
+    def spec_string(self) -> str:
+        kind = self.spec.get("kind", "?")
+        return f"{kind}:{self.spec.get('name') or self.spec.get('path')}"
+
+    # -- forward -------------------------------------------------------------------------------
+    def _forward(self, x01: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = ((x01 - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+        enabled = dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled):
+            out = self.model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return F.normalize(out.float(), dim=-1)
+
+    def embed(self, x01: torch.Tensor) -> torch.Tensor:
+        """Differentiable descriptors. x01: float (B, 3, S, S) in [0, 1] → (B, dim) float32, unit norm."""
+        return self._forward(x01, self.autocast_dtype)
+
+    @torch.no_grad()
+    def features(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        """uint8 images (B, S, S, 3) (as ``Preprocessing.prepare`` gives) → (B, dim) float32."""
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(batch)
+        if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"expected uint8 (B, S, S, 3) images, got {batch.dtype} {tuple(batch.shape)}")
+        x01 = batch.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        return self._forward(x01, self.autocast_dtype).cpu().numpy()
+
+    def describe(self) -> dict:
+        """What a collection stores about this extractor."""
+        return {
+            **self.spec,
+            "digest": self.digest,
+            "dim": self.dim,
+            "trained": self.trained,
+            "preprocessing": self.preprocessing.to_dict(),
+        }

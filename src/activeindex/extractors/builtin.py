@@ -1,0 +1,152 @@
+"""Built-in descriptor architectures, in plain PyTorch, registered by name.
+
+A copy-detection descriptor in the SSCD mould: a ResNet trunk, generalised-mean (GeM) pooling, a
+linear projection, L2 normalisation (done by :class:`~activeindex.extractors.base.Extractor`).
+Weights ship in ``activeindex/weights/<name>.pt`` when the project has trained them; without that
+file the architecture is built with a fixed seed (deterministic, so its digest is stable) and the
+extractor is marked *untrained*: the CLI warns every time such a model is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from activeindex.errors import ModelError
+from activeindex.extractors.base import Preprocessing
+
+DEFAULT_BUILTIN = "resnet-s"
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling: (mean x^p)^(1/p) over space; p=1 is average, p→∞ max pooling."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # pow in fp32: bf16 x^p loses too much for p≈3 over large spatial means.
+        x = x.float().clamp(min=self.eps).pow(self.p)
+        return x.mean(dim=(-2, -1)).pow(1.0 / self.p)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+class CopyDescriptorNet(nn.Module):
+    """ResNet trunk (BasicBlocks) → GeM → linear projection. Output (B, dim), not normalised."""
+
+    def __init__(self, widths: tuple[int, ...], depths: tuple[int, ...], dim: int, stem: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, stem, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(stem),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(stem, widths[0], 3, 2, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        stages, cin = [], widths[0]
+        for i, (w, d) in enumerate(zip(widths, depths)):
+            for j in range(d):
+                stages.append(BasicBlock(cin, w, stride=2 if (j == 0 and i > 0) else 1))
+                cin = w
+        self.trunk = nn.Sequential(*stages)
+        self.pool = GeM()
+        self.proj = nn.Linear(cin, dim)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(self.trunk(self.stem(x))))
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A registered architecture: how to build it and how to feed it."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    preprocessing: Preprocessing
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {}
+
+
+def register(model: BuiltinModel) -> BuiltinModel:
+    BUILTIN_MODELS[model.name] = model
+    return model
+
+
+register(
+    BuiltinModel(
+        name="resnet-s",
+        build=lambda: CopyDescriptorNet(widths=(48, 96, 192, 384), depths=(2, 2, 2, 2), dim=256, stem=24),
+        preprocessing=Preprocessing(input_size=224),
+        description="ResNet-18-shaped trunk at 3/4 width, GeM, 256-d; 224 px (the default)",
+    )
+)
+register(
+    BuiltinModel(
+        name="tiny",
+        build=lambda: CopyDescriptorNet(widths=(8, 16), depths=(1, 1), dim=32, stem=8),
+        preprocessing=Preprocessing(input_size=32),
+        description="a few thousand parameters, 32 px, 32-d: for tests",
+    )
+)
+
+
+def weights_resource(name: str):
+    """The packaged weights file of a built-in model (may not exist)."""
+    return resources.files("activeindex").joinpath("weights", f"{name}.pt")
+
+
+def build_builtin(name: str) -> tuple[nn.Module, BuiltinModel, bool]:
+    """Instantiate a registered model; returns (module, registry entry, trained?)."""
+    try:
+        entry = BUILTIN_MODELS[name]
+    except KeyError:
+        known = ", ".join(sorted(BUILTIN_MODELS))
+        raise ModelError(f"unknown builtin model {name!r}; choose one of: {known}") from None
+    # A fixed seed makes the untrained architecture (and so its digest) reproducible, without
+    # touching the caller's global random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = entry.build()
+    weights = weights_resource(name)
+    if not weights.is_file():
+        return module, entry, False
+    with resources.as_file(weights) as path:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    # Weights may ship in fp16 to halve the package size; the model computes in fp32/bf16.
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"packaged weights for builtin:{name} do not fit the architecture: {exc}") from exc
+    return module, entry, True

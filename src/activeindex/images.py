@@ -1,0 +1,180 @@
+"""Finding and decoding image files.
+
+Every image that enters the pipeline goes through :func:`load_image`: it applies the EXIF orientation,
+converts any mode (grayscale, palette, alpha, CMYK, 16-bit) to 8-bit RGB, and refuses files that are
+empty, truncated, not images, or too large, with an :class:`~activeindex.errors.ImageLoadError` that
+names the file and the reason. Batch callers catch that error per file, report it and go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from activeindex.errors import ImageLoadError
+
+# Extensions a folder walk picks up. A file named explicitly is always tried, whatever its name.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds that protect a process from hostile or accidental huge inputs.
+
+    ``max_pixels`` is checked on the header *before* decoding (a 30000×30000 PNG of a few KB would
+    otherwise allocate 2.7 GB), ``max_bytes`` on the file size before reading it.
+    """
+
+    max_pixels: int = 178_956_970  # Pillow's own decompression-bomb error threshold (2 × 89.5 MP)
+    max_bytes: int = 256 * 1024 * 1024
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+@dataclass(frozen=True)
+class ImageListing:
+    """The result of expanding files and folders: images to read, and files a walk left out."""
+
+    images: list[Path]
+    ignored: list[Path]  # files inside walked folders whose extension is not an image's
+
+
+def list_images(inputs: Iterable[str | os.PathLike[str]]) -> ImageListing:
+    """Expand files and folders (recursively, sorted) into image paths.
+
+    A folder contributes the files whose extension is in :data:`IMAGE_EXTENSIONS`; other files are
+    returned in ``ignored`` so callers can report them. A file given explicitly is always kept. A
+    path that does not exist raises :class:`ImageLoadError`. Duplicate paths are kept once.
+    """
+    images: list[Path] = []
+    ignored: list[Path] = []
+    seen: set[Path] = set()
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            for sub in sorted(p for p in path.rglob("*") if p.is_file()):
+                if sub.name.startswith("."):
+                    continue
+                target = images if sub.suffix.lower() in IMAGE_EXTENSIONS else ignored
+                if sub not in seen:
+                    seen.add(sub)
+                    target.append(sub)
+        elif path.is_file():
+            if path not in seen:
+                seen.add(path)
+                images.append(path)
+        else:
+            raise ImageLoadError(path, "no such file or folder")
+    return ImageListing(images=images, ignored=ignored)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (alpha composited on white, 16-bit scaled down)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them.
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
+    if img.mode == "P":
+        # Palette images may carry transparency in info; RGBA makes it explicit.
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    *,
+    min_side: int | None = None,
+    limits: ImageLimits = DEFAULT_LIMITS,
+) -> Image.Image:
+    """Decode one image file to an 8-bit RGB :class:`PIL.Image.Image`, EXIF orientation applied.
+
+    ``min_side``: when given, JPEG files are decoded at a reduced scale (DCT scaling, 1/2 to 1/8)
+    as long as both sides stay ≥ ``min_side`` — several times faster for an extractor that resizes
+    to a few hundred pixels anyway. The result then is smaller than the file's full size.
+    Animated files give their first frame.
+
+    Raises :class:`ImageLoadError` naming the path for a missing, empty, oversized, truncated or
+    non-image file.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageLoadError(path, f"cannot read file ({exc.strerror or exc})") from exc
+    if size == 0:
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    if size > limits.max_bytes:
+        raise ImageLoadError(path, f"file of {size} bytes exceeds the limit of {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (not raises) between 1× and 2× its bomb limit; we decide ourselves below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            width, height = img.size
+            if width * height > limits.max_pixels:
+                raise ImageLoadError(
+                    path,
+                    f"{width}×{height} = {width * height} pixels exceeds the limit of "
+                    f"{limits.max_pixels} (possible decompression bomb)",
+                )
+            if width < 1 or height < 1:
+                raise ImageLoadError(path, f"invalid size {width}×{height}")
+            if min_side is not None and img.format == "JPEG":
+                # draft() picks the largest DCT scale whose result is still >= the requested size.
+                img.draft("RGB", _draft_request(width, height, min_side))
+            img.seek(0)
+            # Truncated files fail here (Pillow's default LOAD_TRUNCATED_IMAGES=False) instead of
+            # decoding to a grey bottom half.
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _to_rgb(img)
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(path, "not an image file (format not recognised)") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(path, f"possible decompression bomb: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageLoadError(path, f"corrupt or truncated image ({exc})") from exc
+
+
+def _draft_request(width: int, height: int, min_side: int) -> tuple[int, int]:
+    """Requested draft size keeping the aspect ratio, so the *shorter* side stays ≥ min_side."""
+    short = min(width, height)
+    if short <= min_side:
+        return (width, height)
+    scale = min_side / short
+    return (max(1, int(width * scale + 0.999)), max(1, int(height * scale + 0.999)))
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes: the content hash collections deduplicate on."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

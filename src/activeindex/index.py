@@ -1,0 +1,174 @@
+"""FAISS indexes with ids, built from factory strings — the index language stays FAISS's own.
+
+Conventions (as in faiss.contrib): ``xt`` training vectors, ``xb`` database vectors, ``xq`` queries,
+``D, I`` distances/scores and ids of a search, ``d`` the dimension.
+
+Every index returned by :func:`build_index` accepts ``add_with_ids``: IVF indexes natively (with a
+hashtable direct map, so codes can be reconstructed by id and removal keeps working), others
+wrapped in ``IndexIDMap2``.
+
+Scores are similarities, higher = more similar: the inner product for ``ip``, and ``1 - d²/2`` for
+``l2`` — the cosine when descriptors are L2-normalised, so one threshold works for both metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from activeindex.errors import CollectionError, DimensionError
+
+logger = logging.getLogger(__name__)
+
+
+class Metric(str, enum.Enum):
+    L2 = "l2"
+    IP = "ip"
+
+    @property
+    def faiss_metric(self) -> int:
+        return faiss.METRIC_L2 if self is Metric.L2 else faiss.METRIC_INNER_PRODUCT
+
+
+def _downcast(index: faiss.Index) -> faiss.Index:
+    return faiss.downcast_index(index)
+
+
+def build_index(factory: str, d: int, metric: Metric | str = Metric.L2) -> faiss.Index:
+    """An empty index from a FAISS factory string (e.g. ``"IVF4096,PQ8x8"``) that takes ids."""
+    metric = Metric(metric)
+    try:
+        index = faiss.index_factory(d, factory, metric.faiss_metric)
+    except RuntimeError as exc:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+        raise CollectionError(f"FAISS cannot build index {factory!r} for d={d}: {msg}") from exc
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        # A hashtable direct map lets us reconstruct stored codes by id (the activation target)
+        # and still remove ids, which an array direct map forbids.
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        return index
+    index = _downcast(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return index
+    return faiss.IndexIDMap2(index)
+
+
+def train_index(index: faiss.Index, xt: np.ndarray) -> None:
+    """Train on ``xt`` (n, d) float32, with a clear error when there are too few vectors."""
+    xt = as_float32_matrix(xt, index.d, "training vectors")
+    if index.is_trained:
+        return
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and len(xt) < ivf.nlist:
+        raise CollectionError(
+            f"{len(xt)} training vectors cannot train {ivf.nlist} IVF cells; give at least "
+            f"{ivf.nlist} (FAISS advises {39 * ivf.nlist}) or use fewer cells, e.g. "
+            f"IVF{max(1, len(xt) // 39)}"
+        )
+    try:
+        with _collapse_native_warnings():
+            index.train(xt)
+    except RuntimeError as exc:
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        raise CollectionError(
+            f"training the index on {len(xt)} vectors failed: {lines[-1] if lines else exc}; "
+            "give more training images or a smaller index"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _collapse_native_warnings() -> Iterator[None]:
+    """FAISS's C++ k-means prints one "please provide at least N training points" line per
+    sub-quantizer on fd 2; capture them and log each distinct message once."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as cap:
+        os.dup2(cap.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            cap.seek(0)
+            lines = cap.read().decode(errors="replace").splitlines()
+    for line in dict.fromkeys(ln.strip() for ln in lines if ln.strip()):
+        logger.warning("faiss: %s", line.removeprefix("WARNING "))
+
+
+def as_float32_matrix(x: np.ndarray, d: int, what: str = "vectors") -> np.ndarray:
+    """Validate (n, d) and return a C-contiguous float32 array."""
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != d:
+        raise DimensionError(f"{what} have shape {x.shape}; expected (n, {d})")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DimensionError(f"{what} have dtype {x.dtype}; expected floating point")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise DimensionError(f"{what} contain NaN or infinite values")
+    return x
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = int(nprobe)
+
+
+def add_with_ids(index: faiss.Index, xb: np.ndarray, ids: np.ndarray) -> None:
+    xb = as_float32_matrix(xb, index.d, "database vectors")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if len(ids) != len(xb):
+        raise ValueError(f"{len(xb)} vectors but {len(ids)} ids")
+    index.add_with_ids(xb, ids)
+
+
+def search(index: faiss.Index, xq: np.ndarray, k: int, metric: Metric | str) -> tuple[np.ndarray, np.ndarray]:
+    """k-NN search → (S, I): similarities (nq, k) float32 (higher = closer) and ids (-1 = none)."""
+    xq = as_float32_matrix(xq, index.d, "query vectors")
+    D, I = index.search(xq, int(k))
+    S = 1.0 - D / 2.0 if Metric(metric) is Metric.L2 else D
+    return S.astype(np.float32), I
+
+
+def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
+    """Remove ids; returns how many were removed. Raises for index types that cannot remove."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    # IVF's hashtable direct map only accepts an explicit id array; elsewhere a hashed batch
+    # selector keeps removal O(ntotal) instead of O(ntotal × len(ids)).
+    if faiss.try_extract_index_ivf(index) is not None:
+        sel = faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))
+    else:
+        sel = faiss.IDSelectorBatch(ids)
+    try:
+        return int(index.remove_ids(sel))
+    except RuntimeError as exc:
+        raise CollectionError(f"this index type cannot remove vectors: {exc}") from exc
+
+
+def write_index_atomic(index: faiss.Index, path: str | os.PathLike[str]) -> None:
+    """Write to ``path.tmp``, fsync, then ``os.replace``: a crash leaves the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_index(path: str | os.PathLike[str], *, mmap: bool = False) -> faiss.Index:
+    """Read an index; ``mmap`` maps the inverted lists instead of loading them (read-only use)."""
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError as exc:
+        raise CollectionError(f"cannot read FAISS index {path}: {exc}") from exc
