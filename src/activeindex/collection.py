@@ -247,7 +247,6 @@ class Collection:
         paths: Sequence[str | None] | None = None,
         mode: str = "passive",
         quality: Sequence[dict[str, float]] | None = None,
-        _fail_after_index_write: bool = False,
     ) -> list[int]:
         """Store descriptors (n, d) with their names and content hashes; returns the new ids."""
         xb = ix.as_float32_matrix(xb, self.config.dim, "descriptors")
@@ -276,12 +275,14 @@ class Collection:
                 raise
             ix.add_with_ids(self.index, xb, np.array(ids))
             ix.write_index_atomic(self.index, self.root / INDEX_FILE)
-            if _fail_after_index_write:  # test hook: simulate a crash between steps (2) and (3)
-                raise RuntimeError("injected failure after the index write")
-            self.db.execute(
-                f"UPDATE images SET status = 'indexed' WHERE id IN ({','.join('?' * n)})", ids
-            )
+            self._mark_indexed(ids)
         return ids
+
+    def _mark_indexed(self, ids: list[int]) -> None:
+        """Step (3) of an add: the rows become visible to searches."""
+        self.db.execute(
+            f"UPDATE images SET status = 'indexed' WHERE id IN ({','.join('?' * len(ids))})", ids
+        )
 
     def add_images(
         self,

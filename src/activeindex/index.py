@@ -39,28 +39,29 @@ class Metric(str, enum.Enum):
         return faiss.METRIC_L2 if self is Metric.L2 else faiss.METRIC_INNER_PRODUCT
 
 
-def _downcast(index: faiss.Index) -> faiss.Index:
-    return faiss.downcast_index(index)
-
-
 def build_index(factory: str, d: int, metric: Metric | str = Metric.L2) -> faiss.Index:
     """An empty index from a FAISS factory string (e.g. ``"IVF4096,PQ8x8"``) that takes ids."""
     metric = Metric(metric)
-    try:
-        index = faiss.index_factory(d, factory, metric.faiss_metric)
-    except RuntimeError as exc:
-        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        raise CollectionError(f"FAISS cannot build index {factory!r} for d={d}: {msg}") from exc
+    index = _factory(factory, d, metric)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         # A hashtable direct map lets us reconstruct stored codes by id (the activation target)
         # and still remove ids, which an array direct map forbids.
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         return index
-    index = _downcast(index)
-    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+    if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
         return index
-    return faiss.IndexIDMap2(index)
+    # Built through the factory so that the IDMap2 owns its sub-index (wrapping a Python-side
+    # index would leave it to the garbage collector).
+    return _factory("IDMap2," + factory, d, metric)
+
+
+def _factory(factory: str, d: int, metric: Metric) -> faiss.Index:
+    try:
+        return faiss.index_factory(d, factory, metric.faiss_metric)
+    except RuntimeError as exc:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+        raise CollectionError(f"FAISS cannot build index {factory!r} for d={d}: {msg}") from exc
 
 
 def train_index(index: faiss.Index, xt: np.ndarray) -> None:

@@ -13,6 +13,7 @@ extractor with the same preprocessing.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,10 @@ def _load_file_model(kind: str, path: Path) -> torch.nn.Module:
         raise ModelError(f"model file not found: {path}")
     if kind == "torchscript":
         try:
-            return torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():
+                # TorchScript is deprecated upstream but is how SSCD and others ship models.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # torch raises RuntimeError/ValueError/zipfile errors alike
             raise ModelError(f"{path} is not a loadable TorchScript file: {exc}") from exc
     from activeindex.extractors.onnx_graph import load_onnx_module

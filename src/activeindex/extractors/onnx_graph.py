@@ -1,0 +1,798 @@
+"""Run an ONNX graph as a differentiable ``torch.nn.Module``.
+
+Active indexing optimises image pixels through the descriptor network, so the network must be a
+PyTorch module that autograd can see through: onnxruntime gives outputs but no input gradients.
+``onnx2torch`` does this conversion but imports torchvision, which does not load with the CPU torch
+this package pins, so here is a small interpreter instead: initializers become buffers of the
+module and :meth:`OnnxGraphModule.forward` executes the graph's nodes in order, each with
+``torch`` / ``torch.nn.functional`` code written from the ONNX operator specification.
+
+Every op type of a graph is checked when it is loaded, so an unsupported model fails at once with
+one :class:`~activeindex.errors.ModelError` naming all missing ops, not halfway through a run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from functools import reduce
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import Tensor
+
+from activeindex.errors import ModelError
+
+__all__ = ["OnnxGraphModule", "load_onnx_module", "onnx_input_shape", "supported_ops"]
+
+Value = Tensor | None
+OpFn = Callable[["OnnxGraphModule", list[Value], dict[str, Any]], "Tensor | tuple[Tensor, ...]"]
+
+_DTYPES: dict[int, torch.dtype] = {
+    onnx.TensorProto.FLOAT: torch.float32,
+    onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.FLOAT16: torch.float16,
+    onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.UINT8: torch.uint8,
+    onnx.TensorProto.INT8: torch.int8,
+    onnx.TensorProto.INT16: torch.int16,
+    onnx.TensorProto.INT32: torch.int32,
+    onnx.TensorProto.INT64: torch.int64,
+    onnx.TensorProto.BOOL: torch.bool,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _to_tensor(proto: onnx.TensorProto) -> Tensor:
+    if proto.data_type not in _DTYPES:
+        name = onnx.TensorProto.DataType.Name(proto.data_type)
+        raise ModelError(f"tensor {proto.name!r} has unsupported element type {name}")
+    array = numpy_helper.to_array(proto)
+    dtype = _DTYPES[proto.data_type]
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: go through float32, which is exact
+        return torch.from_numpy(np.asarray(array, dtype=np.float32)).to(dtype)
+    return torch.from_numpy(np.array(array, copy=True))  # copy: the proto's buffer is read-only
+
+
+def _attr_value(attr: onnx.AttributeProto) -> Any:
+    value = onnx.helper.get_attribute_value(attr)
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, onnx.TensorProto):
+        return _to_tensor(value)
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+        return [v.decode() for v in value]
+    return value
+
+
+def _constant_value(attrs: dict[str, Any]) -> Tensor:
+    """The tensor a ``Constant`` node holds, whichever of its ``value*`` attributes is set."""
+    if "value" in attrs:
+        return attrs["value"]
+    for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32),
+                       ("value_int", torch.int64), ("value_ints", torch.int64)):
+        if key in attrs:
+            return torch.tensor(attrs[key], dtype=dtype)
+    raise ModelError(f"Constant node with unsupported attributes {sorted(attrs)}")
+
+
+def _read_model(path: str | os.PathLike, *, external_data: bool = True) -> onnx.ModelProto:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{p}: ONNX file not found")
+    try:
+        model = onnx.load(str(p), load_external_data=external_data)
+    except Exception as exc:  # protobuf DecodeError, missing external data, ...
+        raise ModelError(f"{p} is not a readable ONNX model: {exc}") from exc
+    # Protobuf decodes many non-ONNX byte strings without complaint; an empty graph betrays them.
+    if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
+        raise ModelError(f"{p} is not an ONNX model (no graph nodes or outputs)")
+    return model
+
+
+def _image_input(model: onnx.ModelProto, path: object) -> onnx.ValueInfoProto:
+    """The one graph input that is fed at run time (older exporters also list initializers)."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        names = ", ".join(repr(i.name) for i in inputs) or "none"
+        raise ModelError(f"{path}: expected exactly one graph input (the image), found {names}")
+    return inputs[0]
+
+
+def onnx_input_shape(path: str | os.PathLike) -> tuple[int | None, ...]:
+    """Declared shape of the model's input, e.g. ``(None, 3, 224, 224)``; ``None`` = symbolic dim."""
+    model = _read_model(path, external_data=False)  # the weights are not needed for the shape
+    dims = _image_input(model, path).type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+
+
+def load_onnx_module(path: str | os.PathLike) -> OnnxGraphModule:
+    """Load an ONNX file as a differentiable module.
+
+    The graph must have a single non-initializer input, typically an image batch of shape
+    ``(B, C, H, W)``; ``module(x)`` returns the graph's first output, e.g. descriptors of shape
+    ``(B, D)``. Gradients flow from the output back to ``x``. The weights are buffers (not
+    parameters), so ``.to(device)`` and ``.state_dict()`` work and nothing is trainable.
+
+    Raises :class:`ModelError` if the file is missing, is not ONNX, has several inputs, or uses op
+    types this converter lacks (all of them are listed).
+    """
+    return OnnxGraphModule(_read_model(path), source=str(path))
+
+
+def supported_ops() -> frozenset[str]:
+    """ONNX op types (default domain) that :class:`OnnxGraphModule` can execute."""
+    return frozenset(_OPS) | {"Constant"}
+
+
+class _Node:
+    __slots__ = ("op", "fn", "inputs", "outputs", "attrs", "drop")
+
+    def __init__(self, op: str, fn: OpFn, inputs: list[str], outputs: list[str],
+                 attrs: dict[str, Any]) -> None:
+        self.op, self.fn, self.inputs, self.outputs, self.attrs = op, fn, inputs, outputs, attrs
+        self.drop: list[str] = []  # values last used by this node, freed after it to save memory
+
+
+class OnnxGraphModule(torch.nn.Module):
+    """An ONNX graph executed node by node with differentiable torch ops.
+
+    ``forward(x)`` maps the graph's input (e.g. ``(B, 3, H, W)`` float) to its first output.
+    """
+
+    def __init__(self, model: onnx.ModelProto, source: str = "<onnx>") -> None:
+        super().__init__()
+        graph = model.graph
+        self.source = source
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.input_name = _image_input(model, source).name
+        self.output_names = [o.name for o in graph.output]
+
+        unsupported = sorted({_op_key(n) for n in graph.node if _op_key(n) not in supported_ops()}
+                             | {f"{n.op_type}({why})" for n in graph.node if (why := _variant(n))})
+        if unsupported:
+            raise ModelError(f"{source}: unsupported ONNX op types: {', '.join(unsupported)}")
+
+        # ONNX value name -> buffer attribute name. Buffers (not a dict of tensors) so that
+        # .to(), .half() and .state_dict() see the weights.
+        self._buffer_of: dict[str, str] = {}
+        for init in graph.initializer:
+            self._add_constant(init.name, _to_tensor(init))
+
+        self._nodes: list[_Node] = []
+        known = {self.input_name, ""} | set(self._buffer_of)
+        for n in graph.node:
+            attrs = {a.name: _attr_value(a) for a in n.attribute}
+            if n.op_type == "Constant":  # folded into a buffer so it follows .to(device)
+                self._add_constant(n.output[0], _constant_value(attrs))
+                known.add(n.output[0])
+                continue
+            missing = [i for i in n.input if i not in known]
+            if missing:
+                raise ModelError(f"{source}: node {n.name or n.op_type} reads undefined values "
+                                 f"{missing} (graph not topologically sorted?)")
+            if n.op_type == "Split" and "split" not in attrs and (len(n.input) < 2 or not n.input[1]):
+                attrs.setdefault("num_outputs", len(n.output))  # even split into all outputs
+            self._nodes.append(_Node(n.op_type, _OPS[n.op_type], list(n.input), list(n.output), attrs))
+            known.update(n.output)
+        if missing := [o for o in self.output_names if o not in known]:
+            raise ModelError(f"{source}: graph outputs {missing} are never computed")
+
+        last_use: dict[str, int] = {}
+        for i, node in enumerate(self._nodes):
+            for name in node.inputs:
+                last_use[name] = i
+        for name, i in last_use.items():
+            if name not in self._buffer_of and name not in self.output_names:
+                self._nodes[i].drop.append(name)
+
+    def _add_constant(self, onnx_name: str, value: Tensor) -> None:
+        base = re.sub(r"\W", "_", onnx_name).strip("_") or "const"
+        if base[0].isdigit():
+            base = "t_" + base
+        name, k = base, 1
+        while hasattr(self, name):  # clashes with other buffers or nn.Module attributes
+            name, k = f"{base}_{k}", k + 1
+        self.register_buffer(name, value)
+        self._buffer_of[onnx_name] = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        env: dict[str, Value] = {name: getattr(self, buf) for name, buf in self._buffer_of.items()}
+        env[self.input_name] = x
+        env[""] = None  # an omitted optional input
+        for node in self._nodes:
+            result = node.fn(self, [env[i] for i in node.inputs], node.attrs)
+            if isinstance(result, Tensor):
+                env[node.outputs[0]] = result
+            else:
+                env.update(zip(node.outputs, result))
+            for name in node.drop:
+                env.pop(name, None)
+        return env[self.output_names[0]]  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return f"source={self.source!r}, opset={self.opset}, nodes={len(self._nodes)}"
+
+
+def _op_key(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def _variant(node: onnx.NodeProto) -> str | None:
+    """Why a supported op type is used in a way this converter does not implement, else None."""
+    attrs = {a.name: _attr_value(a) for a in node.attribute if a.type != onnx.AttributeProto.TENSOR}
+    op = node.op_type
+    if op == "MaxPool" and len(node.output) > 1 and node.output[1]:
+        return "Indices output"
+    if op == "AveragePool" and any(d != 1 for d in attrs.get("dilations", [])):
+        return "dilations"
+    if op == "BatchNormalization" and attrs.get("training_mode", 0):
+        return "training_mode"
+    if op == "Resize":
+        if attrs.get("mode", "nearest") not in ("nearest", "linear"):
+            return f"mode={attrs['mode']}"
+        if attrs.get("antialias", 0) or attrs.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+            return "antialias/keep_aspect_ratio_policy"
+        if attrs.get("coordinate_transformation_mode", "half_pixel") not in _RESIZE_COORDS:
+            return f"coordinate_transformation_mode={attrs['coordinate_transformation_mode']}"
+    if op in ("Conv", "MaxPool", "AveragePool") and attrs.get("auto_pad", "NOTSET") not in _AUTO_PADS:
+        return f"auto_pad={attrs['auto_pad']}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Operators. Each takes (module, inputs, attrs) and returns a tensor or a tuple of tensors (one
+# per node output). Integer "shape" values stay tensors and become Python ints only where torch
+# needs them (.tolist()); they never touch the float path, so autograd is unaffected.
+
+_OPS: dict[str, OpFn] = {}
+
+
+def _op(*names: str) -> Callable[[OpFn], OpFn]:
+    def register(fn: OpFn) -> OpFn:
+        for name in names:
+            _OPS[name] = fn
+        return fn
+    return register
+
+
+def _ints(t: Value) -> list[int]:
+    return [] if t is None else [int(v) for v in t.reshape(-1).tolist()]
+
+
+def _axes(x: Tensor, inputs: list[Value], attrs: dict[str, Any], pos: int) -> list[int] | None:
+    """Axes from the attribute (older opsets) or the input at ``pos`` (newer); None if absent."""
+    if "axes" in attrs:
+        axes = list(attrs["axes"])
+    elif len(inputs) > pos and inputs[pos] is not None:
+        axes = _ints(inputs[pos])
+    else:
+        return None
+    return [a % max(x.dim(), 1) for a in axes]
+
+
+def _unary(fn: Callable[[Tensor], Tensor]) -> OpFn:
+    return lambda m, i, a: fn(i[0])  # type: ignore[arg-type]
+
+
+for _name, _fn in {
+    "Relu": F.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf,
+    "HardSwish": F.hardswish, "Sqrt": torch.sqrt, "Neg": torch.neg, "Exp": torch.exp,
+    "Log": torch.log, "Abs": torch.abs, "Reciprocal": torch.reciprocal, "Floor": torch.floor,
+    "Ceil": torch.ceil, "Sin": torch.sin, "Cos": torch.cos, "Not": torch.logical_not,
+    "Softplus": F.softplus, "Sign": torch.sign, "Identity": lambda x: x, "Dropout": lambda x: x,
+}.items():
+    _OPS[_name] = _unary(_fn)
+
+for _name, _fn in {
+    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Equal": torch.eq, "Less": torch.lt,
+    "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge,
+    "And": torch.logical_and, "Or": torch.logical_or, "MatMul": torch.matmul,
+}.items():
+    _OPS[_name] = (lambda f: lambda m, i, a: f(i[0], i[1]))(_fn)
+
+for _name, _fn in {"Max": torch.maximum, "Min": torch.minimum, "Sum": torch.add}.items():
+    _OPS[_name] = (lambda f: lambda m, i, a: reduce(f, i))(_fn)  # variadic, broadcasting
+
+
+@_op("Div")
+def _div(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x, y = i[0], i[1]
+    assert x is not None and y is not None
+    if not x.is_floating_point() and not y.is_floating_point():
+        return torch.div(x, y, rounding_mode="trunc")  # ONNX integer division truncates
+    return x / y
+
+
+@_op("Pow")
+def _pow(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    return torch.pow(i[0], i[1]).to(i[0].dtype)  # type: ignore[union-attr]  # base's type
+
+
+@_op("Mean")
+def _mean(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    return reduce(torch.add, i) / len(i)  # type: ignore[arg-type]
+
+
+@_op("LeakyRelu")
+def _leaky_relu(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    return F.leaky_relu(i[0], a.get("alpha", 0.01))  # type: ignore[arg-type]
+
+
+@_op("Elu")
+def _elu(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    return F.elu(i[0], a.get("alpha", 1.0))  # type: ignore[arg-type]
+
+
+@_op("PRelu")
+def _prelu(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x, slope = i[0], i[1]
+    return torch.where(x >= 0, x, x * slope)  # type: ignore[operator]  # slope broadcasts
+
+
+@_op("HardSigmoid")
+def _hard_sigmoid(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    # ONNX's default alpha (0.2) differs from torch's hardsigmoid (1/6): compute it directly.
+    return (a.get("alpha", 0.2) * i[0] + a.get("beta", 0.5)).clamp(0, 1)  # type: ignore[operator]
+
+
+@_op("Gelu")
+def _gelu(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    return F.gelu(i[0], approximate=a.get("approximate", "none"))  # type: ignore[arg-type]
+
+
+@_op("Clip")
+def _clip(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    lo = i[1] if len(i) > 1 else a.get("min")  # inputs since opset 11, attributes before
+    hi = i[2] if len(i) > 2 else a.get("max")
+    return i[0] if lo is None and hi is None else torch.clamp(i[0], lo, hi)  # type: ignore[arg-type]
+
+
+@_op("Where")
+def _where(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    return torch.where(i[0], i[1], i[2])  # type: ignore[arg-type]
+
+
+@_op("Cast")
+def _cast(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    return i[0].to(_DTYPES[a["to"]])  # type: ignore[union-attr]
+
+
+@_op("CastLike")
+def _cast_like(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    return i[0].to(i[1].dtype)  # type: ignore[union-attr]
+
+
+@_op("Gemm")
+def _gemm(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x, w = i[0], i[1]
+    assert x is not None and w is not None
+    x = x.t() if a.get("transA", 0) else x
+    w = w.t() if a.get("transB", 0) else w
+    y = a.get("alpha", 1.0) * (x @ w)
+    if len(i) > 2 and i[2] is not None:
+        y = y + a.get("beta", 1.0) * i[2]
+    return y
+
+
+# --- convolution and pooling --------------------------------------------------------------------
+
+_AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
+
+
+def _pads(x: Tensor, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+          a: dict[str, Any]) -> list[tuple[int, int]]:
+    """(begin, end) padding of each spatial dim, from ``pads`` or ``auto_pad``."""
+    n = len(kernel)
+    mode = a.get("auto_pad", "NOTSET")
+    if mode == "NOTSET":
+        pads = list(a.get("pads", [0] * 2 * n))
+        return list(zip(pads[:n], pads[n:]))
+    if mode == "VALID":
+        return [(0, 0)] * n
+    out = []
+    for size, k, s, d in zip(x.shape[2:], kernel, strides, dilations):
+        # SAME: output size ceil(in / stride); the odd pixel goes at the end (UPPER) or start.
+        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        small = total // 2
+        out.append((small, total - small) if mode == "SAME_UPPER" else (total - small, small))
+    return out
+
+
+def _torch_pad(pads: Sequence[tuple[int, int]]) -> list[int]:
+    """Per-dim (begin, end) pairs, first dim first → F.pad's flat list, last dim first."""
+    return [p for pair in reversed(pads) for p in pair]
+
+
+def _symmetric(pads: Sequence[tuple[int, int]]) -> bool:
+    return all(b == e for b, e in pads)
+
+
+@_op("Conv")
+def _conv(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x, w = i[0], i[1]
+    assert x is not None and w is not None
+    bias = i[2] if len(i) > 2 else None
+    n = w.dim() - 2
+    strides = a.get("strides", [1] * n)
+    dilations = a.get("dilations", [1] * n)
+    pads = _pads(x, w.shape[2:], strides, dilations, a)
+    if not _symmetric(pads):  # torch convs only pad symmetrically
+        x, pads = F.pad(x, _torch_pad(pads)), [(0, 0)] * n
+    conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+    return conv(x, w, bias, strides, [b for b, _ in pads], dilations, a.get("group", 1))
+
+
+def _pool_args(x: Tensor, a: dict[str, Any]) -> tuple[list[int], list[int], list[int], list[tuple[int, int]]]:
+    kernel = list(a["kernel_shape"])
+    n = len(kernel)
+    strides = a.get("strides", [1] * n)
+    dilations = a.get("dilations", [1] * n)
+    return kernel, strides, dilations, _pads(x, kernel, strides, dilations, a)
+
+
+@_op("MaxPool")
+def _max_pool(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x = i[0]
+    assert x is not None
+    kernel, strides, dilations, pads = _pool_args(x, a)
+    n = len(kernel)
+    # torch pads symmetrically and at most half a kernel; otherwise pad with -inf beforehand.
+    if not _symmetric(pads) or any(b > k // 2 for (b, _), k in zip(pads, kernel)):
+        x, pads = F.pad(x, _torch_pad(pads), value=-math.inf), [(0, 0)] * n
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
+    return pool(x, kernel, strides, [b for b, _ in pads], dilations, bool(a.get("ceil_mode", 0)))
+
+
+@_op("AveragePool")
+def _avg_pool(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x = i[0]
+    assert x is not None
+    kernel, strides, _, pads = _pool_args(x, a)
+    n = len(kernel)
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1]
+    ceil, include = bool(a.get("ceil_mode", 0)), bool(a.get("count_include_pad", 0))
+    if _symmetric(pads) and all(b <= k // 2 for (b, _), k in zip(pads, kernel)):
+        return pool(x, kernel, strides, [b for b, _ in pads], ceil, include)
+    xp = F.pad(x, _torch_pad(pads))
+    if include:
+        return pool(xp, kernel, strides, 0, ceil)
+    # Padding excluded from the count: window sum / number of real pixels in the window.
+    ones = F.pad(torch.ones_like(x[:1, :1]), _torch_pad(pads))
+    return pool(xp, kernel, strides, 0, ceil) / pool(ones, kernel, strides, 0, ceil)
+
+
+@_op("GlobalAveragePool")
+def _global_avg_pool(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x = i[0]
+    assert x is not None
+    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+@_op("GlobalMaxPool")
+def _global_max_pool(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x = i[0]
+    assert x is not None
+    return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+# --- normalisation --------------------------------------------------------------------------------
+
+@_op("BatchNormalization")
+def _batch_norm(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x, scale, bias, mean, var = i[:5]
+    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, a.get("epsilon", 1e-5))  # type: ignore[arg-type]
+
+
+@_op("InstanceNormalization")
+def _instance_norm(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x, scale, bias = i[:3]
+    return F.instance_norm(x, weight=scale, bias=bias, eps=a.get("epsilon", 1e-5))  # type: ignore[arg-type]
+
+
+@_op("LayerNormalization")
+def _layer_norm(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x, scale = i[0], i[1]
+    assert x is not None and scale is not None
+    bias = i[2] if len(i) > 2 else None
+    shape = x.shape[a.get("axis", -1) % x.dim():]
+    if scale.shape == shape and (bias is None or bias.shape == shape):
+        return F.layer_norm(x, shape, scale, bias, a.get("epsilon", 1e-5))
+    y = F.layer_norm(x, shape, eps=a.get("epsilon", 1e-5)) * scale  # scale/bias may broadcast
+    return y if bias is None else y + bias
+
+
+def _softmax_op(fn: Callable[..., Tensor]) -> OpFn:
+    def run(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+        x = i[0]
+        assert x is not None
+        if m.opset >= 13:
+            return fn(x, dim=a.get("axis", -1))
+        # Before opset 13 the input is flattened to 2-D at `axis` and normalised per row.
+        axis = a.get("axis", 1) % x.dim()
+        return fn(x.reshape(math.prod(x.shape[:axis]), -1), dim=1).reshape(x.shape)
+    return run
+
+
+_OPS["Softmax"] = _softmax_op(torch.softmax)
+_OPS["LogSoftmax"] = _softmax_op(torch.log_softmax)
+
+
+# --- reductions -------------------------------------------------------------------------------------
+
+def _reduce_op(fn: Callable[[Tensor, tuple[int, ...], bool], Tensor]) -> OpFn:
+    def run(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+        x = i[0]
+        assert x is not None
+        axes = _axes(x, i, a, 1)  # attribute, or input 1 (ReduceSum opset 13, others opset 18)
+        if not axes:
+            if a.get("noop_with_empty_axes", 0):
+                return x
+            axes = list(range(x.dim()))
+        return fn(x, tuple(axes), bool(a.get("keepdims", 1)))
+    return run
+
+
+for _name, _fn in {
+    "ReduceMean": lambda x, d, k: x.mean(d, keepdim=k),
+    "ReduceSum": lambda x, d, k: x.sum(d, keepdim=k),
+    "ReduceMax": lambda x, d, k: x.amax(d, keepdim=k),
+    "ReduceMin": lambda x, d, k: x.amin(d, keepdim=k),
+    "ReduceProd": lambda x, d, k: reduce(lambda t, ax: t.prod(ax, keepdim=True), d, x)
+    if k else reduce(lambda t, ax: t.prod(ax, keepdim=True), d, x).squeeze(d),
+    "ReduceL1": lambda x, d, k: x.abs().sum(d, keepdim=k),
+    "ReduceL2": lambda x, d, k: torch.linalg.vector_norm(x, 2, d, keepdim=k),
+    "ReduceSumSquare": lambda x, d, k: (x * x).sum(d, keepdim=k),
+    "ReduceLogSumExp": lambda x, d, k: torch.logsumexp(x, d, keepdim=k),
+}.items():
+    _OPS[_name] = _reduce_op(_fn)
+
+
+# --- shapes and indexing ----------------------------------------------------------------------------
+
+@_op("Shape")
+def _shape(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x = i[0]
+    assert x is not None
+    dims = list(x.shape)[a.get("start", 0):a.get("end", x.dim())]  # slicing clamps like ONNX
+    return torch.tensor(dims, dtype=torch.int64, device=x.device)
+
+
+@_op("Size")
+def _size(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    return torch.tensor(i[0].numel(), dtype=torch.int64, device=i[0].device)  # type: ignore[union-attr]
+
+
+@_op("ConstantOfShape")
+def _constant_of_shape(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    shape = i[0]
+    assert shape is not None
+    value = a.get("value", torch.zeros(1))
+    return torch.full(_ints(shape), value.item(), dtype=value.dtype, device=shape.device)
+
+
+@_op("Range")
+def _range(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    start, limit, delta = i[0], i[1], i[2]
+    assert start is not None and limit is not None and delta is not None
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype,
+                        device=start.device)
+
+
+@_op("Flatten")
+def _flatten(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x = i[0]
+    assert x is not None
+    axis = a.get("axis", 1) % (x.dim() + 1)  # axis may equal the rank
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+
+
+@_op("Reshape")
+def _reshape(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x = i[0]
+    assert x is not None
+    shape = _ints(i[1])
+    if not a.get("allowzero", 0):  # 0 = keep that input dim; -1 is inferred by torch as in ONNX
+        shape = [x.shape[d] if s == 0 else s for d, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+@_op("Transpose")
+def _transpose(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x = i[0]
+    assert x is not None
+    return x.permute(a.get("perm", list(reversed(range(x.dim())))))
+
+
+@_op("Squeeze")
+def _squeeze(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x = i[0]
+    assert x is not None
+    axes = _axes(x, i, a, 1)
+    return x.squeeze() if axes is None else x.squeeze(tuple(axes))
+
+
+@_op("Unsqueeze")
+def _unsqueeze(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x = i[0]
+    assert x is not None
+    raw = a["axes"] if "axes" in a else _ints(i[1])
+    rank = x.dim() + len(raw)  # negative axes count from the end of the *output*
+    for axis in sorted(ax % rank for ax in raw):
+        x = x.unsqueeze(axis)
+    return x
+
+
+@_op("Concat")
+def _concat(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    return torch.cat([t for t in i if t is not None], dim=a["axis"])
+
+
+@_op("Split")
+def _split(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> tuple[Tensor, ...]:
+    x = i[0]
+    assert x is not None
+    axis = a.get("axis", 0)
+    sizes = a["split"] if "split" in a else _ints(i[1]) if len(i) > 1 and i[1] is not None else None
+    if sizes is None:  # equal parts; the last one smaller if the dim does not divide evenly
+        sizes = math.ceil(x.shape[axis] / a["num_outputs"])
+    return tuple(torch.split(x, sizes, dim=axis))
+
+
+@_op("Slice")
+def _slice(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x = i[0]
+    assert x is not None
+    if "starts" in a:  # opset < 10
+        starts, ends, axes, steps = a["starts"], a["ends"], a.get("axes"), None
+    else:
+        starts, ends = _ints(i[1]), _ints(i[2])
+        axes = _ints(i[3]) if len(i) > 3 and i[3] is not None else None
+        steps = _ints(i[4]) if len(i) > 4 and i[4] is not None else None
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        size = x.shape[axis]
+        start, end = start + size if start < 0 else start, end + size if end < 0 else end
+        if step > 0:
+            index = slice(min(max(start, 0), size), min(max(end, 0), size), step)
+            x = x[(slice(None),) * (axis % x.dim()) + (index,)]
+        else:  # torch has no negative-step slicing: gather the indices instead
+            start, end = min(max(start, 0), size - 1), min(max(end, -1), size - 1)
+            idx = torch.arange(start, end, step, device=x.device)
+            x = x.index_select(axis, idx)
+    return x
+
+
+@_op("Gather")
+def _gather(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x, idx = i[0], i[1]
+    assert x is not None and idx is not None
+    axis = a.get("axis", 0) % x.dim()
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)  # ONNX allows negative indices
+    out = x.index_select(axis, idx.reshape(-1).to(x.device))
+    return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
+
+
+@_op("GatherElements")
+def _gather_elements(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x, idx = i[0], i[1]
+    assert x is not None and idx is not None
+    axis = a.get("axis", 0) % x.dim()
+    return torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx))
+
+
+@_op("Expand")
+def _expand(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x = i[0]
+    assert x is not None
+    # Bidirectional broadcast: the target may have fewer dims or 1s where x is larger.
+    return x.expand(torch.broadcast_shapes(x.shape, tuple(_ints(i[1]))))
+
+
+@_op("Tile")
+def _tile(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    return i[0].repeat(_ints(i[1]))  # type: ignore[union-attr]
+
+
+@_op("Einsum")
+def _einsum(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    return torch.einsum(a["equation"], *i)
+
+
+@_op("Pad")
+def _pad(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x = i[0]
+    assert x is not None
+    if "pads" in a:  # opset < 11
+        pads, value, axes = list(a["pads"]), a.get("value", 0.0), None
+    else:
+        pads = _ints(i[1])
+        value = i[2].item() if len(i) > 2 and i[2] is not None and i[2].numel() else 0.0
+        axes = _axes(x, i, a, 3)
+    axes = list(range(x.dim())) if axes is None else axes
+    n = len(axes)
+    per_dim = [(0, 0)] * x.dim()
+    for axis, begin, end in zip(axes, pads[:n], pads[n:]):
+        per_dim[axis] = (begin, end)
+    while per_dim and per_dim[0] == (0, 0):  # F.pad's non-constant modes pad trailing dims only
+        per_dim.pop(0)
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate",
+            "wrap": "circular"}[a.get("mode", "constant")]
+    if mode == "constant":
+        return F.pad(x, _torch_pad(per_dim), value=value)
+    return F.pad(x, _torch_pad(per_dim), mode=mode)
+
+
+# --- Resize: implemented per axis from the spec's coordinate formulas, so every
+# coordinate_transformation_mode / nearest_mode combination matches ONNX exactly. ---------------
+
+_RESIZE_COORDS = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
+                  "tf_half_pixel_for_nn")
+
+
+def _resize_coords(out: int, size: int, scale: float, mode: str, device: torch.device) -> Tensor:
+    """Input coordinate of each output position along one axis (float64)."""
+    o = torch.arange(out, dtype=torch.float64, device=device)
+    if mode == "half_pixel" or (mode == "pytorch_half_pixel" and out > 1):
+        return (o + 0.5) / scale - 0.5
+    if mode == "pytorch_half_pixel":
+        return torch.zeros_like(o)
+    if mode == "align_corners":
+        return o * ((size - 1) / (out - 1)) if out > 1 else torch.zeros_like(o)
+    if mode == "tf_half_pixel_for_nn":
+        return (o + 0.5) / scale
+    return o / scale  # asymmetric
+
+
+_NEAREST = {
+    "round_prefer_floor": lambda c: torch.ceil(c - 0.5),
+    "round_prefer_ceil": lambda c: torch.floor(c + 0.5),
+    "floor": torch.floor,
+    "ceil": torch.ceil,
+}
+
+
+@_op("Resize")
+def _resize(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x = i[0]
+    assert x is not None
+    scales = i[1] if m.opset < 11 else (i[2] if len(i) > 2 else None)  # opset 10: (X, scales)
+    sizes = i[3] if len(i) > 3 else None
+    axes = [ax % x.dim() for ax in a.get("axes", range(x.dim()))]
+    out_sizes, factors = list(x.shape), [1.0] * x.dim()
+    if sizes is not None and sizes.numel():
+        for ax, s in zip(axes, _ints(sizes)):
+            out_sizes[ax], factors[ax] = s, s / x.shape[ax]
+    elif scales is not None:
+        for ax, s in zip(axes, scales.tolist()):
+            out_sizes[ax], factors[ax] = math.floor(x.shape[ax] * s), s
+    ctm = a.get("coordinate_transformation_mode", "half_pixel")
+    linear = a.get("mode", "nearest") == "linear"
+    for ax in range(x.dim()):
+        size, out = x.shape[ax], out_sizes[ax]
+        if out == size and factors[ax] == 1.0:
+            continue
+        coords = _resize_coords(out, size, factors[ax], ctm, x.device)
+        if not linear:
+            idx = _NEAREST[a.get("nearest_mode", "round_prefer_floor")](coords)
+            x = x.index_select(ax, idx.clamp(0, size - 1).long())
+            continue
+        coords = coords.clamp(0, size - 1)  # outside the image: the edge pixel
+        lo = coords.floor()
+        frac = (coords - lo).to(x.dtype).reshape([-1 if d == ax else 1 for d in range(x.dim())])
+        lo = lo.long()
+        hi = (lo + 1).clamp(max=size - 1)
+        x = x.index_select(ax, lo) * (1 - frac) + x.index_select(ax, hi) * frac
+    return x

@@ -1,0 +1,89 @@
+"""End-to-end: the CLI over a folder of a few hundred generated images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from activeindex.cli import app
+from activeindex.datasets.synthetic import write_synthetic_images
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    write_synthetic_images(root / "train", 200, seed=7, size=(64, 64))
+    write_synthetic_images(root / "refs" / "a", 100, seed=8, size=(64, 64))
+    write_synthetic_images(root / "refs" / "b", 100, seed=8, size=(72, 56), start=100)
+    (root / "refs" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_extract_writes_features_names_and_torch(folder, tmp_path):
+    out = tmp_path / "feats"
+    res = invoke("extract", folder / "refs", "-o", out, "--model", "builtin:tiny", "--torch")
+    feats = np.load(out / "features.npy")
+    names = (out / "names.txt").read_text().splitlines()
+    assert feats.shape == (200, 32) and feats.dtype == np.float32 and len(names) == 200
+    assert names[0] == "a/img_000000.png" and names[-1] == "b/img_000199.png"
+    assert torch.equal(torch.load(out / "fts.pt"), torch.from_numpy(feats))
+    assert "notes.txt: not an image file" in res.output
+    assert "UNTRAINED" in res.output  # the test model has no weights: the CLI says so
+
+
+def test_collection_lifecycle(folder, tmp_path):
+    c = tmp_path / "coll"
+    invoke("create", c, "--index", "IVF16,PQ16x4", "--train", folder / "train", "--model", "builtin:tiny",
+           "--nprobe", "4")
+    added = json.loads(invoke("add", c, folder / "refs", "--json").stdout)
+    assert len(added["added"]) == 200 and added["duplicates"] == [] and added["skipped"] == []
+    ids = {a["name"]: a["id"] for a in added["added"]}
+
+    again = json.loads(invoke("add", c, folder / "refs" / "a" / "img_000003.png", "--json").stdout)
+    assert again["added"] == [] and again["duplicates"] == [{"name": "img_000003.png", "id": ids["a/img_000003.png"]}]
+
+    q = json.loads(invoke("query", c, folder / "refs" / "a", "-k", "5", "--json").stdout)
+    assert len(q) == 100
+    top1 = np.mean([r["matches"][0]["name"] == "a/" + r["query"].rsplit("/", 1)[-1] for r in q])
+    assert top1 >= 0.95  # unedited references find themselves through IVF-PQ
+    m = q[0]["matches"][0]
+    assert set(m) == {"id", "name", "score", "copy"} and m["copy"] is None
+
+    victim = ids["a/img_000000.png"]
+    invoke("remove", c, victim)
+    info = json.loads(invoke("info", c, "--json").stdout)
+    assert info["images"] == 199 and info["index_ntotal"] == 199 and info["factory"] == "IVF16,PQ16x4"
+    q = json.loads(invoke("query", c, folder / "refs" / "a" / "img_000000.png", "-k", "10", "--json").stdout)
+    assert victim not in [mm["id"] for mm in q[0]["matches"]]
+    text = invoke("info", c).stdout
+    assert "IVF16,PQ16x4" in text and "UNTRAINED" in text
+
+
+def test_create_from_npy(folder, tmp_path):
+    invoke("extract", folder / "train", "-o", tmp_path / "t", "--model", "builtin:tiny")
+    invoke("create", tmp_path / "c", "--index", "Flat", "--train", tmp_path / "t" / "features.npy",
+           "--model", "builtin:tiny")
+    assert (tmp_path / "c" / "index.faiss").exists()
+
+
+def test_errors_exit_nonzero_with_a_message(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "activeindex.cli", "info", str(tmp_path / "nothing")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and "error:" in proc.stderr and "not a collection" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from activeindex.errors import ModelError
+from activeindex.extractors import (
+    BUILTIN_MODELS,
+    Precision,
+    Preprocessing,
+    ResizePolicy,
+    create_extractor,
+    parse_spec,
+)
+from activeindex.extractors.base import calibration_batch
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("builtin", {"kind": "builtin", "name": "resnet-s"}),
+        ("builtin:tiny", {"kind": "builtin", "name": "tiny"}),
+        ("torchscript:/m/sscd.pt", {"kind": "torchscript", "path": "/m/sscd.pt"}),
+        ("onnx:m.onnx", {"kind": "onnx", "path": "m.onnx"}),
+    ],
+)
+def test_parse_spec(spec, expected):
+    assert parse_spec(spec) == expected
+
+
+def test_parse_spec_suggests_the_fix():
+    with pytest.raises(ModelError, match="did you mean 'torchscript:model.pt'"):
+        parse_spec("model.pt")
+    with pytest.raises(ModelError, match="needs a file"):
+        parse_spec("onnx:")
+
+
+def test_unknown_builtin_lists_known_names():
+    with pytest.raises(ModelError, match="tiny"):
+        create_extractor("builtin:nope")
+
+
+def test_builtin_is_deterministic_and_marked_untrained(tiny_extractor):
+    again = create_extractor("builtin:tiny")
+    assert again.digest == tiny_extractor.digest
+    assert not tiny_extractor.trained  # no packaged weights for the test model
+    x = calibration_batch(32, n=3)
+    assert torch.equal(again.embed(x), tiny_extractor.embed(x))
+
+
+def test_descriptors_are_unit_norm_and_shaped(tiny_extractor):
+    batch = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    f = tiny_extractor.features(batch)
+    assert f.shape == (5, tiny_extractor.dim) and f.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0, atol=1e-5)
+
+
+def test_features_rejects_wrong_layout(tiny_extractor):
+    with pytest.raises(ValueError, match="uint8"):
+        tiny_extractor.features(np.zeros((2, 3, 32, 32), np.float32))
+
+
+def test_builtin_refuses_preprocessing_overrides():
+    with pytest.raises(ModelError, match="input_size"):
+        create_extractor("builtin:tiny", input_size=64)
+
+
+@pytest.mark.parametrize("precision", list(Precision))
+def test_precision_modes_agree_with_fp32(precision):
+    ref = create_extractor("builtin:tiny", precision=Precision.FP32)
+    ex = create_extractor("builtin:tiny", precision=precision)
+    assert ex.precision in (Precision.FP32, Precision.BF16)
+    if precision is Precision.FP32:
+        assert ex.precision is Precision.FP32
+    x = calibration_batch(32, n=4, seed=3)
+    cos = (ex.embed(x) * ref.embed(x)).sum(1)
+    # AUTO only picks bf16 when it stays within 0.99 cosine on the calibration batch.
+    assert float(cos.min()) > (0.98 if precision is Precision.BF16 else 0.99)
+
+
+def test_embed_is_differentiable(tiny_extractor):
+    x = calibration_batch(32, n=2).requires_grad_(True)
+    tiny_extractor.embed(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("policy", list(ResizePolicy))
+def test_prepare_gives_square_input(policy):
+    pre = Preprocessing(input_size=40, resize=policy)
+    img = Image.new("RGB", (120, 60), (10, 20, 30))
+    arr = pre.prepare(img)
+    assert arr.shape == (40, 40, 3) and arr.dtype == np.uint8
+    assert (arr == (10, 20, 30)).all()
+
+
+def test_center_crop_keeps_the_centre():
+    img = Image.new("RGB", (300, 100), (255, 0, 0))
+    img.paste((0, 0, 255), (100, 0, 200, 100))  # blue centre square
+    arr = Preprocessing(input_size=20, resize=ResizePolicy.CENTER_CROP).prepare(img)
+    assert arr[..., 2].mean() > 240 and arr[..., 0].mean() < 15
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, out_dim: int = 16, flatten: bool = True):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, out_dim, 3, 2)
+        self.flatten = flatten
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        return y if self.flatten else y[:, :, None]
+
+
+def test_torchscript_roundtrip_and_digest(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.jit.script(_Net()).save(str(path))
+    ex = create_extractor(f"torchscript:{path}", input_size=48)
+    assert ex.dim == 16 and ex.preprocessing.input_size == 48 and ex.trained
+    # A stored description rebuilds the same extractor (same digest, same preprocessing).
+    again = create_extractor(ex.describe())
+    assert again.digest == ex.digest and again.preprocessing == ex.preprocessing
+    x = calibration_batch(48, n=2)
+    torch.testing.assert_close(again.embed(x), ex.embed(x))
+
+
+def test_torchscript_with_wrong_output_shape(tmp_path):
+    path = tmp_path / "bad.pt"
+    torch.jit.script(_Net(flatten=False)).save(str(path))
+    with pytest.raises(ModelError, match=r"must return \(batch, dim\)"):
+        create_extractor(f"torchscript:{path}")
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_registered_models_build_within_the_package_limits(name):
+    ex = create_extractor(f"builtin:{name}")
+    assert ex.preprocessing.input_size <= 224 and 0 < ex.dim <= 512
+    n_bytes = sum(p.numel() for p in ex.model.parameters()) * 2  # shipped as fp16
+    assert n_bytes <= 25 * 2**20
