@@ -138,3 +138,23 @@ def test_registered_models_build_within_the_package_limits(name):
     assert ex.preprocessing.input_size <= 224 and 0 < ex.dim <= 512
     n_bytes = sum(p.numel() for p in ex.model.parameters()) * 2  # shipped as fp16
     assert n_bytes <= 25 * 2**20
+
+
+def test_onnx_model_matches_its_torch_source(tmp_path):
+    """An ONNX export of a network gives the same descriptors as the network, with gradients."""
+    import warnings
+
+    net = _Net().eval()
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, torch.zeros(1, 3, 40, 40), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    ex = create_extractor(f"onnx:{path}", precision=Precision.FP32)
+    assert ex.preprocessing.input_size == 40  # read from the file's static input shape
+    x = calibration_batch(40, n=3).requires_grad_(True)
+    ref = torch.nn.functional.normalize(net((x - ex._mean) / ex._std), dim=-1)
+    out = ex.embed(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

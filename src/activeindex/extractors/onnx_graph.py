@@ -434,7 +434,9 @@ def _conv(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
     return conv(x, w, bias, strides, [b for b, _ in pads], dilations, a.get("group", 1))
 
 
-def _pool_args(x: Tensor, a: dict[str, Any]) -> tuple[list[int], list[int], list[int], list[tuple[int, int]]]:
+def _pool_args(
+    x: Tensor, a: dict[str, Any]
+) -> tuple[list[int], list[int], list[int], list[tuple[int, int]]]:
     kernel = list(a["kernel_shape"])
     n = len(kernel)
     strides = a.get("strides", [1] * n)
@@ -492,13 +494,15 @@ def _global_max_pool(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> T
 @_op("BatchNormalization")
 def _batch_norm(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
     x, scale, bias, mean, var = i[:5]
-    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, a.get("epsilon", 1e-5))  # type: ignore[arg-type]
+    eps = a.get("epsilon", 1e-5)
+    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)  # type: ignore[arg-type]
 
 
 @_op("InstanceNormalization")
 def _instance_norm(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
     x, scale, bias = i[:3]
-    return F.instance_norm(x, weight=scale, bias=bias, eps=a.get("epsilon", 1e-5))  # type: ignore[arg-type]
+    eps = a.get("epsilon", 1e-5)
+    return F.instance_norm(x, weight=scale, bias=bias, eps=eps)  # type: ignore[arg-type]
 
 
 @_op("LayerNormalization")
@@ -743,14 +747,17 @@ _RESIZE_COORDS = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetr
 
 
 def _resize_coords(out: int, size: int, scale: float, mode: str, device: torch.device) -> Tensor:
-    """Input coordinate of each output position along one axis (float64)."""
-    o = torch.arange(out, dtype=torch.float64, device=device)
+    """Input coordinate of each output position along one axis.
+
+    float32 like onnxruntime: nearest rounding of ties (e.g. 4.5) depends on it.
+    """
+    o = torch.arange(out, dtype=torch.float32, device=device)
     if mode == "half_pixel" or (mode == "pytorch_half_pixel" and out > 1):
         return (o + 0.5) / scale - 0.5
     if mode == "pytorch_half_pixel":
         return torch.zeros_like(o)
     if mode == "align_corners":
-        return o * ((size - 1) / (out - 1)) if out > 1 else torch.zeros_like(o)
+        return o * (size - 1) / (out - 1) if out > 1 else torch.zeros_like(o)
     if mode == "tf_half_pixel_for_nn":
         return (o + 0.5) / scale
     return o / scale  # asymmetric
