@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,9 @@ class ImageLimits:
     """Bounds that protect a process from hostile or accidental huge inputs.
 
     ``max_pixels`` is checked on the header *before* decoding (a 30000×30000 PNG of a few KB would
-    otherwise allocate 2.7 GB), ``max_bytes`` on the file size before reading it.
+    otherwise allocate 2.7 GB), ``max_bytes`` on the file size before reading it. Pillow refuses
+    images above twice ``PIL.Image.MAX_IMAGE_PIXELS`` on its own, so raising ``max_pixels`` beyond
+    the default also needs that global raised.
     """
 
     max_pixels: int = 178_956_970  # Pillow's own decompression-bomb error threshold (2 × 89.5 MP)
@@ -63,7 +64,9 @@ def list_images(inputs: Iterable[str | os.PathLike[str]]) -> ImageListing:
         path = Path(raw)
         if path.is_dir():
             for sub in sorted(p for p in path.rglob("*") if p.is_file()):
-                if sub.name.startswith("."):
+                # Hidden files, and files inside hidden folders (.git, .thumbnails, …) below the
+                # folder given; the folder given itself may be hidden.
+                if any(part.startswith(".") for part in sub.relative_to(path).parts):
                     continue
                 target = images if sub.suffix.lower() in IMAGE_EXTENSIONS else ignored
                 if sub not in seen:
@@ -80,6 +83,12 @@ def list_images(inputs: Iterable[str | os.PathLike[str]]) -> ImageListing:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB (alpha composited on white, 16-bit scaled down)."""
+    if img.mode in ("1", "L", "RGB") and "transparency" in img.info:
+        # A PNG tRNS colour key (or a GIF's transparent index on an L frame): make it alpha.
+        try:
+            img = img.convert("RGBA")
+        except (TypeError, ValueError):
+            pass  # a malformed transparency entry: ignore it rather than fail the image
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -129,10 +138,10 @@ def load_image(
     if size > limits.max_bytes:
         raise ImageLoadError(path, f"file of {size} bytes exceeds the limit of {limits.max_bytes}")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (not raises) between 1× and 2× its bomb limit; we decide ourselves below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+        # Pillow itself warns above Image.MAX_IMAGE_PIXELS and refuses above twice that, whatever
+        # our limit; ours below is the one callers set (catch_warnings is not thread-safe, and
+        # decoding runs in threads, so the warning is left alone).
+        img = Image.open(path)
         with img:
             width, height = img.size
             if width * height > limits.max_pixels:
