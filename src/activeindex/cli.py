@@ -260,6 +260,40 @@ def info(
     typer.echo(f"copy thresh. {'not calibrated' if thr is None else f'{thr:.4f}'}")
 
 
+@app.command("train-descriptor")
+def train_descriptor_cmd(
+    images: Annotated[list[Path], typer.Argument(help="training image files or folders")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="folder for checkpoint, log and weights")],
+    arch: Annotated[str, typer.Option(help="builtin architecture to train")] = "resnet-s",
+    steps: Annotated[int, typer.Option(help="optimisation steps")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="images per step (two views each)")] = 64,
+    train_size: Annotated[Optional[int], typer.Option(help="view size (default: the model's input)")] = None,
+    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, cosine)")] = 2e-3,
+    koleo_weight: Annotated[float, typer.Option(help="weight of the KoLeo entropy term")] = 3.0,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present)")] = None,
+) -> None:
+    """Train a copy-detection descriptor (InfoNCE + KoLeo over strong random edits); resumable."""
+    from activeindex.training.trainer import TrainConfig, export_weights, load_pool, train_descriptor
+
+    if arch not in BUILTIN_MODELS:
+        raise ActiveIndexError(f"unknown architecture {arch!r}; choose one of: {', '.join(BUILTIN_MODELS)}")
+    cfg = TrainConfig(arch=arch, steps=steps, batch_size=batch_size, train_size=train_size, lr=lr,
+                      koleo_weight=koleo_weight, seed=seed)
+    paths = _expand(images)
+    _err(f"loading {len(paths)} training images at {cfg.load_size} px")
+    pool = load_pool(paths, cfg.load_size)
+    with tqdm(total=cfg.steps, desc="train", disable=None, file=sys.stderr) as bar:
+        def progress(step: int, rec: dict) -> None:
+            bar.n = step
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.2f}", refresh=False)
+            bar.refresh()
+
+        model = train_descriptor(pool, out, cfg, device=device, progress=progress)
+    export_weights(model, out / f"{arch}.pt")
+    _err(f"weights → {out / f'{arch}.pt'}; copy to src/activeindex/weights/ to make them the builtin default")
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"activeindex {__version__}")

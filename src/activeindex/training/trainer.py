@@ -1,0 +1,179 @@
+"""Train a copy-detection descriptor (SSCD recipe, scaled down to a CPU).
+
+Each step draws B images, makes two strong random edits of each (``augment.copy_edit_augmentation``),
+and trains the network so that the two views of an image are nearest neighbours among all 2B views
+(InfoNCE) while the descriptors spread over the sphere (KoLeo). bf16 autocast on CPU, CUDA when
+present. Checkpoints are written atomically every ``checkpoint_every`` steps and a rerun with the
+same output folder resumes from the last one; the loss log is ``train_log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from activeindex.errors import ImageLoadError
+from activeindex.extractors.base import Preprocessing
+from activeindex.extractors.builtin import BUILTIN_MODELS, build_builtin
+from activeindex.images import load_image
+from activeindex.training.augment import copy_edit_augmentation
+from activeindex.training.losses import info_nce, koleo, positive_rank_accuracy
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "train_log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arch: str = "resnet-s"
+    steps: int = 2000
+    batch_size: int = 64
+    train_size: int | None = None  # crop size of the views; default: the model's input size
+    load_size: int = 256  # images are kept in memory at this square size
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    temperature: float = 0.05
+    koleo_weight: float = 3.0
+    strength: float = 1.0
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+def load_pool(paths: Sequence[Path], size: int, workers: int = 4) -> torch.Tensor:
+    """Decode images to a uint8 tensor (n, 3, size, size); unreadable files are skipped, logged."""
+    pre = Preprocessing(input_size=size)
+
+    def one(p: Path) -> np.ndarray | None:
+        try:
+            return pre.prepare(load_image(p, min_side=size))
+        except ImageLoadError as exc:
+            logger.warning("skipped %s: %s", exc.path, exc.reason)
+            return None
+
+    with ThreadPoolExecutor(workers) as pool:
+        arrays = [a for a in pool.map(one, paths) if a is not None]
+    if len(arrays) < 2:
+        raise ValueError(f"need at least 2 readable training images, got {len(arrays)}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _save_atomic(obj: object, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_descriptor(
+    pool: torch.Tensor,
+    out: str | os.PathLike[str],
+    cfg: TrainConfig = TrainConfig(),
+    *,
+    device: str | torch.device | None = None,
+    progress: Callable[[int, dict], None] | None = None,
+) -> torch.nn.Module:
+    """Train ``cfg.arch`` on a uint8 image pool (n, 3, S, S); returns the trained module (eval mode).
+
+    Resumes from ``out/checkpoint.pt`` when it exists and was made with the same config.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    entry = BUILTIN_MODELS[cfg.arch]
+    size = cfg.train_size or entry.preprocessing.input_size
+    model, _, _ = build_builtin(cfg.arch)
+    model = model.to(device).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ckpt["config"] != asdict(cfg):
+            raise ValueError(f"{ckpt_path} was made with another config; use a new output folder")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start = ckpt["step"]
+        logger.info("resuming from step %d", start)
+    else:
+        torch.manual_seed(cfg.seed)  # kornia draws its edit parameters from the global generator
+    aug = copy_edit_augmentation(size, cfg.strength).to(device)
+    mean = torch.tensor(entry.preprocessing.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(entry.preprocessing.std, device=device).view(1, 3, 1, 1)
+    amp_dtype = torch.bfloat16
+    with open(out / LOG, "a") as log:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, cfg)
+            idx = torch.randint(0, len(pool), (cfg.batch_size,), generator=gen)
+            x = pool[idx].to(device).float().div_(255.0)
+            with torch.no_grad():
+                views = torch.cat([aug(x), aug(x)]).clamp_(0, 1)
+            views = ((views - mean) / std).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype):
+                z = model(views)
+            z = F.normalize(z.float(), dim=-1)
+            z1, z2 = z.chunk(2)
+            l_nce = info_nce(z1, z2, cfg.temperature)
+            l_koleo = koleo(z)
+            loss = l_nce + cfg.koleo_weight * l_koleo
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            record = {
+                "step": step + 1,
+                "loss": float(loss.detach()),
+                "infonce": float(l_nce.detach()),
+                "koleo": float(l_koleo.detach()),
+                "acc": positive_rank_accuracy(z1.detach(), z2.detach()),
+                "lr": _lr_at(step, cfg),
+                "seconds": time.perf_counter() - t0,
+            }
+            log.write(json.dumps(record) + "\n")
+            if progress is not None:
+                progress(step + 1, record)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                log.flush()
+                _save_atomic(
+                    {
+                        "config": asdict(cfg),
+                        "step": step + 1,
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "generator": gen.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                    },
+                    ckpt_path,
+                )
+    return model.eval()
+
+
+def export_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
+    """Write the state dict in fp16 (half the bytes; the extractor computes in fp32/bf16)."""
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_atomic(state, path)
