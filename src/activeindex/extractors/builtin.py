@@ -107,8 +107,8 @@ register(
     BuiltinModel(
         name="resnet-s",
         build=lambda: CopyDescriptorNet(widths=(48, 96, 192, 384), depths=(2, 2, 2, 2), dim=256, stem=24),
-        preprocessing=Preprocessing(input_size=224),
-        description="ResNet-18-shaped trunk at 3/4 width, GeM, 256-d; 224 px (the default)",
+        preprocessing=Preprocessing(input_size=160),
+        description="ResNet-18-shaped trunk at 3/4 width, GeM, 256-d; 160 px (the default)",
     )
 )
 register(

@@ -58,5 +58,5 @@ def copy_edit_augmentation(size: int, strength: float = 1.0) -> nn.Module:
         K.RandomGaussianBlur((11, 11), (0.1, 3.0 * s + 0.1), p=0.3 * s),
         K.RandomGaussianNoise(std=0.04 * s, p=0.2 * s),
         _RandomPatchOverlay(p=0.3 * s),
-        K.RandomJPEG(jpeg_quality=(max(10.0, 100 - 90 * s), 95.0), p=0.3 * s),
+        K.RandomJPEG(jpeg_quality=(max(10.0, 100 - 90 * s), 95.0), p=0.2 * s),
     )

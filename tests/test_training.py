@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from activeindex.datasets.synthetic import synthetic_image
+from activeindex.training.augment import copy_edit_augmentation
+from activeindex.training.losses import info_nce, koleo
+from activeindex.training.trainer import TrainConfig, export_weights, train_descriptor
+
+
+def test_info_nce_prefers_aligned_pairs():
+    z = F.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    aligned = info_nce(z, z + 0.01 * torch.randn(8, 16))
+    shuffled = info_nce(z, z[torch.randperm(8)])
+    assert aligned < shuffled
+
+
+def test_koleo_penalises_collapse():
+    g = torch.Generator().manual_seed(0)
+    spread = F.normalize(torch.randn(16, 8, generator=g), dim=1)
+    collapsed = F.normalize(torch.ones(16, 8) + 0.01 * torch.randn(16, 8, generator=g), dim=1)
+    assert koleo(collapsed) > koleo(spread)
+
+
+def test_augmentation_shapes_and_range():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 48, 40)
+    y = copy_edit_augmentation(32)(x).clamp(0, 1)
+    assert y.shape == (4, 3, 32, 32) and torch.isfinite(y).all()
+    assert not torch.allclose(y, torch.nn.functional.interpolate(x, size=(32, 32)))
+
+
+@pytest.fixture(scope="module")
+def pool():
+    imgs = np.stack([np.asarray(synthetic_image(i, seed=3, size=(48, 48))) for i in range(32)])
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+
+
+def test_a_few_steps_lower_the_loss_and_resume(pool, tmp_path):
+    cfg = TrainConfig(arch="tiny", steps=30, batch_size=16, load_size=48, lr=3e-3, warmup_steps=3,
+                      checkpoint_every=10, koleo_weight=0.5, strength=0.3)
+    model = train_descriptor(pool, tmp_path, cfg, device="cpu")
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31))
+    first = np.mean([r["infonce"] for r in log[:5]])
+    last = np.mean([r["infonce"] for r in log[-5:]])
+    assert last < first  # the contrastive loss goes down on tiny data
+    export_weights(model, tmp_path / "tiny.pt")
+    state = torch.load(tmp_path / "tiny.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    # Resuming a finished run does no more steps and leaves the log as it was.
+    train_descriptor(pool, tmp_path, cfg, device="cpu")
+    assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 30
+    with pytest.raises(ValueError, match="another config"):
+        train_descriptor(pool, tmp_path, TrainConfig(arch="tiny", steps=31), device="cpu")
