@@ -126,8 +126,10 @@ def weights_resource(name: str):
     return resources.files("activeindex").joinpath("weights", f"{name}.pt")
 
 
-def build_builtin(name: str) -> tuple[nn.Module, BuiltinModel, bool]:
-    """Instantiate a registered model; returns (module, registry entry, trained?)."""
+def build_builtin(name: str, *, load_weights: bool = True) -> tuple[nn.Module, BuiltinModel, bool]:
+    """Instantiate a registered model; returns (module, registry entry, trained?).
+
+    ``load_weights=False`` gives the seeded initial weights even when trained ones ship."""
     try:
         entry = BUILTIN_MODELS[name]
     except KeyError:
@@ -139,7 +141,7 @@ def build_builtin(name: str) -> tuple[nn.Module, BuiltinModel, bool]:
         torch.manual_seed(0)
         module = entry.build()
     weights = weights_resource(name)
-    if not weights.is_file():
+    if not load_weights or not weights.is_file():
         return module, entry, False
     with resources.as_file(weights) as path:
         state = torch.load(path, map_location="cpu", weights_only=True)
