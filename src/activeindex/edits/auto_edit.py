@@ -211,4 +211,16 @@ def auto(img: Image.Image, *, rng: np.random.Generator | None = None) -> EditRes
     """
     if rng is None:
         raise EditError("auto", {}, "auto draws its edits at random: pass rng=np.random.default_rng(seed)")
-    return apply_auto_plan(img, sample_auto_plan(rng))
+    # A drawn plan can be impossible for this image (a strong perspective on a small image leaves no
+    # border-free crop). Such a plan is *redrawn* from the same generator — the query is still an
+    # edited image and its record is exactly what was applied; it is never the unedited input.
+    errors: list[str] = []
+    for _ in range(MAX_PLAN_DRAWS):
+        try:
+            return apply_auto_plan(img, sample_auto_plan(rng))
+        except EditError as exc:
+            errors.append(str(exc))
+    raise EditError("auto", {}, f"{MAX_PLAN_DRAWS} drawn plans all failed; last: {errors[-1]}")
+
+
+MAX_PLAN_DRAWS = 10
