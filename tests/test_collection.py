@@ -13,14 +13,14 @@ from activeindex.extractors import create_extractor
 
 @pytest.fixture()
 def coll(tmp_path, tiny_extractor, train_vectors):
-    c = Collection.create(tmp_path / "c", tiny_extractor, "IVF8,PQ8x4", train_vectors, nprobe=8)
+    c = Collection.create(tmp_path / "c", tiny_extractor, "IVF8,Flat", train_vectors, nprobe=8)
     yield c
     c.close()
 
 
 def test_create_writes_config_and_refuses_reuse(coll, tiny_extractor, train_vectors):
     cfg = json.loads((coll.root / "collection.json").read_text())
-    assert cfg["factory"] == "IVF8,PQ8x4" and cfg["dim"] == tiny_extractor.dim
+    assert cfg["factory"] == "IVF8,Flat" and cfg["dim"] == tiny_extractor.dim
     assert cfg["extractor"]["digest"] == tiny_extractor.digest
     assert cfg["extractor"]["preprocessing"]["input_size"] == 32
     with pytest.raises(CollectionError, match="already holds a collection"):
