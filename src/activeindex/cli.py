@@ -268,8 +268,10 @@ def train_descriptor_cmd(
     steps: Annotated[int, typer.Option(help="optimisation steps")] = 2000,
     batch_size: Annotated[int, typer.Option(help="images per step (two views each)")] = 64,
     train_size: Annotated[Optional[int], typer.Option(help="view size (default: the model's input)")] = None,
-    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, cosine)")] = 2e-3,
-    koleo_weight: Annotated[float, typer.Option(help="weight of the KoLeo entropy term")] = 3.0,
+    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, cosine)")] = 1e-3,
+    koleo_weight: Annotated[float, typer.Option(help="weight of the KoLeo entropy term")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="InfoNCE temperature")] = 0.1,
+    strength: Annotated[float, typer.Option(help="edit strength in (0, 1]")] = 0.5,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present)")] = None,
 ) -> None:
@@ -279,7 +281,7 @@ def train_descriptor_cmd(
     if arch not in BUILTIN_MODELS:
         raise ActiveIndexError(f"unknown architecture {arch!r}; choose one of: {', '.join(BUILTIN_MODELS)}")
     cfg = TrainConfig(arch=arch, steps=steps, batch_size=batch_size, train_size=train_size, lr=lr,
-                      koleo_weight=koleo_weight, seed=seed)
+                      koleo_weight=koleo_weight, temperature=temperature, strength=strength, seed=seed)
     paths = _expand(images)
     _err(f"loading {len(paths)} training images at {cfg.load_size} px")
     pool = load_pool(paths, cfg.load_size)

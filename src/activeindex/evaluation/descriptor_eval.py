@@ -1,7 +1,9 @@
 """Judge a descriptor on copy detection: R@1 and µAP of edited copies against distractors.
 
 The protocol behind ``docs/models.md``: held-out images (a synthetic source seed never used for
-training) are split into originals, distractors and non-matching images. The database holds the
+training, procedural families only — training used every cell of the sample photos, so photo tiles
+of another seed would repeat training content) are split into originals, distractors and
+non-matching images. The database holds the
 originals and the distractors; every original and every non-matching image goes through each edit
 of the paper's table (plus overlay onto screenshot). Search is exact (``IndexFlatIP``), so the
 numbers judge the descriptor alone, not an index. Methods are compared in the same run, on the same
@@ -26,7 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from activeindex.datasets.synthetic import synthetic_image
+from activeindex.datasets.synthetic import Family, synthetic_image, synthetic_image_info
 from activeindex.edits import paper_edits, paper_extra_edits
 from activeindex.extractors import Extractor, create_extractor
 from activeindex.metrics import Predictions, micro_average_precision, recall_at_k_from_knn
@@ -68,6 +70,18 @@ def phash_describer() -> Describe:
     return describe
 
 
+def _held_out_indices(seed: int, n: int) -> np.ndarray:
+    """The first ``n`` indices of source ``seed`` whose image owes nothing to the sample photos."""
+    photo = {Family.PHOTO_TILE, Family.PHOTO_LEAVES}
+    out: list[int] = []
+    i = 0
+    while len(out) < n:
+        if synthetic_image_info(i, seed=seed).family not in photo:
+            out.append(i)
+        i += 1
+    return np.array(out)
+
+
 def _search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     index = faiss.IndexFlatIP(xb.shape[1])
     index.add(np.ascontiguousarray(xb, dtype=np.float32))
@@ -79,7 +93,8 @@ def evaluate_descriptors(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """→ {edit label: {method: {"R@1", "uAP"}}}, every method on exactly the same images."""
     n_o, n_d, n_n = cfg.n_originals, cfg.n_distractors, cfg.n_nonmatching
-    gen = lambda i: synthetic_image(i, seed=cfg.seed, size=(cfg.size, cfg.size))  # noqa: E731
+    held_out = _held_out_indices(cfg.seed, n_o + n_d + n_n)
+    gen = lambda i: synthetic_image(int(held_out[i]), seed=cfg.seed, size=(cfg.size, cfg.size))  # noqa: E731
     originals = [gen(i) for i in range(n_o)]
     database = originals + [gen(n_o + i) for i in range(n_d)]
     nonmatching = [gen(n_o + n_d + i) for i in range(n_n)]

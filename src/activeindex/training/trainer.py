@@ -43,12 +43,12 @@ class TrainConfig:
     batch_size: int = 64
     train_size: int | None = None  # crop size of the views; default: the model's input size
     load_size: int = 256  # images are kept in memory at this square size
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
-    temperature: float = 0.05
-    koleo_weight: float = 3.0
-    strength: float = 1.0
+    temperature: float = 0.1
+    koleo_weight: float = 1.0
+    strength: float = 0.5
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -153,6 +153,7 @@ def train_descriptor(
                 "seconds": time.perf_counter() - t0,
             }
             log.write(json.dumps(record) + "\n")
+            log.flush()
             if progress is not None:
                 progress(step + 1, record)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
