@@ -260,6 +260,23 @@ def info(
     typer.echo(f"copy thresh. {'not calibrated' if thr is None else f'{thr:.4f}'}")
 
 
+@app.command("make-images")
+def make_images_cmd(
+    out: Annotated[Path, typer.Argument(help="output folder (PNG files; existing ones are kept)")],
+    n: Annotated[int, typer.Option("--n", help="number of images", min=1)] = 1000,
+    seed: Annotated[int, typer.Option(help="source seed: the same seed gives the same images")] = 0,
+    size: Annotated[int, typer.Option(help="side in pixels")] = 256,
+    start: Annotated[int, typer.Option(help="index of the first image")] = 0,
+    workers: Annotated[Optional[int], typer.Option(help="processes (default: CPU count)")] = None,
+) -> None:
+    """Write deterministic synthetic images (procedural + tiles of offline sample photos)."""
+    from activeindex.datasets.synthetic import make_images
+
+    with _progress(n, "make-images") as update:
+        paths = make_images(out, n, seed=seed, size=(size, size), workers=workers, start=start, progress=update)
+    _err(f"{len(paths)} images in {out}")
+
+
 @app.command("train-descriptor")
 def train_descriptor_cmd(
     images: Annotated[list[Path], typer.Argument(help="training image files or folders")],
