@@ -50,7 +50,8 @@ def test_a_few_steps_lower_the_loss_and_resume(pool, tmp_path):
     first = np.mean([r["infonce"] for r in log[:5]])
     last = np.mean([r["infonce"] for r in log[-5:]])
     assert last < first  # the contrastive loss goes down on tiny data
-    export_weights(model, tmp_path / "tiny.pt")
+    digest = export_weights(model, tmp_path / "tiny.pt", {"arch": "tiny"})
+    assert json.loads((tmp_path / "tiny.json").read_text()) == {"arch": "tiny", "digest": digest}
     state = torch.load(tmp_path / "tiny.pt", weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
     # Resuming a finished run does no more steps and leaves the log as it was.

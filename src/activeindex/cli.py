@@ -293,6 +293,11 @@ def train_descriptor_cmd(
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present)")] = None,
 ) -> None:
     """Train a copy-detection descriptor (InfoNCE + KoLeo over strong random edits); resumable."""
+    import dataclasses
+    import time
+
+    import torch
+
     from activeindex.training.trainer import TrainConfig, export_weights, load_pool, train_descriptor
 
     if arch not in BUILTIN_MODELS:
@@ -308,8 +313,19 @@ def train_descriptor_cmd(
             bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.2f}", refresh=False)
             bar.refresh()
 
+        t0 = time.time()
         model = train_descriptor(pool, out, cfg, device=device, progress=progress)
-    export_weights(model, out / f"{arch}.pt")
+    meta = {
+        "arch": arch,
+        "config": dataclasses.asdict(cfg),
+        "training_images": len(pool),
+        "image_sources": [str(p) for p in images],
+        "seconds_last_session": round(time.time() - t0),
+        "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+        "torch_threads": torch.get_num_threads(),
+        "activeindex": __version__,
+    }
+    export_weights(model, out / f"{arch}.pt", meta)
     _err(f"weights → {out / f'{arch}.pt'}; copy to src/activeindex/weights/ to make them the builtin default")
 
 

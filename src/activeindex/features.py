@@ -1,8 +1,18 @@
 """The extraction pipeline: image files → descriptors, decoding in threads while the model runs.
 
-Decoding (Pillow, which releases the GIL) runs in a small thread pool a few batches ahead of the
-model, with reduced-size JPEG decoding (DCT scaling) when the extractor needs fewer pixels than the
-file has. Broken files are reported per path and the batch goes on.
+Decoding uses reduced-size JPEG decoding (DCT scaling) when the extractor needs fewer pixels than
+the file has. Broken files are reported per path and the batch goes on. Pillow and torch both
+release the GIL, so threads overlap decoding and the model in two ways:
+
+- *batch streams* (CPU, several batches): each of k threads decodes a whole batch and then runs the
+  model on it with its share (usually one) of torch's intra-op threads, so k batches are in flight
+  and every core is either decoding or computing. This is the fast way on a CPU: a thread pool
+  decoding *beside* an OpenMP team oversubscribes the cores, and each time a decoder preempts one
+  OpenMP thread the others wait at the next barrier;
+- *decode-ahead* (GPU, a single batch, or one torch thread): a small thread pool decodes a few
+  batches ahead of the model, which runs in the calling thread (:func:`iter_batches`).
+
+Both give the same descriptors for the same batches.
 """
 
 from __future__ import annotations
@@ -10,12 +20,14 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from activeindex.errors import ImageLoadError
 from activeindex.extractors import Extractor
@@ -76,16 +88,76 @@ def iter_batches(
         while pending:
             jobs = pending.popleft()
             submit_next()
-            ok_paths, arrays, failures = [], [], []
-            for path, fut in jobs:
-                try:
-                    arrays.append(fut.result())
-                    ok_paths.append(path)
-                except ImageLoadError as exc:
-                    failures.append(Failure(path, exc.reason))
-            size = extractor.preprocessing.input_size
-            batch = np.stack(arrays) if arrays else np.empty((0, size, size, 3), np.uint8)
-            yield ok_paths, batch, failures
+            yield _assemble(((path, fut.result) for path, fut in jobs), extractor)
+
+
+def _assemble(
+    jobs: Iterable[tuple[Path, Callable[[], np.ndarray]]], extractor: Extractor
+) -> tuple[list[Path], np.ndarray, list[Failure]]:
+    """Run each path's decode and stack the images into a batch; a broken file becomes a Failure."""
+    ok_paths, arrays, failures = [], [], []
+    for path, decode in jobs:
+        try:
+            arrays.append(decode())
+            ok_paths.append(path)
+        except ImageLoadError as exc:
+            failures.append(Failure(path, exc.reason))
+    size = extractor.preprocessing.input_size
+    batch = np.stack(arrays) if arrays else np.empty((0, size, size, 3), np.uint8)
+    return ok_paths, batch, failures
+
+
+def _stream_count(extractor: Extractor, n_batches: int, workers: int | None) -> int:
+    """How many batches to run at once in batch-stream mode; 1 means use decode-ahead instead."""
+    if extractor.device.type != "cpu":
+        return 1  # an accelerator runs one batch at a time; the CPU only decodes
+    return max(1, min(workers or torch.get_num_threads(), torch.get_num_threads(), n_batches))
+
+
+def _iter_streams(
+    chunks: Sequence[Sequence[Path]],
+    extractor: Extractor,
+    streams: int,
+    limits: ImageLimits,
+) -> Iterator[tuple[list[Path], np.ndarray, list[Failure]]]:
+    """Yield (paths, descriptors, failures) per chunk, in order, ``streams`` chunks at a time.
+
+    Each pool thread decodes a chunk, then runs the model on it with ``threads // streams`` intra-op
+    threads (torch applies a thread count per calling thread; the default that set_num_threads also
+    changes for threads started later is restored at the end).
+    """
+    threads = torch.get_num_threads()
+
+    def run(chunk: Sequence[Path]) -> tuple[list[Path], np.ndarray, list[Failure]]:
+        ok, batch, failures = _assemble(
+            ((p, partial(_decode, p, extractor, limits, True)) for p in chunk), extractor
+        )
+        feats = extractor.features(batch) if len(batch) else np.empty((0, extractor.dim), np.float32)
+        return ok, feats, failures
+
+    pool = ThreadPoolExecutor(
+        max_workers=streams,
+        thread_name_prefix="extract",
+        initializer=torch.set_num_threads,
+        initargs=(max(1, threads // streams),),
+    )
+    try:
+        pending: deque[Future] = deque()
+        todo = iter(chunks)
+        for chunk in todo:  # one chunk queued behind each running one keeps every thread busy
+            pending.append(pool.submit(run, chunk))
+            if len(pending) >= 2 * streams:
+                break
+        while pending:
+            result = pending.popleft().result()
+            chunk = next(todo, None)
+            if chunk is not None:
+                pending.append(pool.submit(run, chunk))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # an abandoned extraction stops soon
+        # set_num_threads in the pool threads also set torch's default for threads started later.
+        torch.set_num_threads(threads)
 
 
 def extract_paths(
@@ -97,19 +169,32 @@ def extract_paths(
     limits: ImageLimits = DEFAULT_LIMITS,
     progress: ProgressCallback | None = None,
 ) -> ExtractionResult:
-    """Descriptors for image files. Unreadable files land in ``failures`` with their reason."""
+    """Descriptors for image files. Unreadable files land in ``failures`` with their reason.
+
+    ``workers``: how many threads decode at once (default: torch's thread count in batch-stream
+    mode, ``min(4, cpu count)`` in decode-ahead mode; see the module docstring).
+    """
     paths = [Path(p) for p in paths]
     feats: list[np.ndarray] = []
     ok: list[Path] = []
     failures: list[Failure] = []
-    for batch_paths, batch, batch_failures in iter_batches(
-        paths, extractor, batch_size=batch_size, workers=workers, limits=limits
-    ):
+    chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    streams = _stream_count(extractor, len(chunks), workers)
+    if streams > 1:
+        results = _iter_streams(chunks, extractor, streams, limits)
+    else:
+        results = (
+            (batch_paths, extractor.features(batch) if len(batch) else None, batch_failures)
+            for batch_paths, batch, batch_failures in iter_batches(
+                paths, extractor, batch_size=batch_size, workers=workers, limits=limits
+            )
+        )
+    for batch_paths, batch_feats, batch_failures in results:
         for f in batch_failures:
             logger.debug("skipped %s: %s", f.path, f.reason)
         failures.extend(batch_failures)
-        if len(batch):
-            feats.append(extractor.features(batch))
+        if batch_paths:
+            feats.append(batch_feats)
             ok.extend(batch_paths)
         if progress is not None:
             progress(len(batch_paths) + len(batch_failures))

@@ -27,7 +27,7 @@ from activeindex.extractors.base import (
     ResizePolicy,
     state_dict_digest,
 )
-from activeindex.extractors.builtin import BUILTIN_MODELS, DEFAULT_BUILTIN, build_builtin
+from activeindex.extractors.builtin import BUILTIN_MODELS, DEFAULT_BUILTIN, build_builtin, packaged_digest
 from activeindex.images import file_sha256
 
 __all__ = [
@@ -123,11 +123,18 @@ def create_extractor(
                 f"builtin models carry their own preprocessing; remove {', '.join(overrides)}"
             )
         module, entry, trained = build_builtin(parsed["name"])
+        digest = state_dict_digest(module)
+        expected = packaged_digest(entry.name) if trained else None
+        if expected is not None and expected != digest:
+            raise ModelError(
+                f"the packaged weights of builtin:{entry.name} have digest {digest[:12]}…, their card "
+                f"says {expected[:12]}…: the installation is damaged; reinstall activeindex"
+            )
         return Extractor(
             model=module,
             preprocessing=entry.preprocessing,
             spec={"kind": "builtin", "name": entry.name},
-            digest=state_dict_digest(module),
+            digest=digest,
             trained=trained,
             precision=Precision(precision),
             device=torch.device(device),

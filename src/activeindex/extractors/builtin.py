@@ -9,6 +9,7 @@ extractor is marked *untrained*: the CLI warns every time such a model is used.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -121,9 +122,15 @@ register(
 )
 
 
-def weights_resource(name: str):
-    """The packaged weights file of a built-in model (may not exist)."""
-    return resources.files("activeindex").joinpath("weights", f"{name}.pt")
+def weights_resource(name: str, suffix: str = ".pt"):
+    """The packaged weights file (or, with ``suffix=".json"``, its card) of a built-in model."""
+    return resources.files("activeindex").joinpath("weights", f"{name}{suffix}")
+
+
+def packaged_digest(name: str) -> str | None:
+    """The digest recorded next to the packaged weights when they were exported, if any."""
+    card = weights_resource(name, ".json")
+    return json.loads(card.read_text())["digest"] if card.is_file() else None
 
 
 def build_builtin(name: str, *, load_weights: bool = True) -> tuple[nn.Module, BuiltinModel, bool]:

@@ -9,6 +9,7 @@ same output folder resumes from the last one; the loss log is ``train_log.jsonl`
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -172,9 +173,23 @@ def train_descriptor(
     return model.eval()
 
 
-def export_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
-    """Write the state dict in fp16 (half the bytes; the extractor computes in fp32/bf16)."""
+def export_weights(model: torch.nn.Module, path: str | os.PathLike[str], meta: dict | None = None) -> str:
+    """Write the state dict in fp16 (half the bytes; the extractor computes in fp32/bf16) and a
+    JSON sidecar with ``meta`` and the digest the extractor will report for these weights.
+
+    Returns that digest: the SHA-256 of the weights as loaded back (fp16 values in fp32 tensors).
+    """
+    from activeindex.extractors.base import state_dict_digest
+
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _save_atomic(state, path)
+    reloaded = copy.deepcopy(model).float()
+    reloaded.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    digest = state_dict_digest(reloaded)
+    sidecar = path.with_suffix(".json")
+    tmp = sidecar.with_name(sidecar.name + ".tmp")
+    tmp.write_text(json.dumps({**(meta or {}), "digest": digest}, indent=2) + "\n")
+    os.replace(tmp, sidecar)
+    return digest
