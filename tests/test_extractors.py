@@ -158,3 +158,23 @@ def test_onnx_model_matches_its_torch_source(tmp_path):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_shipped_default_weights_load_match_their_card_and_are_deterministic():
+    from activeindex.extractors.builtin import DEFAULT_BUILTIN, packaged_digest, weights_resource
+
+    assert weights_resource(DEFAULT_BUILTIN).is_file(), "the default descriptor's weights must ship"
+    assert weights_resource(DEFAULT_BUILTIN).stat().st_size <= 25 * 2**20
+    a = create_extractor("builtin")
+    b = create_extractor("builtin")
+    assert a.trained and a.digest == packaged_digest(DEFAULT_BUILTIN) == b.digest
+    x = calibration_batch(a.preprocessing.input_size, n=2, seed=5)
+    torch.testing.assert_close(a.embed(x), b.embed(x), atol=0, rtol=0)
+
+
+def test_damaged_weights_are_refused(monkeypatch):
+    import activeindex.extractors as extractors
+
+    monkeypatch.setattr(extractors, "packaged_digest", lambda name: "0" * 64)
+    with pytest.raises(ModelError, match="damaged"):
+        create_extractor("builtin")

@@ -294,7 +294,6 @@ def train_descriptor_cmd(
 ) -> None:
     """Train a copy-detection descriptor (InfoNCE + KoLeo over strong random edits); resumable."""
     import dataclasses
-    import time
 
     import torch
 
@@ -313,14 +312,14 @@ def train_descriptor_cmd(
             bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.2f}", refresh=False)
             bar.refresh()
 
-        t0 = time.time()
         model = train_descriptor(pool, out, cfg, device=device, progress=progress)
     meta = {
         "arch": arch,
         "config": dataclasses.asdict(cfg),
         "training_images": len(pool),
         "image_sources": [str(p) for p in images],
-        "seconds_last_session": round(time.time() - t0),
+        # Summed over every session of a resumed run: the optimisation time, without image loading.
+        "train_seconds": round(sum(json.loads(line)["seconds"] for line in open(out / "train_log.jsonl"))),
         "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
         "torch_threads": torch.get_num_threads(),
         "activeindex": __version__,
