@@ -290,6 +290,8 @@ def train_descriptor_cmd(
     temperature: Annotated[float, typer.Option(help="InfoNCE temperature")] = 0.1,
     strength: Annotated[float, typer.Option(help="edit strength in (0, 1]")] = 0.5,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    warmup: Annotated[int, typer.Option(help="warm-up steps")] = 100,
+    init: Annotated[Optional[Path], typer.Option(help="start from these weights (fine-tuning)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present)")] = None,
 ) -> None:
     """Train a copy-detection descriptor (InfoNCE + KoLeo over strong random edits); resumable."""
@@ -302,7 +304,8 @@ def train_descriptor_cmd(
     if arch not in BUILTIN_MODELS:
         raise ActiveIndexError(f"unknown architecture {arch!r}; choose one of: {', '.join(BUILTIN_MODELS)}")
     cfg = TrainConfig(arch=arch, steps=steps, batch_size=batch_size, train_size=train_size, lr=lr,
-                      koleo_weight=koleo_weight, temperature=temperature, strength=strength, seed=seed)
+                      koleo_weight=koleo_weight, temperature=temperature, strength=strength, seed=seed,
+                      warmup_steps=warmup, init=None if init is None else str(init))
     paths = _expand(images)
     _err(f"loading {len(paths)} training images at {cfg.load_size} px")
     pool = load_pool(paths, cfg.load_size)

@@ -8,8 +8,11 @@ foreign content — as batched tensor operations, so one call edits the whole ba
 
 from __future__ import annotations
 
+import math
+
 import kornia.augmentation as K
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -42,6 +45,43 @@ class _RandomPatchOverlay(nn.Module):
         return out
 
 
+class _RandomGain(nn.Module):
+    """Multiply pixel values by a factor drawn log-uniformly in [lo, hi] (then clipped): the
+    brightness edit copiers apply (PIL's ``ImageEnhance.Brightness``), including strong ones."""
+
+    def __init__(self, lo: float = 0.4, hi: float = 2.2, p: float = 0.4) -> None:
+        super().__init__()
+        self.lo, self.hi, self.p = lo, hi, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        log_gain = torch.empty(b, 1, 1, 1, device=x.device).uniform_(math.log(self.lo), math.log(self.hi))
+        apply = (torch.rand(b, 1, 1, 1, device=x.device) < self.p).float()
+        return (x * torch.exp(log_gain * apply)).clamp(0, 1)
+
+
+class _RandomCaptionBand(nn.Module):
+    """Shrink the image vertically under a flat band with dark marks: the layout of a meme caption."""
+
+    def __init__(self, p: float = 0.2, band: tuple[float, float] = (0.15, 0.35)) -> None:
+        super().__init__()
+        self.p, self.band = p, band
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        out = x.clone()
+        for i in torch.nonzero(torch.rand(b) < self.p).flatten().tolist():
+            bh = max(1, int(h * float(torch.empty(1).uniform_(*self.band))))
+            out[i, :, bh:] = F.interpolate(x[i : i + 1], size=(h - bh, w), mode="bilinear", align_corners=False)[0]
+            out[i, :, :bh] = torch.rand(3, 1, 1) * 0.2 + 0.8 if torch.rand(1) < 0.7 else torch.rand(3, 1, 1)
+            for _ in range(int(torch.randint(3, 12, (1,)))):  # glyph-like dark blocks
+                gh, gw = max(1, bh // 3), max(1, w // 20)
+                top = int(torch.randint(0, max(1, bh - gh), (1,)))
+                left = int(torch.randint(0, max(1, w - gw), (1,)))
+                out[i, :, top : top + gh, left : left + gw] = 0.05
+        return out
+
+
 def copy_edit_augmentation(size: int, strength: float = 1.0) -> nn.Module:
     """A random strong edit for float images in [0, 1], (B, 3, H, W) → (B, 3, size, size).
 
@@ -54,9 +94,11 @@ def copy_edit_augmentation(size: int, strength: float = 1.0) -> nn.Module:
         K.RandomRotation(degrees=90.0 * s, p=0.3 * s),
         K.RandomPerspective(distortion_scale=0.4 * s, p=0.2 * s),
         K.ColorJitter(brightness=0.6 * s, contrast=0.6 * s, saturation=0.6 * s, hue=0.3 * s, p=0.8),
+        _RandomGain(lo=0.4, hi=2.2, p=0.4),
         K.RandomGrayscale(p=0.2 * s),
         K.RandomGaussianBlur((11, 11), (0.1, 3.0 * s + 0.1), p=0.3 * s),
         K.RandomGaussianNoise(std=0.04 * s, p=0.2 * s),
         _RandomPatchOverlay(p=0.3 * s),
+        _RandomCaptionBand(p=0.2),
         K.RandomJPEG(jpeg_quality=(max(10.0, 100 - 90 * s), 95.0), p=0.2 * s),
     )

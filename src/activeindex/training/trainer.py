@@ -52,6 +52,7 @@ class TrainConfig:
     strength: float = 0.5
     checkpoint_every: int = 100
     seed: int = 0
+    init: str | None = None  # start from these weights (a file written by export_weights)
 
 
 def load_pool(paths: Sequence[Path], size: int, workers: int = 4) -> torch.Tensor:
@@ -102,7 +103,10 @@ def train_descriptor(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     entry = BUILTIN_MODELS[cfg.arch]
     size = cfg.train_size or entry.preprocessing.input_size
-    model, _, _ = build_builtin(cfg.arch)
+    model, _, _ = build_builtin(cfg.arch, load_weights=False)
+    if cfg.init is not None:
+        state = torch.load(cfg.init, map_location="cpu", weights_only=True)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     model = model.to(device).to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
