@@ -30,3 +30,8 @@ class DimensionError(ActiveIndexError):
 
 class CollectionError(ActiveIndexError):
     """A collection is missing, corrupt, or used with a mismatching extractor."""
+
+
+class ActivationError(ActiveIndexError):
+    """Activation cannot run: an index that cannot give a target, a model without gradients, an
+    output that cannot meet its quality budget."""

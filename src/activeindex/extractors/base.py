@@ -185,9 +185,10 @@ class Extractor:
             out = out[0]
         return F.normalize(out.float(), dim=-1)
 
-    def embed(self, x01: torch.Tensor) -> torch.Tensor:
-        """Differentiable descriptors. x01: float (B, 3, S, S) in [0, 1] → (B, dim) float32, unit norm."""
-        return self._forward(x01, self.autocast_dtype)
+    def embed(self, x01: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Differentiable descriptors. x01: float (B, 3, S, S) in [0, 1] → (B, dim) float32, unit norm.
+        ``dtype`` overrides the compute precision (``torch.float32`` or ``torch.bfloat16`` autocast)."""
+        return self._forward(x01, dtype or self.autocast_dtype)
 
     @torch.no_grad()
     def features(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:

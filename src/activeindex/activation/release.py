@@ -1,0 +1,105 @@
+"""Turning an optimised perturbation into the file that is released, within the quality budget.
+
+The budget is checked on the *written file*, decoded again, against the original's pixels: the
+rounding to 8 bits and, for JPEG/WebP, the codec count against it. Where the file would fall below
+``--psnr``, the perturbation is scaled back and the file encoded again until it meets the budget.
+A lossy codec that alone breaks the budget is an error for that image — never an unbudgeted file.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from skimage.metrics import structural_similarity
+
+from activeindex.errors import ActivationError
+
+MAX_PSNR = 100.0  # reported for a file identical to its original (the PSNR is infinite)
+_MAX_TRIES = 12
+
+
+class OutputFormat(str, enum.Enum):
+    PNG = "png"  # lossless (default)
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    @property
+    def extension(self) -> str:
+        return {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}[self.value]
+
+    @property
+    def lossy(self) -> bool:
+        return self is not OutputFormat.PNG
+
+
+@dataclass
+class Released:
+    data: bytes  # the encoded file
+    psnr: float  # dB, of the decoded file against the original (MAX_PSNR when identical)
+    ssim: float | None  # None for images smaller than 3 pixels on a side
+    linf: float  # largest absolute change of a channel value, in 0..255 steps
+    scale: float  # how much of the optimised perturbation was kept (1.0 = all)
+
+    def quality(self) -> dict[str, float | None]:
+        return {"psnr": self.psnr, "ssim": self.ssim, "linf": self.linf}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean(np.square(a.astype(np.float64) - b.astype(np.float64))))
+    return MAX_PSNR if mse == 0 else min(MAX_PSNR, 10.0 * math.log10(255.0**2 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float | None:
+    side = min(a.shape[0], a.shape[1])
+    if side < 3:
+        return None
+    win = min(7, side if side % 2 else side - 1)
+    return float(structural_similarity(a, b, channel_axis=2, data_range=255, win_size=win))
+
+
+def encode(pixels: np.ndarray, fmt: OutputFormat, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img = Image.fromarray(pixels, "RGB")
+    if fmt is OutputFormat.PNG:
+        img.save(buf, "PNG", compress_level=6)
+    elif fmt is OutputFormat.JPEG:
+        img.save(buf, "JPEG", quality=int(quality), subsampling=0 if quality >= 90 else 2)
+    else:
+        img.save(buf, "WEBP", quality=int(quality), method=4)
+    return buf.getvalue()
+
+
+def decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def finalize(
+    original: np.ndarray, perturbation: np.ndarray, min_psnr: float, fmt: OutputFormat, quality: int = 95
+) -> Released:
+    """Encode ``original`` (uint8 (h, w, 3)) + ``perturbation`` (float, [0, 1] units) so that the
+    decoded file has PSNR ≥ ``min_psnr`` against ``original``."""
+    fmt = OutputFormat(fmt)
+    base = original.astype(np.float32) / 255.0
+    scale, got = 1.0, 0.0
+    for attempt in range(_MAX_TRIES):
+        pixels = np.rint(np.clip(base + scale * perturbation, 0.0, 1.0) * 255.0).astype(np.uint8)
+        data = encode(pixels, fmt, quality)
+        decoded = decode(data) if fmt.lossy else pixels
+        got = psnr(original, decoded)
+        if got >= min_psnr:
+            linf = float(np.abs(original.astype(np.int16) - decoded.astype(np.int16)).max())
+            return Released(data, got, ssim(original, decoded), linf, scale)
+        if scale == 0.0:
+            break
+        # PSNR grows by 20·log10(1/s) when the perturbation shrinks by s; aim a little inside.
+        scale = 0.0 if attempt >= _MAX_TRIES - 2 else scale * 10.0 ** ((got - min_psnr - 0.1) / 20.0)
+    raise ActivationError(
+        f"{fmt.value.upper()} at quality {quality} alone gives {got:.1f} dB, below the {min_psnr:g} dB "
+        "budget; raise the output quality, lower --psnr, or write PNG"
+    )

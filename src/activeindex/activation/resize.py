@@ -1,0 +1,66 @@
+"""Differentiable resize to the extractor's input, as batched matrix products.
+
+PIL's bilinear resize (what :meth:`Preprocessing.prepare` and every query use) is separable: each
+output row is a fixed weighted sum of input rows (a triangle filter widened by the scale factor when
+downscaling, i.e. antialiased), and likewise for columns. Writing those weights as matrices
+``A_h`` (S × H) and ``A_w`` (S × W) gives ``resize(x) = A_h · x · A_wᵀ``: exactly PIL's filter, exact
+gradients back to every full-resolution pixel, and one batched ``matmul`` for a batch of images of
+*different* sizes padded into one tensor (the padded columns of each image's matrix are zero).
+The centre-crop policy is the same matrices with only the kept rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from activeindex.extractors.base import Preprocessing, ResizePolicy
+
+
+def bilinear_matrix(in_size: int, out_size: int, padded_size: int | None = None) -> np.ndarray:
+    """(out_size, padded_size) weights of PIL's BILINEAR resampling of ``in_size`` → ``out_size``
+    samples (padded columns are zero)."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = filterscale  # the triangle filter has support 1, widened when downscaling
+    m = np.zeros((out_size, padded_size or in_size), dtype=np.float64)
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        taps = np.arange(lo, hi)
+        w = np.clip(1.0 - np.abs((taps - center + 0.5) / filterscale), 0.0, None)
+        if w.sum() > 0:
+            m[i, lo:hi] = w / w.sum()
+    return m
+
+
+def input_matrices(h: int, w: int, pre: Preprocessing, padded: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(A_h, A_w) mapping an h × w image (inside a ``padded`` canvas) to the extractor input,
+    following ``pre.resize`` exactly as :meth:`Preprocessing.prepare` does."""
+    s = pre.input_size
+    ph, pw = padded or (h, w)
+    if pre.resize is ResizePolicy.CENTER_CROP:
+        scale = s / min(w, h)
+        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        left, top = (nw - s) // 2, (nh - s) // 2
+        return (
+            bilinear_matrix(h, nh, ph)[top : top + s],
+            bilinear_matrix(w, nw, pw)[left : left + s],
+        )
+    return bilinear_matrix(h, s, ph), bilinear_matrix(w, s, pw)
+
+
+def batch_matrices(sizes: list[tuple[int, int]], pre: Preprocessing, padded: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked (B, S, H_pad) and (B, S, W_pad) matrices for images of ``sizes`` (h, w)."""
+    mats = [input_matrices(h, w, pre, padded) for h, w in sizes]
+    a_h = torch.from_numpy(np.stack([m[0] for m in mats]).astype(np.float32))
+    a_w = torch.from_numpy(np.stack([m[1] for m in mats]).astype(np.float32))
+    return a_h, a_w
+
+
+def apply_resize(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, C, S, S): ``A_h · x · A_wᵀ`` per image; columns first (the cheaper order
+    when downscaling)."""
+    cols = torch.matmul(x, a_w.transpose(1, 2).unsqueeze(1))  # (B, C, H, S)
+    return torch.matmul(a_h.unsqueeze(1), cols)  # (B, C, S, S)
