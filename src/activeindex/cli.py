@@ -15,6 +15,8 @@ import typer
 from tqdm import tqdm
 
 from activeindex import __version__
+from activeindex.activation import ActivationConfig, FeatureLoss, OutputFormat, TargetKind
+from activeindex.activation.add import add_activated
 from activeindex.collection import AddReport, Collection
 from activeindex.errors import ActiveIndexError
 from activeindex.extractors import BUILTIN_MODELS, Extractor, Precision, ResizePolicy, create_extractor
@@ -166,17 +168,21 @@ def create(
 
 
 def _print_add(report: AddReport, as_json: bool) -> None:
+    released = getattr(report, "released", None)
     if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "added": [{"id": i, "name": n} for i, n in report.added],
-                    "duplicates": [{"name": n, "id": i} for n, i in report.duplicates],
-                    "skipped": [{"path": str(f.path), "reason": f.reason} for f in report.failures],
-                },
-                indent=2,
-            )
-        )
+        out: dict[str, Any] = {
+            "added": [{"id": i, "name": n} for i, n in report.added],
+            "duplicates": [{"name": n, "id": i} for n, i in report.duplicates],
+            "skipped": [{"path": str(f.path), "reason": f.reason} for f in report.failures],
+        }
+        if released is not None:
+            out["released"] = [r.__dict__ for r in released]
+            out["quality"] = report.quality_summary()
+        typer.echo(json.dumps(out, indent=2))
+    if released:
+        for key, stats in report.quality_summary().items():
+            _err(f"{key:10s} min {stats['min']:7.3f}  median {stats['median']:7.3f}  "
+                 f"mean {stats['mean']:7.3f}  max {stats['max']:7.3f}")
     for name, i in report.duplicates:
         _err(f"already in the collection: {name} (id {i})")
     _report_failures(report.failures)
@@ -187,14 +193,38 @@ def _print_add(report: AddReport, as_json: bool) -> None:
 def add(
     collection: Annotated[Path, typer.Argument(help="collection folder")],
     images: Annotated[list[Path], typer.Argument(help="image files or folders (recursive)")],
+    activate: Annotated[bool, typer.Option("--activate", help="write activated versions for release to --out")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="folder for the released files (with --activate)")] = None,
+    psnr: Annotated[float, typer.Option(help="quality floor of every released file, dB")] = 42.0,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="released file format (png: lossless)")] = OutputFormat.PNG,
+    quality: Annotated[int, typer.Option(help="JPEG/WebP quality of released files", min=1, max=100)] = 95,
+    robust: Annotated[bool, typer.Option(help="optimise through random edits (slower)")] = False,
+    views: Annotated[int, typer.Option(help="edited views per image and step with --robust", min=1)] = 3,
+    iterations: Annotated[int, typer.Option(help="optimisation steps", min=0)] = 10,
+    target: Annotated[TargetKind, typer.Option(help="reconstruction of the stored code, or its IVF centroid")] = TargetKind.RECONSTRUCTION,
+    loss: Annotated[FeatureLoss, typer.Option(help="feature loss towards the target")] = FeatureLoss.COSINE,
+    batch_size: Annotated[int, typer.Option(help="images activated together", min=1)] = 16,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add images to a collection (an image already present by content is reported, not re-added)."""
+    """Add images to a collection (an image already present by content is reported, not re-added).
+
+    With --activate, each image is also released to --out: imperceptibly changed (PSNR >= --psnr)
+    so that its edited copies are found more often. The collection keeps the original's code.
+    """
+    if activate != (out is not None):
+        raise ActiveIndexError("--activate and --out go together: --activate --out DIR")
     with Collection.open(collection) as coll:
         _warn_untrained(coll.extractor)
         paths = _expand(images)
-        with _progress(len(paths), "add") as update:
-            report = coll.add_images(paths, names=_names_for(paths, images), progress=update)
+        names = _names_for(paths, images)
+        with _progress(len(paths), "activate" if activate else "add") as update:
+            if activate:
+                config = ActivationConfig(psnr=psnr, iterations=iterations, robust=robust, views=views,
+                                          target=target, loss=loss)
+                report = add_activated(coll, paths, out, config, names=names, fmt=fmt, quality=quality,
+                                       batch_size=batch_size, progress=update)
+            else:
+                report = coll.add_images(paths, names=names, progress=update)
         _print_add(report, as_json)
 
 

@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS images (
     psnr    REAL,
     ssim    REAL,
     linf    REAL,
-    status  TEXT NOT NULL DEFAULT 'pending'    -- pending | indexed
+    status  TEXT NOT NULL DEFAULT 'pending',   -- pending | indexed
+    released TEXT                              -- path of the activated file that was released
 );
 CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
 """
@@ -138,6 +139,9 @@ class Collection:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
+        if "released" not in columns:  # collections made before activation existed
+            self.db.execute("ALTER TABLE images ADD COLUMN released TEXT")
 
     # -- life cycle ----------------------------------------------------------------------------
     @classmethod
@@ -246,9 +250,11 @@ class Collection:
         *,
         paths: Sequence[str | None] | None = None,
         mode: str = "passive",
-        quality: Sequence[dict[str, float]] | None = None,
+        quality: Sequence[dict[str, float | None]] | None = None,
+        released: Sequence[str | None] | None = None,
     ) -> list[int]:
-        """Store descriptors (n, d) with their names and content hashes; returns the new ids."""
+        """Store descriptors (n, d) with their names and content hashes; returns the new ids.
+        Activated images also give the quality of their released file and its path."""
         xb = ix.as_float32_matrix(xb, self.config.dim, "descriptors")
         n = len(xb)
         if len(names) != n or len(hashes) != n:
@@ -257,16 +263,17 @@ class Collection:
             return []
         paths = list(paths) if paths is not None else [None] * n
         quality = list(quality) if quality is not None else [{}] * n
+        released = list(released) if released is not None else [None] * n
         now = time.time()
         with self._write_lock():
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 ids = []
-                for name, sha, path, q in zip(names, hashes, paths, quality):
+                for name, sha, path, q, rel in zip(names, hashes, paths, quality, released):
                     cur = self.db.execute(
-                        "INSERT INTO images (name, path, sha256, added, mode, psnr, ssim, linf) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (name, path, sha, now, mode, q.get("psnr"), q.get("ssim"), q.get("linf")),
+                        "INSERT INTO images (name, path, sha256, added, mode, psnr, ssim, linf, released) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (name, path, sha, now, mode, q.get("psnr"), q.get("ssim"), q.get("linf"), rel),
                     )
                     ids.append(int(cur.lastrowid))
                 self.db.execute("COMMIT")
@@ -300,23 +307,7 @@ class Collection:
         report = AddReport()
         for start in range(0, len(paths), chunk_size):
             chunk = list(zip(paths[start : start + chunk_size], names[start : start + chunk_size]))
-            todo: list[tuple[Path, str, str]] = []
-            seen: set[str] = set()
-            repeats: list[tuple[str, str]] = []  # (name, sha) of a file repeating one in this chunk
-            for path, name in chunk:
-                try:
-                    sha = file_sha256(path)
-                except OSError as exc:
-                    report.failures.append(Failure(path, f"cannot read file ({exc.strerror or exc})"))
-                    continue
-                existing = self.find_hash(sha)
-                if existing is not None:
-                    report.duplicates.append((name, existing))
-                elif sha in seen:
-                    repeats.append((name, sha))
-                else:
-                    seen.add(sha)
-                    todo.append((path, name, sha))
+            todo, repeats = self.plan_add(chunk, report)
             skipped = len(chunk) - len(todo)
             if progress and skipped:
                 progress(skipped)
@@ -331,11 +322,41 @@ class Collection:
                 paths=[str(t[0].resolve()) for t in kept],
             )
             report.added.extend(zip(ids, (t[1] for t in kept)))
-            for name, sha in repeats:  # repeats of a file that failed to decode are left out
-                existing = self.find_hash(sha)
-                if existing is not None:
-                    report.duplicates.append((name, existing))
+            self.resolve_repeats(repeats, report)
         return report
+
+    def plan_add(
+        self, chunk: Sequence[tuple[Path, str]], report: AddReport
+    ) -> tuple[list[tuple[Path, str, str]], list[tuple[str, str]]]:
+        """Hash (path, name) pairs and sort them out: → (to add: (path, name, sha256), repeats of a
+        file earlier in ``chunk``: (name, sha256)). Content already in the collection goes to
+        ``report.duplicates``, unreadable files to ``report.failures``."""
+        todo: list[tuple[Path, str, str]] = []
+        seen: set[str] = set()
+        repeats: list[tuple[str, str]] = []
+        for path, name in chunk:
+            try:
+                sha = file_sha256(path)
+            except OSError as exc:
+                report.failures.append(Failure(path, f"cannot read file ({exc.strerror or exc})"))
+                continue
+            existing = self.find_hash(sha)
+            if existing is not None:
+                report.duplicates.append((name, existing))
+            elif sha in seen:
+                repeats.append((name, sha))
+            else:
+                seen.add(sha)
+                todo.append((path, name, sha))
+        return todo, repeats
+
+    def resolve_repeats(self, repeats: Sequence[tuple[str, str]], report: AddReport) -> None:
+        """Report repeats of a file added meanwhile as duplicates (those of a file that failed are
+        left out: they failed too)."""
+        for name, sha in repeats:
+            existing = self.find_hash(sha)
+            if existing is not None:
+                report.duplicates.append((name, existing))
 
     def remove(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
         """Remove images by id from index and database → (removed ids, unknown ids)."""

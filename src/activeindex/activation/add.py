@@ -1,0 +1,224 @@
+"""``add --activate``: add images to a collection and write their activated versions for release.
+
+For each batch of images (similar sizes together, bounded in count and pixels):
+
+1. decode the originals at full resolution and describe them as every query is described;
+2. compute their targets from the index (the reconstruction of the code each will get);
+3. optimise the perturbations (:func:`activate_batch`) and encode each released file within the PSNR
+   budget (:func:`finalize`), written atomically to ``OUT/<stem><ext>`` (same pixel size);
+4. add the *originals'* descriptors to the collection (pending → index written → indexed), with the
+   quality of the released file and its path in the database.
+
+Crash safety: a batch is durable once step 4 returns. A crash before that leaves at most that batch's
+released files without rows; a rerun redoes the batch (same result, files replaced) and skips every
+image already indexed (by content hash). Ids are never reused, the index and the database agree, and
+the output folder holds exactly one file per activated image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from activeindex.activation.optimize import ActivationConfig, activate_batch
+from activeindex.activation.release import OutputFormat, finalize
+from activeindex.activation.targets import check_target_support, compute_targets
+from activeindex.collection import AddReport, Collection
+from activeindex.errors import ActivationError, ActiveIndexError, ImageLoadError
+from activeindex.features import Failure
+from activeindex.images import load_image
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 16
+# Pixels per batch (padded); bounds memory: about 10 float32 copies of the batch live at once.
+DEFAULT_BATCH_PIXELS = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    id: int
+    name: str
+    released: str  # path of the written file
+    psnr: float
+    ssim: float | None
+    linf: float
+    scale: float  # share of the optimised perturbation kept to meet the budget
+    cos_before: float  # cosine of the descriptor to its target, original → activated
+    cos_after: float
+
+
+@dataclass
+class ActivationReport(AddReport):
+    released: list[ReleaseRecord] = field(default_factory=list)
+
+    def quality_summary(self) -> dict[str, dict[str, float]]:
+        """min / median / mean / max of PSNR, SSIM, L∞ and the cosine gain over released files."""
+        out: dict[str, dict[str, float]] = {}
+        for key in ("psnr", "ssim", "linf", "cos_before", "cos_after"):
+            vals = np.array([getattr(r, key) for r in self.released if getattr(r, key) is not None], dtype=float)
+            if len(vals):
+                out[key] = {"min": float(vals.min()), "median": float(np.median(vals)),
+                            "mean": float(vals.mean()), "max": float(vals.max())}
+        return out
+
+
+def _image_size(path: Path) -> int:
+    try:
+        with Image.open(path) as img:
+            return img.size[0] * img.size[1]
+    except Exception:  # noqa: BLE001 - unreadable files fail properly when decoded
+        return 0
+
+
+def _batches(items: list, sizes: list[int], max_count: int, max_pixels: int) -> list[list]:
+    """Group items into batches of at most ``max_count`` and about ``max_pixels`` padded pixels,
+    sorted by size so that images padded together are alike."""
+    batches: list[list] = []
+    current: list = []
+    for i in sorted(range(len(items)), key=lambda i: sizes[i]):
+        if current and (len(current) >= max_count or sizes[i] * (len(current) + 1) > max_pixels):
+            batches.append(current)
+            current = []
+        current.append(items[i])
+    if current:
+        batches.append(current)
+    return batches
+
+
+def release_path(out_dir: Path, name: str, fmt: OutputFormat) -> Path:
+    """Where the released version of an image named ``name`` (a file name, or a path relative to
+    the folder it was found in) is written: the same relative path and stem, the format's extension
+    (a ``.jpeg`` original written as JPEG keeps its extension)."""
+    stem, ext = os.path.splitext(name)
+    keep = {OutputFormat.JPEG: {".jpg", ".jpeg"}, OutputFormat.PNG: {".png"}, OutputFormat.WEBP: {".webp"}}[fmt]
+    return out_dir / (name if ext.lower() in keep else stem + fmt.extension)
+
+
+def add_activated(
+    coll: Collection,
+    paths: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    config: ActivationConfig = ActivationConfig(),
+    *,
+    names: Sequence[str] | None = None,
+    fmt: OutputFormat | str = OutputFormat.PNG,
+    quality: int = 95,
+    batch_size: int = DEFAULT_BATCH,
+    max_batch_pixels: int = DEFAULT_BATCH_PIXELS,
+    progress: Callable[[int], None] | None = None,
+) -> ActivationReport:
+    """Activate ``paths`` against ``coll``, write the released files to ``out_dir``, add the
+    originals' codes. See the module docstring for the protocol."""
+    fmt = OutputFormat(fmt)
+    if fmt.lossy and config.jpeg_quality is None:
+        # Optimise through the (differentiable JPEG stand-in for the) codec the file will go through.
+        config = dataclasses.replace(config, jpeg_quality=int(quality))
+    check_target_support(coll.index, config.target)
+    out_dir = Path(out_dir)
+    paths = [Path(p) for p in paths]
+    names = list(names) if names is not None else [p.name for p in paths]
+    _check_destinations(paths, names, out_dir, fmt)
+    report = ActivationReport()
+    todo, repeats = coll.plan_add(list(zip(paths, names)), report)
+    for path, name, _ in todo:
+        dest = release_path(out_dir, name, fmt)
+        row = coll.db.execute(
+            "SELECT name FROM images WHERE released = ? AND status = 'indexed'", (str(dest.resolve()),)
+        ).fetchone()
+        if row is not None:  # another image (this one is not indexed yet) was released there
+            raise ActivationError(
+                f"{dest} already holds the released version of another image ({row[0]}); "
+                f"releasing {path} there would replace it: choose another --out"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if progress and len(paths) > len(todo):
+        progress(len(paths) - len(todo))
+    sizes = [_image_size(t[0]) for t in todo]
+    for batch in _batches(todo, sizes, batch_size, max_batch_pixels):
+        _activate_and_add(coll, batch, out_dir, config, fmt, quality, report)
+        if progress:
+            progress(len(batch))
+    coll.resolve_repeats(repeats, report)
+    return report
+
+
+def _check_destinations(paths: list[Path], names: list[str], out_dir: Path, fmt: OutputFormat) -> None:
+    """Refuse, before any work, to write two inputs to one file or over an input."""
+    seen: dict[Path, Path] = {}
+    inputs = {p.resolve() for p in paths}
+    for path, name in zip(paths, names):
+        dest = release_path(out_dir, name, fmt)
+        if dest in seen:
+            raise ActivationError(f"{seen[dest]} and {path} would both be released as {dest}; rename one")
+        seen[dest] = path
+        if dest.resolve() in inputs:
+            raise ActivationError(f"releasing {path} to {dest} would overwrite an input; choose another --out")
+
+
+def _activate_and_add(
+    coll: Collection,
+    batch: list[tuple[Path, str, str]],
+    out_dir: Path,
+    config: ActivationConfig,
+    fmt: OutputFormat,
+    quality: int,
+    report: ActivationReport,
+) -> None:
+    ex = coll.extractor
+    loaded: list[tuple[Path, str, str, np.ndarray]] = []
+    for path, name, sha in batch:
+        try:
+            loaded.append((path, name, sha, np.asarray(load_image(path))))
+        except ImageLoadError as exc:
+            report.failures.append(Failure(path, exc.reason))
+    if not loaded:
+        return
+    originals = [item[3] for item in loaded]
+    x = ex.features(np.stack([ex.preprocessing.prepare(Image.fromarray(a)) for a in originals]))
+    act = activate_batch(ex, originals, compute_targets(coll.index, x, config.target), config)
+
+    kept, records = [], []
+    for i, (path, name, sha, original) in enumerate(loaded):
+        try:
+            rel = finalize(original, act.perturbations[i], config.psnr, fmt, quality)
+        except ActiveIndexError as exc:
+            report.failures.append(Failure(path, str(exc)))
+            continue
+        dest = release_path(out_dir, name, fmt)
+        _write_atomic(dest, rel.data)
+        kept.append(i)
+        records.append((dest, rel, float(act.cos_before[i]), float(act.cos_after[i])))
+    if not kept:
+        return
+    ids = coll.add_vectors(
+        x[kept],
+        [loaded[i][1] for i in kept],
+        [loaded[i][2] for i in kept],
+        paths=[str(loaded[i][0].resolve()) for i in kept],
+        mode="activated",
+        quality=[r[1].quality() for r in records],
+        released=[str(r[0].resolve()) for r in records],
+    )
+    for id_, i, (dest, rel, before, after) in zip(ids, kept, records):
+        report.added.append((id_, loaded[i][1]))
+        report.released.append(
+            ReleaseRecord(id_, loaded[i][1], str(dest), rel.psnr, rel.ssim, rel.linf, rel.scale, before, after)
+        )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
