@@ -209,6 +209,8 @@ def activate_batch(
                 views = augment(inp.repeat(config.views, 1, 1, 1))
                 inp = torch.cat([inp, views])
             f = extractor.embed(inp, dtype)
+            if not f.requires_grad:
+                check_gradients(None)
             tt = t.repeat(f.shape[0] // b, 1)
             if config.loss is FeatureLoss.COSINE:
                 loss_f = (1.0 - (f * tt).sum(dim=1)).view(-1, b).mean(dim=0)

@@ -17,13 +17,16 @@ import torch
 from activeindex.extractors.base import Preprocessing, ResizePolicy
 
 
-def bilinear_matrix(in_size: int, out_size: int, padded_size: int | None = None) -> np.ndarray:
-    """(out_size, padded_size) weights of PIL's BILINEAR resampling of ``in_size`` → ``out_size``
-    samples (padded columns are zero)."""
-    scale = in_size / out_size
+REDUCING_GAP = 3.0  # what Preprocessing.prepare passes to PIL's resize
+
+
+def bilinear_matrix(in_size: int, out_size: int, span: float | None = None) -> np.ndarray:
+    """(out_size, in_size) weights of PIL's BILINEAR resampling of the first ``span`` (default:
+    all ``in_size``) input samples to ``out_size`` samples."""
+    scale = (span or in_size) / out_size
     filterscale = max(scale, 1.0)
     support = filterscale  # the triangle filter has support 1, widened when downscaling
-    m = np.zeros((out_size, padded_size or in_size), dtype=np.float64)
+    m = np.zeros((out_size, in_size), dtype=np.float64)
     for i in range(out_size):
         center = (i + 0.5) * scale
         lo = max(int(center - support + 0.5), 0)
@@ -35,20 +38,34 @@ def bilinear_matrix(in_size: int, out_size: int, padded_size: int | None = None)
     return m
 
 
+def pil_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size): PIL's ``resize(..., BILINEAR, reducing_gap=3.0)`` along one axis. Above
+    a 3× reduction PIL first averages blocks of ``factor`` samples (``Image.reduce``) and then
+    resamples the reduced samples, which span ``in_size / factor`` of them."""
+    factor = int(in_size / out_size / REDUCING_GAP) or 1
+    if factor == 1:
+        return bilinear_matrix(in_size, out_size)
+    n_red = -(-in_size // factor)
+    reduce = np.zeros((n_red, in_size), dtype=np.float64)
+    for j in range(n_red):
+        block = slice(j * factor, min((j + 1) * factor, in_size))
+        reduce[j, block] = 1.0 / (block.stop - block.start)
+    return bilinear_matrix(n_red, out_size, span=in_size / factor) @ reduce
+
+
 def input_matrices(h: int, w: int, pre: Preprocessing, padded: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(A_h, A_w) mapping an h × w image (inside a ``padded`` canvas) to the extractor input,
-    following ``pre.resize`` exactly as :meth:`Preprocessing.prepare` does."""
+    """(A_h, A_w) mapping an h × w image (inside a ``padded`` canvas, zero columns beyond the image)
+    to the extractor input, exactly as :meth:`Preprocessing.prepare` resizes."""
     s = pre.input_size
     ph, pw = padded or (h, w)
     if pre.resize is ResizePolicy.CENTER_CROP:
         scale = s / min(w, h)
         nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
         left, top = (nw - s) // 2, (nh - s) // 2
-        return (
-            bilinear_matrix(h, nh, ph)[top : top + s],
-            bilinear_matrix(w, nw, pw)[left : left + s],
-        )
-    return bilinear_matrix(h, s, ph), bilinear_matrix(w, s, pw)
+        a_h, a_w = pil_resize_matrix(h, nh)[top : top + s], pil_resize_matrix(w, nw)[left : left + s]
+    else:
+        a_h, a_w = pil_resize_matrix(h, s), pil_resize_matrix(w, s)
+    return np.pad(a_h, ((0, 0), (0, ph - h))), np.pad(a_w, ((0, 0), (0, pw - w)))
 
 
 def batch_matrices(sizes: list[tuple[int, int]], pre: Preprocessing, padded: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-robust", action="store_true", help="compare passive and plain only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    configs = {"plain": ActivationConfig(psnr=args.psnr)}
+    configs = {
+        "plain": ActivationConfig(psnr=args.psnr),
+        "plain, centroid target": ActivationConfig(psnr=args.psnr, target="centroid"),
+    }
     if not args.no_robust:
         configs["robust"] = ActivationConfig(psnr=args.psnr, robust=True, views=args.views)
     results = run(args.out, configs, n_active=args.n_active)

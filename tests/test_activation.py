@@ -1,0 +1,291 @@
+"""Activation: JND, the exact resize, targets, the optimisation, release files and add --activate."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from activeindex.activation import ActivationConfig, OutputFormat, activate_batch, compute_targets
+from activeindex.activation.add import add_activated
+from activeindex.activation.jnd import jnd_heatmap
+from activeindex.activation.release import decode, finalize, psnr
+from activeindex.activation.resize import apply_resize, batch_matrices, input_matrices
+from activeindex.activation.targets import check_target_support
+from activeindex.cli import app
+from activeindex.collection import Collection
+from activeindex.errors import ActivationError, ActiveIndexError
+from activeindex.extractors.base import Extractor, Preprocessing
+from activeindex.index import build_index
+
+FP32 = dict(precision="fp32")
+
+
+def _images(image_dir, n, start=0):
+    paths = sorted(image_dir.glob("*.png"))[start : start + n]
+    return paths, [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+
+@pytest.fixture()
+def pq_coll(tmp_path, tiny_extractor, train_vectors):
+    c = Collection.create(tmp_path / "c", tiny_extractor, "IVF4,PQ4x4", train_vectors, nprobe=1)
+    yield c
+    c.close()
+
+
+def _describe(ex, images):
+    return ex.features(np.stack([ex.preprocessing.prepare(Image.fromarray(a)) for a in images]))
+
+
+# -- JND and resize --------------------------------------------------------------------------------
+def test_jnd_floor_and_edges_in_both_directions():
+    flat = torch.full((1, 3, 32, 32), 0.5)
+    assert torch.allclose(jnd_heatmap(flat), torch.full((1, 1, 32, 32), 5 / 255), atol=1e-6)
+    # Edges along x only and along y only must raise the JND alike (Sobel in x *and* y).
+    vert = torch.zeros(1, 3, 32, 32)
+    vert[..., 16:] = 1.0
+    horiz = vert.transpose(-1, -2).contiguous()
+    jv, jh = jnd_heatmap(vert), jnd_heatmap(horiz)
+    assert jv[0, 0, 10, 16] > jv[0, 0, 10, 4] + 5 / 255
+    assert torch.allclose(jv, jh.transpose(-1, -2), atol=1e-5)
+    assert jv.min() >= 5 / 255 - 1e-6
+
+
+@pytest.mark.parametrize("policy", ["square", "center-crop"])
+@pytest.mark.parametrize("size", [(48, 64), (100, 37), (20, 20), (300, 200)])
+def test_matrix_resize_matches_pil(policy, size):
+    pre = Preprocessing(input_size=32, resize=policy)
+    a = (np.random.default_rng(0).random((*size, 3)) * 255).astype(np.uint8)
+    ref = pre.prepare(Image.fromarray(a)).astype(np.float32)
+    a_h, a_w = (torch.from_numpy(m).float()[None] for m in input_matrices(*size, pre))
+    x = torch.from_numpy(a).permute(2, 0, 1)[None].float()
+    got = apply_resize(x, a_h, a_w)[0].permute(1, 2, 0).numpy()
+    # PIL rounds to 8 bits after its block reduction and between its two passes; nothing more.
+    assert np.abs(got - ref).max() <= 1.5 and np.abs(got - ref).mean() < 0.5
+
+
+def test_padded_batch_resize_equals_single():
+    pre = Preprocessing(input_size=16)
+    sizes = [(40, 30), (25, 50)]
+    imgs = [torch.rand(1, 3, h, w) for h, w in sizes]
+    batch = torch.zeros(2, 3, 40, 50)
+    for i, (h, w) in enumerate(sizes):
+        batch[i, :, :h, :w] = imgs[i][0]
+    a_h, a_w = batch_matrices(sizes, pre, (40, 50))
+    together = apply_resize(batch, a_h, a_w)
+    for i, (h, w) in enumerate(sizes):
+        s_h, s_w = batch_matrices([(h, w)], pre, (h, w))
+        assert torch.allclose(together[i], apply_resize(imgs[i], s_h, s_w)[0], atol=1e-5)
+
+
+# -- targets ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("factory", ["IVF4,PQ4x4", "PQ4x4", "OPQ4,IVF4,PQ4x4", "IVF4,Flat", "Flat", "HNSW8", "IVF4,SQ8"])
+def test_reconstruction_target_is_the_stored_code(factory, train_vectors):
+    index = build_index(factory, train_vectors.shape[1])
+    index.train(train_vectors)
+    x = train_vectors[:5]
+    index.add_with_ids(x, np.arange(100, 105))
+    t = compute_targets(index, x)
+    stored = np.stack([index.reconstruct(100 + i) for i in range(5)])
+    stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+    assert np.allclose(t, stored, atol=1e-5)
+    assert np.allclose(np.linalg.norm(t, axis=1), 1.0, atol=1e-5)
+
+
+def test_centroid_target_and_refusals(train_vectors):
+    ivf = build_index("IVF4,PQ4x4", train_vectors.shape[1])
+    ivf.train(train_vectors)
+    t = compute_targets(ivf, train_vectors[:3], "centroid")
+    _, lists = faiss.extract_index_ivf(ivf).quantizer.search(train_vectors[:3], 1)
+    cents = faiss.extract_index_ivf(ivf).quantizer.reconstruct_batch(lists[:, 0])
+    assert np.allclose(t, cents / np.linalg.norm(cents, axis=1, keepdims=True), atol=1e-5)
+    flat = build_index("Flat", train_vectors.shape[1])
+    with pytest.raises(ActivationError, match="centroid.*needs an IVF index"):
+        check_target_support(flat, "centroid")
+    lsh = faiss.index_factory(train_vectors.shape[1], "LSH")
+    lsh.train(train_vectors)
+    with pytest.raises(ActivationError, match="binary codes"):
+        compute_targets(lsh, train_vectors[:2])
+    untrained = build_index("IVF4,PQ4x4", train_vectors.shape[1])
+    with pytest.raises(ActivationError, match="not trained"):
+        compute_targets(untrained, train_vectors[:2])
+
+
+# -- the optimisation ------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["cosine", "mse"])
+@pytest.mark.parametrize("target", ["reconstruction", "centroid"])
+def test_activation_moves_descriptors_to_target(pq_coll, tiny_extractor, image_dir, loss, target):
+    _, imgs = _images(image_dir, 6)
+    x = _describe(tiny_extractor, imgs)
+    t = compute_targets(pq_coll.index, x, target)
+    cfg = ActivationConfig(loss=loss, target=target, stop_cos=None, psnr=36.0, **FP32)
+    out = activate_batch(tiny_extractor, imgs, t, cfg)
+    assert out.iterations_run == cfg.iterations
+    assert (out.cos_after > out.cos_before).all()
+    # The written file itself (rounded, decoded, described like any query) is closer to the target.
+    files = [finalize(a, p, cfg.psnr, OutputFormat.PNG) for a, p in zip(imgs, out.perturbations)]
+    released = [decode(f.data) for f in files]
+    y = _describe(tiny_extractor, released)
+    assert ((y * t).sum(1) > (x * t).sum(1)).mean() >= 5 / 6
+    assert all(f.psnr >= 36.0 for f in files)
+
+
+def test_batched_equals_per_image(pq_coll, tiny_extractor, image_dir):
+    _, imgs = _images(image_dir, 3)
+    imgs = [imgs[0], imgs[1][:40, :30], imgs[2][5:, :]]  # three different sizes in one batch
+    t = compute_targets(pq_coll.index, _describe(tiny_extractor, imgs))
+    cfg = ActivationConfig(stop_cos=None, iterations=5, **FP32)
+    together = activate_batch(tiny_extractor, imgs, t, cfg)
+    for i, a in enumerate(imgs):
+        alone = activate_batch(tiny_extractor, [a], t[i : i + 1], cfg)
+        assert together.perturbations[i].shape == a.shape
+        assert np.abs(together.perturbations[i] - alone.perturbations[0]).max() < 2e-3
+        assert abs(together.cos_after[i] - alone.cos_after[0]) < 1e-3
+
+
+def test_early_stop_leaves_converged_images_alone(pq_coll, tiny_extractor, image_dir):
+    _, imgs = _images(image_dir, 2)
+    t = compute_targets(pq_coll.index, _describe(tiny_extractor, imgs))
+    out = activate_batch(tiny_extractor, imgs, t, ActivationConfig(stop_cos=-1.0, **FP32))
+    assert all(np.abs(p).max() == 0 for p in out.perturbations)  # already "deep enough": untouched
+    assert out.iterations_run == 0 or out.iterations_run <= 5
+
+
+def test_robust_and_codec_aware_activation_run_within_budget(pq_coll, tiny_extractor, image_dir):
+    _, imgs = _images(image_dir, 2)
+    t = compute_targets(pq_coll.index, _describe(tiny_extractor, imgs))
+    for cfg in (ActivationConfig(robust=True, views=2, iterations=3), ActivationConfig(jpeg_quality=90, iterations=3)):
+        out = activate_batch(tiny_extractor, imgs, t, cfg)
+        assert np.isfinite(out.cos_after).all()
+        for a, p in zip(imgs, out.perturbations):
+            assert psnr(a, np.rint(np.clip(a / 255 + p, 0, 1) * 255).astype(np.uint8)) >= cfg.psnr - 0.2
+
+
+class _Detached(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 8)
+
+    def forward(self, x):
+        return self.lin(x.mean(dim=(2, 3))).detach()
+
+
+def test_model_without_gradients_is_refused(image_dir, train_vectors):
+    ex = Extractor(_Detached(), Preprocessing(input_size=16), {"kind": "test", "name": "detached"}, "0" * 64, precision="fp32")
+    _, imgs = _images(image_dir, 1)
+    with pytest.raises(ActivationError, match="no usable gradient"):
+        activate_batch(ex, imgs, np.ones((1, 8), np.float32) / 8**0.5, ActivationConfig())
+
+
+def test_targets_of_the_wrong_dimension_are_refused(tiny_extractor, image_dir):
+    _, imgs = _images(image_dir, 1)
+    with pytest.raises(ActivationError, match="extractor gives 32-d"):
+        activate_batch(tiny_extractor, imgs, np.ones((1, 5), np.float32), ActivationConfig())
+
+
+# -- release files and add --activate --------------------------------------------------------------
+@pytest.mark.parametrize("budget", [34.0, 42.0, 50.0])
+def test_every_released_file_meets_the_budget_and_keeps_its_size(pq_coll, image_dir, tmp_path, budget):
+    paths, imgs = _images(image_dir, 8)
+    out = tmp_path / "released"
+    report = add_activated(pq_coll, paths, out, ActivationConfig(psnr=budget, **FP32), batch_size=3)
+    assert len(report.added) == 8 and not report.failures
+    rows = dict(pq_coll.db.execute("SELECT name, psnr FROM images WHERE mode = 'activated'").fetchall())
+    for path, original in zip(paths, imgs):
+        written = np.asarray(Image.open(out / path.name).convert("RGB"))
+        assert written.shape == original.shape
+        measured = psnr(original, written)
+        assert measured >= budget
+        assert abs(rows[path.name] - measured) < 1e-6
+    assert report.quality_summary()["psnr"]["min"] >= budget
+
+
+def test_activated_copies_are_found(pq_coll, image_dir, tmp_path):
+    paths, _ = _images(image_dir, 6)
+    report = add_activated(pq_coll, paths, tmp_path / "r", ActivationConfig(**FP32))
+    ids = dict((n, i) for i, n in report.added)
+
+    def own_scores(queries):  # the query path end to end: file → descriptor → index score
+        results, _ = pq_coll.query_images(queries, k=len(paths))
+        return np.array([next(m.score for m in r.matches if m.id == ids[p.name]) for r, p in zip(results, paths)])
+
+    # Released files score higher against their own stored code than the originals themselves.
+    assert (own_scores([tmp_path / "r" / p.name for p in paths]) > own_scores(paths)).all()
+
+
+def test_jpeg_release_meets_budget_or_fails_clearly(pq_coll, image_dir, tmp_path):
+    paths, imgs = _images(image_dir, 3)
+    rep = add_activated(pq_coll, paths, tmp_path / "hi", ActivationConfig(psnr=36.0, iterations=2), fmt="jpeg", quality=98)
+    assert len(rep.added) == 3
+    for p, a in zip(paths, imgs):
+        assert psnr(a, np.asarray(Image.open(tmp_path / "hi" / (p.stem + ".jpg")).convert("RGB"))) >= 36.0
+    paths2, _ = _images(image_dir, 2, start=10)
+    rep = add_activated(pq_coll, paths2, tmp_path / "lo", ActivationConfig(psnr=45.0, iterations=2), fmt="jpeg", quality=5)
+    assert not rep.added and len(rep.failures) == 2
+    assert "JPEG at quality 5 alone gives" in rep.failures[0].reason
+    assert not list((tmp_path / "lo").glob("*.jpg"))  # nothing unbudgeted was written
+
+
+def test_bad_destinations_are_refused_before_any_work(pq_coll, image_dir, tmp_path):
+    paths, _ = _images(image_dir, 2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / paths[0].name).write_bytes(paths[0].read_bytes())
+    with pytest.raises(ActivationError, match="would both be released"):
+        add_activated(pq_coll, [paths[0], tmp_path / "a" / paths[0].name], tmp_path / "out", ActivationConfig())
+    with pytest.raises(ActivationError, match="overwrite an input"):
+        add_activated(pq_coll, paths, image_dir, ActivationConfig())
+    assert pq_coll.count() == 0
+
+
+def test_killed_activation_resumes_consistently(pq_coll, image_dir, tmp_path, monkeypatch):
+    paths, _ = _images(image_dir, 10)
+    out = tmp_path / "released"
+    real_mark = Collection._mark_indexed
+    calls = {"n": 0}
+
+    def dies_on_second_batch(self, ids):
+        calls["n"] += 1
+        if calls["n"] == 2:  # index written, rows still pending: the worst moment to be killed
+            raise KeyboardInterrupt
+        return real_mark(self, ids)
+
+    monkeypatch.setattr(Collection, "_mark_indexed", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        add_activated(pq_coll, paths, out, ActivationConfig(iterations=2), batch_size=4)
+    monkeypatch.setattr(Collection, "_mark_indexed", real_mark)
+    root = pq_coll.root
+    pq_coll.close()
+
+    with Collection.open(root) as again:  # recovers the pending batch
+        assert again.count() == 4
+        report = add_activated(again, paths, out, ActivationConfig(iterations=2), batch_size=4)
+        assert len(report.added) == 6 and len(report.duplicates) == 4
+        ids = [r[0] for r in again.db.execute("SELECT id FROM images WHERE status = 'indexed'")]
+        assert len(ids) == len(set(ids)) == 10 == again.index.ntotal
+        released = {r[0] for r in again.db.execute("SELECT released FROM images")}
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == sorted(p.name for p in paths)  # one file each, no temp files
+    assert released == {str(f.resolve()) for f in files}
+
+
+def test_cli_add_activate(tmp_path, image_dir, train_vectors):
+    runner = CliRunner()
+    np.save(tmp_path / "xt.npy", train_vectors)
+    coll = tmp_path / "c"
+    r = runner.invoke(app, ["create", str(coll), "--model", "builtin:tiny", "--index", "IVF4,PQ4x4", "--train", str(tmp_path / "xt.npy")])
+    assert r.exit_code == 0, r.output
+    paths, _ = _images(image_dir, 3)
+    r = runner.invoke(app, ["add", str(coll), *map(str, paths), "--activate", "--out", str(tmp_path / "rel"), "--json", "--iterations", "3"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert len(data["released"]) == 3 and data["quality"]["psnr"]["min"] >= 42.0
+    mode = sqlite3.connect(coll / "meta.sqlite").execute("SELECT DISTINCT mode FROM images").fetchall()
+    assert mode == [("activated",)]
+    r = runner.invoke(app, ["add", str(coll), str(paths[0]), "--activate"])
+    assert isinstance(r.exception, ActiveIndexError) and "--activate and --out go together" in str(r.exception)
