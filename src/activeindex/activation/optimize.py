@@ -31,6 +31,7 @@ Conventions and choices, all in the [0, 1] pixel space (not the ImageNet-normali
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,11 +166,12 @@ def activate_batch(
         augment = copy_edit_augmentation(extractor.preprocessing.input_size, config.robust_strength)
     quality = None if config.jpeg_quality is None else torch.tensor([float(config.jpeg_quality)], device=device)
 
-    def perturbation(delta: torch.Tensor) -> torch.Tensor:
+    def perturbation(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ the budgeted perturbation and its per-image MSE (padding is zero: ``bound`` is)."""
         p = bound * torch.tanh(delta)
-        mse = p.pow(2).sum(dim=(1, 2, 3)) / n_valid
+        mse = torch.linalg.vector_norm(p, dim=(1, 2, 3)).square() / n_valid
         scale = torch.sqrt(mse_max / mse.clamp_min(1e-20)).clamp(max=1.0)
-        return p * scale.view(b, 1, 1, 1)
+        return p * scale.view(b, 1, 1, 1), mse * scale.square()
 
     def render(p: torch.Tensor) -> torch.Tensor:
         x = (x0 + p).clamp(0.0, 1.0)
@@ -179,13 +181,11 @@ def activate_batch(
             x = jpeg_codec_differentiable(x, quality)
         return apply_resize(x, a_h, a_w)
 
-    def check_gradients(grad: torch.Tensor | None) -> torch.Tensor:
-        if grad is None or not torch.isfinite(grad).all():
-            raise ActivationError(
-                f"the model {extractor.spec_string} gives no usable gradient with respect to its input "
-                "(a traced or non-differentiable model?); activation needs gradients"
-            )
-        return grad
+    def no_gradient() -> ActivationError:
+        return ActivationError(
+            f"the model {extractor.spec_string} gives no usable gradient with respect to its input "
+            "(a traced or non-differentiable model?); activation needs gradients"
+        )
 
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)
@@ -203,37 +203,39 @@ def activate_batch(
         for it in range(config.iterations):
             if config.stop_cos is not None and it % CHECK_EVERY == 0 and it > 0 and not bool(moving.any()):
                 break
-            p = perturbation(delta)
+            p, loss_i = perturbation(delta)
             inp = render(p)
             if augment is not None:
                 views = augment(inp.repeat(config.views, 1, 1, 1))
                 inp = torch.cat([inp, views])
             f = extractor.embed(inp, dtype)
             if not f.requires_grad:
-                check_gradients(None)
+                raise no_gradient()
             tt = t.repeat(f.shape[0] // b, 1)
             if config.loss is FeatureLoss.COSINE:
                 loss_f = (1.0 - (f * tt).sum(dim=1)).view(-1, b).mean(dim=0)
             else:
                 loss_f = (f - tt).pow(2).sum(dim=1).view(-1, b).mean(dim=0)
-            loss_i = ((p.pow(2) * mask).sum(dim=(1, 2, 3)) / n_valid)
             loss = (config.lambda_f * loss_f + config.lambda_i * loss_i).sum()
             (grad,) = torch.autograd.grad(loss, delta)
-            grad = check_gradients(grad)
-            with torch.no_grad():
+            with torch.no_grad():  # Adam, in place, as few passes over the batch as possible
                 steps = it + 1
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                m.lerp_(grad, 1 - beta1)
+                if config.stop_cos is not None:
+                    m.mul_(moving)  # a converged image keeps no momentum: it stops moving
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step = m / (1 - beta1**steps) / ((v / (1 - beta2**steps)).sqrt_().add_(eps))
-                delta.sub_(config.lr * step * moving)
+                denom = v.sqrt().div_(math.sqrt(1 - beta2**steps)).add_(eps)
+                delta.addcdiv_(m, denom, value=-config.lr / (1 - beta1**steps))
                 if config.stop_cos is not None:
                     clean_cos = (f[:b].detach() * t).sum(dim=1)
                     moving = moving * (clean_cos < config.stop_cos).float().view(b, 1, 1, 1)
         with torch.no_grad():
-            p = perturbation(delta)
+            p, _ = perturbation(delta)
             cos_after = (extractor.embed(render(p), dtype) * t).sum(dim=1)
     finally:
         torch.random.set_rng_state(gen_state)
+    if not torch.isfinite(p).all():  # one check at the end instead of a host sync per iteration
+        raise no_gradient()
 
     p_np = p.permute(0, 2, 3, 1).float().cpu().numpy()
     perturbations = [np.ascontiguousarray(p_np[i, :h, :w]) for i, (h, w) in enumerate(sizes)]
