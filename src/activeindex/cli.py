@@ -286,6 +286,10 @@ def info(
                f"{data['index_bytes'] / 1e6:.2f} MB")
     typer.echo(f"model        {ex['kind']}:{ex.get('name') or ex.get('path')}  {data['dim']}-d  "
                f"{'trained' if ex.get('trained', True) else 'UNTRAINED'}  digest {ex['digest'][:12]}")
+    rq = data["released_quality"]
+    if rq:
+        typer.echo(f"released     PSNR min {rq['psnr_min']:.2f} dB, mean {rq['psnr_mean']:.2f} dB; "
+                   f"SSIM mean {rq['ssim_mean']:.3f}; L∞ max {rq['linf_max']:.0f}/255")
     thr = data["threshold"]
     typer.echo(f"copy thresh. {'not calibrated' if thr is None else f'{thr:.4f}'}")
 

@@ -427,10 +427,19 @@ class Collection:
         by_mode = dict(
             self.db.execute("SELECT mode, COUNT(*) FROM images WHERE status = 'indexed' GROUP BY mode").fetchall()
         )
+        n_act, psnr_min, psnr_mean, ssim_mean, linf_max = self.db.execute(
+            "SELECT COUNT(psnr), MIN(psnr), AVG(psnr), AVG(ssim), MAX(linf) FROM images "
+            "WHERE status = 'indexed' AND mode = 'activated'"
+        ).fetchone()
+        released = (
+            {"psnr_min": psnr_min, "psnr_mean": psnr_mean, "ssim_mean": ssim_mean, "linf_max": linf_max}
+            if n_act else None
+        )
         return {
             "path": str(self.root.resolve()),
             "images": self.count(),
             "by_mode": by_mode,
+            "released_quality": released,
             "index_ntotal": int(self.index.ntotal),
             "index_bytes": (self.root / INDEX_FILE).stat().st_size,
             **asdict(self.config),
