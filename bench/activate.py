@@ -115,6 +115,19 @@ def physical_limit(extractor: Extractor, iterations: int) -> dict[str, float]:
             "ceiling_images_per_s": rate / (flops_per_image * iterations)}
 
 
+def model_fwd_bwd(extractor: Extractor, batch_size: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Images/s of the model's forward+backward to its input alone (best of ``repeats``)."""
+    s = extractor.preprocessing.input_size
+    x = torch.rand(batch_size, 3, s, s, requires_grad=True)
+    t = F.normalize(torch.randn(batch_size, extractor.dim), dim=1)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        torch.autograd.grad(-(extractor.embed(x, dtype) * t).sum(), x)
+        best = min(best, time.perf_counter() - t0)
+    return batch_size / best
+
+
 def timed(fn, extractor, images, targets, cfg, batch_size) -> tuple[list[np.ndarray], float]:
     out: list[np.ndarray] = []
     t0 = time.perf_counter()
@@ -155,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "images_per_s": speed,
         "speedup": speed["ours"] / speed["naive"],
         "limit": physical_limit(extractor, args.iterations),
+        "model_fwd_bwd_images_per_s": {"fp32": model_fwd_bwd(extractor, args.batch_size, torch.float32),
+                                       "bf16": model_fwd_bwd(extractor, args.batch_size, torch.bfloat16)},
         "recall_at_1": {"passive": recall_at_1(coll, images, ids)},
         "psnr_mean": {},
     }
@@ -181,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  ceiling: {lim['flops_per_image_fwd_bwd'] / 1e9:.2f} GFLOP fwd+bwd per image × {args.iterations} at "
           f"{lim['bf16_matmul_flops'] / 1e9:.0f} GFLOP/s bf16 matmul = {lim['ceiling_images_per_s']:.2f} img/s; "
           f"ours at {100 * results['of_ceiling']:.1f} % of it")
+    mb = results["model_fwd_bwd_images_per_s"]
+    print(f"  model forward+backward alone (batch {args.batch_size}): fp32 {1000 / mb['fp32']:.1f} ms/img, "
+          f"bf16 {1000 / mb['bf16']:.1f} ms/img ({mb['bf16'] / mb['fp32']:.2f}×); per step ours spends "
+          f"{1000 / speed['ours'] / args.iterations:.1f} ms/img, naive {1000 / speed['naive'] / args.iterations:.1f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
