@@ -179,7 +179,9 @@ def activate_batch(
             from kornia.enhance import jpeg_codec_differentiable
 
             x = jpeg_codec_differentiable(x, quality)
-        return apply_resize(x, a_h, a_w)
+        # The model's first layer sees bf16 under bf16 autocast anyway: the resize may run in it too.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            return apply_resize(x, a_h, a_w)
 
     def no_gradient() -> ActivationError:
         return ActivationError(
