@@ -30,7 +30,7 @@ from PIL import Image
 from activeindex.activation.optimize import ActivationConfig, activate_batch
 from activeindex.activation.release import OutputFormat, finalize
 from activeindex.activation.targets import check_target_support, compute_targets
-from activeindex.collection import AddReport, Collection
+from activeindex.collection import AddReport, Collection, write_bytes_atomic
 from activeindex.errors import ActivationError, ActiveIndexError, ImageLoadError
 from activeindex.features import Failure
 from activeindex.images import load_image
@@ -193,7 +193,8 @@ def _activate_and_add(
             report.failures.append(Failure(path, str(exc)))
             continue
         dest = release_path(out_dir, name, fmt)
-        _write_atomic(dest, rel.data)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(dest, rel.data)
         kept.append(i)
         records.append((dest, rel, float(act.cos_before[i]), float(act.cos_after[i])))
     if not kept:
@@ -212,13 +213,3 @@ def _activate_and_add(
         report.released.append(
             ReleaseRecord(id_, loaded[i][1], str(dest), rel.psnr, rel.ssim, rel.linf, rel.scale, before, after)
         )
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -36,7 +36,7 @@ from activeindex.features import extract_paths
 
 
 @dataclass
-class Released:
+class ReleasedSet:
     """One way of releasing the images: their pixels and what it cost."""
 
     images: list[np.ndarray]
@@ -58,10 +58,10 @@ def build_collection(out: Path, extractor: Extractor, n_train: int, n_refs: int,
     return coll, refs
 
 
-def release(coll: Collection, originals: Sequence[np.ndarray], config: ActivationConfig, batch_size: int = 16) -> Released:
+def release(coll: Collection, originals: Sequence[np.ndarray], config: ActivationConfig, batch_size: int = 16) -> ReleasedSet:
     """Activate ``originals`` against ``coll``'s index and return the decoded PNG files' pixels."""
     ex = coll.extractor
-    out = Released([], quality={"psnr": [], "ssim": [], "linf": [], "cos_before": [], "cos_after": []})
+    out = ReleasedSet([], quality={"psnr": [], "ssim": [], "linf": [], "cos_before": [], "cos_after": []})
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(originals), batch_size), desc="activate", leave=False):
         batch = list(originals[start : start + batch_size])
