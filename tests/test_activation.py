@@ -220,12 +220,19 @@ def test_activated_copies_are_found(pq_coll, image_dir, tmp_path):
     assert (own_scores([tmp_path / "r" / p.name for p in paths]) > own_scores(paths)).all()
 
 
-def test_jpeg_release_meets_budget_or_fails_clearly(pq_coll, image_dir, tmp_path):
+@pytest.mark.parametrize(("fmt", "quality"), [("jpeg", 98), ("webp", 100)])
+def test_jpeg_and_webp_releases_meet_budget_on_the_decoded_file(pq_coll, image_dir, tmp_path, fmt, quality):
     paths, imgs = _images(image_dir, 3)
-    rep = add_activated(pq_coll, paths, tmp_path / "hi", ActivationConfig(psnr=36.0, iterations=2), fmt="jpeg", quality=98)
+    rep = add_activated(pq_coll, paths, tmp_path / "hi", ActivationConfig(psnr=36.0, iterations=2), fmt=fmt, quality=quality)
     assert len(rep.added) == 3
+    ext = OutputFormat(fmt).extension
     for p, a in zip(paths, imgs):
-        assert psnr(a, np.asarray(Image.open(tmp_path / "hi" / (p.stem + ".jpg")).convert("RGB"))) >= 36.0
+        with Image.open(tmp_path / "hi" / (p.stem + ext)) as written:
+            assert written.format == fmt.upper() and written.size == (a.shape[1], a.shape[0])
+            assert psnr(a, np.asarray(written.convert("RGB"))) >= 36.0
+
+
+def test_jpeg_release_fails_clearly_when_the_codec_alone_breaks_the_budget(pq_coll, image_dir, tmp_path):
     paths2, _ = _images(image_dir, 2, start=10)
     rep = add_activated(pq_coll, paths2, tmp_path / "lo", ActivationConfig(psnr=45.0, iterations=2), fmt="jpeg", quality=5)
     assert not rep.added and len(rep.failures) == 2

@@ -197,7 +197,7 @@ def add(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="folder for the released files (with --activate)")] = None,
     psnr: Annotated[float, typer.Option(help="quality floor of every released file, dB")] = 42.0,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="released file format (png: lossless)")] = OutputFormat.PNG,
-    quality: Annotated[int, typer.Option(help="JPEG/WebP quality of released files", min=1, max=100)] = 95,
+    quality: Annotated[int, typer.Option(help="JPEG/WebP quality of released files (WebP 100: lossless)", min=1, max=100)] = 95,
     robust: Annotated[bool, typer.Option(help="optimise through random edits (slower)")] = False,
     views: Annotated[int, typer.Option(help="edited views per image and step with --robust", min=1)] = 3,
     iterations: Annotated[int, typer.Option(help="optimisation steps", min=0)] = 10,

@@ -118,7 +118,7 @@ def add_activated(
     """Activate ``paths`` against ``coll``, write the released files to ``out_dir``, add the
     originals' codes. See the module docstring for the protocol."""
     fmt = OutputFormat(fmt)
-    if fmt.lossy and config.jpeg_quality is None:
+    if fmt.lossy(quality) and config.jpeg_quality is None:
         # Optimise through the (differentiable JPEG stand-in for the) codec the file will go through.
         config = dataclasses.replace(config, jpeg_quality=int(quality))
     check_target_support(coll.index, config.target)

@@ -32,9 +32,8 @@ class OutputFormat(str, enum.Enum):
     def extension(self) -> str:
         return {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}[self.value]
 
-    @property
-    def lossy(self) -> bool:
-        return self is not OutputFormat.PNG
+    def lossy(self, quality: int) -> bool:
+        return self is OutputFormat.JPEG or (self is OutputFormat.WEBP and quality < 100)
 
 
 @dataclass
@@ -69,7 +68,9 @@ def encode(pixels: np.ndarray, fmt: OutputFormat, quality: int) -> bytes:
         img.save(buf, "PNG", compress_level=6)
     elif fmt is OutputFormat.JPEG:
         img.save(buf, "JPEG", quality=int(quality), subsampling=0 if quality >= 90 else 2)
-    else:
+    elif quality >= 100:  # WebP has a lossless mode; quality 100 asks for it
+        img.save(buf, "WEBP", lossless=True, quality=100, method=4)
+    else:  # lossy WebP always subsamples chroma (4:2:0): strong colour edges may break the budget
         img.save(buf, "WEBP", quality=int(quality), method=4)
     return buf.getvalue()
 
@@ -90,7 +91,7 @@ def finalize(
     for attempt in range(_MAX_TRIES):
         pixels = np.rint(np.clip(base + scale * perturbation, 0.0, 1.0) * 255.0).astype(np.uint8)
         data = encode(pixels, fmt, quality)
-        decoded = decode(data) if fmt.lossy else pixels
+        decoded = decode(data) if fmt.lossy(quality) else pixels
         got = psnr(original, decoded)
         if got >= min_psnr:
             linf = float(np.abs(original.astype(np.int16) - decoded.astype(np.int16)).max())
