@@ -177,8 +177,9 @@ class _Detached(torch.nn.Module):
         return self.lin(x.mean(dim=(2, 3))).detach()
 
 
-def test_model_without_gradients_is_refused(image_dir, train_vectors):
-    ex = Extractor(_Detached(), Preprocessing(input_size=16), {"kind": "test", "name": "detached"}, "0" * 64, precision="fp32")
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_model_without_gradients_is_refused(image_dir, precision):
+    ex = Extractor(_Detached(), Preprocessing(input_size=16), {"kind": "test", "name": "detached"}, "0" * 64, precision=precision)
     _, imgs = _images(image_dir, 1)
     with pytest.raises(ActivationError, match="no usable gradient"):
         activate_batch(ex, imgs, np.ones((1, 8), np.float32) / 8**0.5, ActivationConfig())

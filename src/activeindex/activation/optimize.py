@@ -111,13 +111,17 @@ def gradient_precision(extractor: Extractor, requested: str = "auto") -> torch.d
     if cached is not None:
         return cached
     x = calibration_batch(extractor.preprocessing.input_size).to(extractor.device)
+    noise = torch.randn(x.shape[0], extractor.dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        t = F.normalize(extractor.embed(x, torch.float32) + 0.3 * torch.randn(x.shape[0], extractor.dim), dim=1)
+        t = F.normalize(extractor.embed(x, torch.float32) + 0.3 * noise.to(x.device), dim=1)
     grads = []
     for dtype in (torch.float32, torch.bfloat16):
         xi = x.clone().requires_grad_(True)
-        (-(extractor.embed(xi, dtype) * t).sum()).backward()
-        grads.append(xi.grad.flatten(1))
+        f = extractor.embed(xi, dtype)
+        if not f.requires_grad:  # no gradient at all: activate_batch says so clearly
+            return torch.float32
+        (grad,) = torch.autograd.grad(-(f * t).sum(), xi)
+        grads.append(grad.flatten(1))
     cos = F.cosine_similarity(grads[0], grads[1], dim=1).min().item()
     dtype = torch.bfloat16 if cos >= BF16_MIN_GRAD_COSINE else torch.float32
     extractor._activation_dtype = dtype  # type: ignore[attr-defined]
