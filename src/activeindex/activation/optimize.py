@@ -185,7 +185,8 @@ def activate_batch(
             x = jpeg_codec_differentiable(x, quality)
         # The model's first layer sees bf16 under bf16 autocast anyway: the resize may run in it too.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            return apply_resize(x, a_h, a_w)
+            small = apply_resize(x, a_h, a_w)
+        return small.float()  # the edits of robust activation expect float32
 
     def no_gradient() -> ActivationError:
         return ActivationError(
