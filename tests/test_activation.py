@@ -250,6 +250,14 @@ def test_bad_destinations_are_refused_before_any_work(pq_coll, image_dir, tmp_pa
     with pytest.raises(ActivationError, match="overwrite an input"):
         add_activated(pq_coll, paths, image_dir, ActivationConfig())
     assert pq_coll.count() == 0
+    # Another image under a released image's name must not replace its released file.
+    add_activated(pq_coll, paths[:1], tmp_path / "out", ActivationConfig(iterations=1))
+    before = (tmp_path / "out" / paths[0].name).read_bytes()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / paths[0].name).write_bytes(paths[1].read_bytes())
+    with pytest.raises(ActivationError, match="already holds the released version"):
+        add_activated(pq_coll, [tmp_path / "b" / paths[0].name], tmp_path / "out", ActivationConfig())
+    assert (tmp_path / "out" / paths[0].name).read_bytes() == before and pq_coll.count() == 1
 
 
 def test_killed_activation_resumes_consistently(pq_coll, image_dir, tmp_path, monkeypatch):

@@ -128,16 +128,7 @@ def add_activated(
     _check_destinations(paths, names, out_dir, fmt)
     report = ActivationReport()
     todo, repeats = coll.plan_add(list(zip(paths, names)), report)
-    for path, name, _ in todo:
-        dest = release_path(out_dir, name, fmt)
-        row = coll.db.execute(
-            "SELECT name FROM images WHERE released = ? AND status = 'indexed'", (str(dest.resolve()),)
-        ).fetchone()
-        if row is not None:  # another image (this one is not indexed yet) was released there
-            raise ActivationError(
-                f"{dest} already holds the released version of another image ({row[0]}); "
-                f"releasing {path} there would replace it: choose another --out"
-            )
+    _check_not_released(coll, todo, out_dir, fmt)
     out_dir.mkdir(parents=True, exist_ok=True)
     if progress and len(paths) > len(todo):
         progress(len(paths) - len(todo))
@@ -161,6 +152,21 @@ def _check_destinations(paths: list[Path], names: list[str], out_dir: Path, fmt:
         seen[dest] = path
         if dest.resolve() in inputs:
             raise ActivationError(f"releasing {path} to {dest} would overwrite an input; choose another --out")
+
+
+def _check_not_released(coll: Collection, todo: list[tuple[Path, str, str]], out_dir: Path, fmt: OutputFormat) -> None:
+    """Refuse to replace the released file of an indexed image (``todo`` holds no indexed image:
+    a file recorded for another row belongs to another image)."""
+    for path, name, _ in todo:
+        dest = release_path(out_dir, name, fmt)
+        row = coll.db.execute(
+            "SELECT name FROM images WHERE released = ? AND status = 'indexed'", (str(dest.resolve()),)
+        ).fetchone()
+        if row is not None:
+            raise ActivationError(
+                f"{dest} already holds the released version of another image ({row[0]}); "
+                f"releasing {path} there would replace it: choose another --out"
+            )
 
 
 def _activate_and_add(
