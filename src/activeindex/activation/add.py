@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from activeindex.activation.optimize import ActivationConfig, activate_batch
-from activeindex.activation.release import OutputFormat, finalize
+from activeindex.activation.optimize import ActivatedBatch, ActivationConfig, activate_batch
+from activeindex.activation.release import OutputFormat, Released, finalize
 from activeindex.activation.targets import check_target_support, compute_targets
 from activeindex.collection import AddReport, Collection, write_bytes_atomic
 from activeindex.errors import ActivationError, ActiveIndexError, ImageLoadError
@@ -169,6 +169,28 @@ def _check_not_released(coll: Collection, todo: list[tuple[Path, str, str]], out
             )
 
 
+def release_batch(
+    coll: Collection,
+    originals: list[np.ndarray],
+    config: ActivationConfig,
+    fmt: OutputFormat = OutputFormat.PNG,
+    quality: int = 95,
+) -> tuple[np.ndarray, ActivatedBatch, list[Released | ActiveIndexError]]:
+    """One batch of originals (uint8 (h, w, 3)) → (their descriptors, as every query is described;
+    the optimisation's result; per image the encoded released file, or the error that kept it from
+    meeting the budget)."""
+    ex = coll.extractor
+    x = ex.features(np.stack([ex.preprocessing.prepare(Image.fromarray(a)) for a in originals]))
+    act = activate_batch(ex, originals, compute_targets(coll.index, x, config.target), config)
+    files: list[Released | ActiveIndexError] = []
+    for original, perturbation in zip(originals, act.perturbations):
+        try:
+            files.append(finalize(original, perturbation, config.psnr, fmt, quality))
+        except ActiveIndexError as exc:
+            files.append(exc)
+    return x, act, files
+
+
 def _activate_and_add(
     coll: Collection,
     batch: list[tuple[Path, str, str]],
@@ -178,7 +200,6 @@ def _activate_and_add(
     quality: int,
     report: ActivationReport,
 ) -> None:
-    ex = coll.extractor
     loaded: list[tuple[Path, str, str, np.ndarray]] = []
     for path, name, sha in batch:
         try:
@@ -187,16 +208,12 @@ def _activate_and_add(
             report.failures.append(Failure(path, exc.reason))
     if not loaded:
         return
-    originals = [item[3] for item in loaded]
-    x = ex.features(np.stack([ex.preprocessing.prepare(Image.fromarray(a)) for a in originals]))
-    act = activate_batch(ex, originals, compute_targets(coll.index, x, config.target), config)
+    x, act, files = release_batch(coll, [item[3] for item in loaded], config, fmt, quality)
 
     kept, records = [], []
-    for i, (path, name, sha, original) in enumerate(loaded):
-        try:
-            rel = finalize(original, act.perturbations[i], config.psnr, fmt, quality)
-        except ActiveIndexError as exc:
-            report.failures.append(Failure(path, str(exc)))
+    for i, ((path, name, _, _), rel) in enumerate(zip(loaded, files)):
+        if isinstance(rel, ActiveIndexError):
+            report.failures.append(Failure(path, str(rel)))
             continue
         dest = release_path(out_dir, name, fmt)
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from activeindex.activation.optimize import ActivationConfig, activate_batch
-from activeindex.activation.release import OutputFormat, decode, finalize
-from activeindex.activation.targets import compute_targets
+from activeindex.activation.add import release_batch
+from activeindex.activation.optimize import ActivationConfig
+from activeindex.activation.release import decode
 from activeindex.collection import Collection
 from activeindex.datasets.synthetic import make_images
 from activeindex.edits import paper_edits
@@ -60,15 +60,13 @@ def build_collection(out: Path, extractor: Extractor, n_train: int, n_refs: int,
 
 def release(coll: Collection, originals: Sequence[np.ndarray], config: ActivationConfig, batch_size: int = 16) -> ReleasedSet:
     """Activate ``originals`` against ``coll``'s index and return the decoded PNG files' pixels."""
-    ex = coll.extractor
     out = ReleasedSet([], quality={"psnr": [], "ssim": [], "linf": [], "cos_before": [], "cos_after": []})
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(originals), batch_size), desc="activate", leave=False):
-        batch = list(originals[start : start + batch_size])
-        x = ex.features(np.stack([ex.preprocessing.prepare(Image.fromarray(a)) for a in batch]))
-        act = activate_batch(ex, batch, compute_targets(coll.index, x, config.target), config)
-        for a, p in zip(batch, act.perturbations):
-            r = finalize(a, p, config.psnr, OutputFormat.PNG)
+        _, act, files = release_batch(coll, list(originals[start : start + batch_size]), config)
+        for r in files:
+            if isinstance(r, Exception):  # a lossless PNG always meets its budget
+                raise r
             out.images.append(decode(r.data))
             for k, v in r.quality().items():
                 out.quality[k].append(v)
