@@ -61,7 +61,11 @@ def test_collection_lifecycle(folder, tmp_path):
     top1 = np.mean([r["matches"][0]["name"] == "a/" + r["query"].rsplit("/", 1)[-1] for r in q])
     assert top1 >= 0.95  # unedited references find themselves through IVF-PQ
     m = q[0]["matches"][0]
-    assert set(m) == {"id", "name", "score", "copy"} and m["copy"] is None
+    assert set(m) == {"id", "name", "score", "copy"}
+    info = json.loads(invoke("info", c, "--json").stdout)
+    thr = info["threshold"]
+    assert thr is not None and info["threshold_info"]["precision"] >= 0.9  # calibrated at create
+    assert all(mm["copy"] == (mm["score"] >= thr) for r in q for mm in r["matches"])
 
     victim = ids["a/img_000000.png"]
     invoke("remove", c, victim)
@@ -78,6 +82,24 @@ def test_create_from_npy(folder, tmp_path):
     invoke("create", tmp_path / "c", "--index", "Flat", "--train", tmp_path / "t" / "features.npy",
            "--model", "builtin:tiny")
     assert (tmp_path / "c" / "index.faiss").exists()
+    info = json.loads(invoke("info", tmp_path / "c", "--json").stdout)
+    # Descriptors alone train the index and the background, but cannot calibrate (no images to edit).
+    assert info["threshold"] is None and info["normalization"]["background"] == 100
+    res = runner.invoke(app, ["calibrate", str(tmp_path / "c")])
+    assert res.exit_code != 0 and "no calibration queries" in str(res.exception)
+    invoke("calibrate", tmp_path / "c", "--images", folder / "train")
+    assert json.loads(invoke("info", tmp_path / "c", "--json").stdout)["threshold"] is not None
+
+
+def test_calibrate_for_another_precision_reuses_stored_scores(folder, tmp_path):
+    c = tmp_path / "coll"
+    invoke("create", c, "--index", "Flat", "--train", folder / "train", "--model", "builtin:tiny")
+    low = json.loads(invoke("info", c, "--json").stdout)["threshold_info"]
+    invoke("calibrate", c, "--target-precision", "0.99")
+    high = json.loads(invoke("info", c, "--json").stdout)["threshold_info"]
+    assert high["precision_target"] == 0.99 and high["precision"] >= 0.99
+    assert high["threshold"] >= low["threshold"] and high["recall"] <= low["recall"]
+    assert high["method"] == low["method"]
 
 
 def test_errors_exit_nonzero_with_a_message(tmp_path):

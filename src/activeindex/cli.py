@@ -17,12 +17,14 @@ from tqdm import tqdm
 from activeindex import __version__
 from activeindex.activation import ActivationConfig, FeatureLoss, OutputFormat, TargetKind
 from activeindex.activation.add import add_activated
+from activeindex.calibration import calibrate_from_images, create_collection, split_training
 from activeindex.collection import AddReport, Collection
 from activeindex.errors import ActiveIndexError
 from activeindex.extractors import BUILTIN_MODELS, Extractor, Precision, ResizePolicy, create_extractor
 from activeindex.features import Failure, extract_paths
 from activeindex.images import list_images
 from activeindex.index import Metric
+from activeindex.scoring import DEFAULT_PRECISION, Normalization
 
 app = typer.Typer(
     add_completion=False,
@@ -146,25 +148,62 @@ def create(
     precision: PrecisionOpt = Precision.AUTO,
     metric: Annotated[Metric, typer.Option(help="l2 (as the paper) or ip")] = Metric.L2,
     nprobe: Annotated[int, typer.Option(help="IVF cells visited per query")] = 1,
+    target_precision: Annotated[float, typer.Option("--target-precision", help="precision the copy threshold is calibrated for", min=0.01, max=1.0)] = DEFAULT_PRECISION,
+    normalize: Annotated[bool, typer.Option(help="normalise scores against a background of training images")] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a collection: train the index on descriptors of training images."""
+    """Create a collection: train the index on descriptors of training images, keep part of them as
+    the score-normalisation background and calibrate the copy threshold on the rest.
+
+    Training images must not be images you will add: they stand for "other images" (a .npy of
+    descriptors trains the index and the background, but cannot calibrate: no images to edit).
+    """
     extractor = _build_extractor(model, input_size, resize, precision)
     if len(train) == 1 and train[0].suffix == ".npy":
         xt = np.load(train[0], allow_pickle=False)
+        bg = xt[split_training(len(xt))[0]] if normalize else None
+        coll, thr = Collection.create(collection, extractor, index, xt, metric=metric, nprobe=nprobe, background=bg), None
         source = str(train[0])
     else:
         paths = _expand(train)
         with _progress(len(paths), "train descriptors") as update:
-            result = extract_paths(paths, extractor, progress=update)
-        _report_failures(result.failures)
-        xt, source = result.features, f"{len(result.paths)} images"
-    coll = Collection.create(collection, extractor, index, xt, metric=metric, nprobe=nprobe)
+            coll, thr = create_collection(collection, extractor, index, paths, metric=metric, nprobe=nprobe,
+                                          precision=target_precision, normalization=Normalization() if normalize else None,
+                                          progress=update)
+        source = f"{len(paths)} images"
     with coll:
         if as_json:
             typer.echo(json.dumps(coll.info(), indent=2))
+            return
+        _err(f"created {collection}: {index} ({metric.value}, nprobe {nprobe}), trained on {source}")
+        _print_threshold(coll)
+
+
+def _print_threshold(coll: Collection) -> None:
+    info = coll.config.threshold_info
+    if info is None:
+        _err("copy threshold: not calibrated (activeindex calibrate COLLECTION --images TRAINING_IMAGES)")
+        return
+    _err(f"copy threshold {info['threshold']:.4f}: precision {info['precision']:.3f} (target "
+         f"{info['precision_target']}) and recall {info['recall']:.3f} on {info['n_matching']} matching + "
+         f"{info['n_nonmatching']} non-matching edited training images")
+
+
+@app.command()
+def calibrate(
+    collection: Annotated[Path, typer.Argument(help="collection folder")],
+    images: Annotated[Optional[list[Path]], typer.Option("--images", help="training images (not in the collection); default: reuse the stored calibration queries")] = None,
+    target_precision: Annotated[float, typer.Option("--target-precision", help="precision the copy threshold is calibrated for", min=0.01, max=1.0)] = DEFAULT_PRECISION,
+) -> None:
+    """Set the copy threshold for a target precision (from new images, or the stored scores)."""
+    with Collection.open(collection) as coll:
+        if images:
+            paths = _expand(images)
+            with _progress(len(paths), "calibrate") as update:
+                calibrate_from_images(coll, paths, target_precision, progress=update)
         else:
-            _err(f"created {collection}: {index} ({metric.value}, nprobe {nprobe}), trained on {source}")
+            coll.calibrate(None, target_precision)
+        _print_threshold(coll)
 
 
 def _print_add(report: AddReport, as_json: bool) -> None:
@@ -290,8 +329,13 @@ def info(
     if rq:
         typer.echo(f"released     PSNR min {rq['psnr_min']:.2f} dB, mean {rq['psnr_mean']:.2f} dB; "
                    f"SSIM mean {rq['ssim_mean']:.3f}; L∞ max {rq['linf_max']:.0f}/255")
-    thr = data["threshold"]
-    typer.echo(f"copy thresh. {'not calibrated' if thr is None else f'{thr:.4f}'}")
+    norm = data["normalization"]
+    typer.echo("scores       " + ("raw similarities" if norm is None else
+               f"normalised: s - {norm['beta']:g} x mean top-{norm['n']} of {norm['background']} background images"))
+    ti = data["threshold_info"]
+    typer.echo("copy thresh. " + ("not calibrated" if ti is None else
+               f"{ti['threshold']:.4f} (precision {ti['precision']:.3f} for target {ti['precision_target']}, "
+               f"recall {ti['recall']:.3f})"))
 
 
 @app.command("make-images")

@@ -2,9 +2,13 @@
 
 Layout of the folder::
 
-    collection.json   settings (format version, extractor spec + weights digest, factory, metric, ...)
+    collection.json   settings (format version, extractor spec + weights digest, factory, metric,
+                      score normalisation, the calibrated copy threshold and how it was obtained)
     index.faiss       the FAISS index, with ids (not positions); replaced atomically on every write
     meta.sqlite       one row per image: id, name, path, sha256, added, mode, quality, status
+    background.npy    descriptors of training images that score normalisation compares queries to
+    calibration.npz   the calibration queries' top-1 scores, to re-derive the threshold at another
+                      precision without images (see :mod:`activeindex.scoring`)
 
 Crash safety. Adding is a three-step protocol: (1) rows are inserted with status ``pending``, which
 reserves their ids (``AUTOINCREMENT`` never reuses an id, even after a rollback or a delete);
@@ -17,7 +21,9 @@ report ids whose row is ``indexed``. Writers take an exclusive lock on ``.lock``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import io
 import json
 import logging
 import os
@@ -36,6 +42,14 @@ from activeindex.errors import CollectionError
 from activeindex.extractors import Extractor, create_extractor
 from activeindex.features import Failure, extract_paths
 from activeindex.images import file_sha256
+from activeindex.scoring import (
+    DEFAULT_PRECISION,
+    Background,
+    CalibrationScores,
+    Normalization,
+    Threshold,
+    calibrate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +58,8 @@ CONFIG_FILE = "collection.json"
 INDEX_FILE = "index.faiss"
 DB_FILE = "meta.sqlite"
 LOCK_FILE = ".lock"
+BACKGROUND_FILE = "background.npy"
+CALIBRATION_FILE = "calibration.npz"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -75,7 +91,8 @@ class CollectionConfig:
     created: float
     format_version: int = FORMAT_VERSION
     threshold: float | None = None  # calibrated copy threshold on the score; None until calibrated
-    threshold_info: dict[str, Any] | None = None
+    threshold_info: dict[str, Any] | None = None  # Threshold.to_dict(): target, recall, counts, how
+    normalization: dict[str, Any] | None = None  # Normalization.to_dict(); None: raw similarities
 
     @classmethod
     def load(cls, path: Path) -> CollectionConfig:
@@ -116,8 +133,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 class Match:
     id: int
     name: str
-    score: float
-    copy: bool | None  # None while the collection has no calibrated threshold
+    score: float  # normalised when the collection normalises scores (see activeindex.scoring)
+    copy: bool | None  # score >= the calibrated threshold; None while the collection has none
 
 
 @dataclass
@@ -141,6 +158,10 @@ class Collection:
         self.config = config
         self.index = index
         self._extractor = extractor
+        self.background: Background | None = None
+        if config.normalization is not None:
+            xb = np.load(root / BACKGROUND_FILE, allow_pickle=False)
+            self.background = Background(xb, config.metric, Normalization(**config.normalization))
         self.db = sqlite3.connect(root / DB_FILE, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -160,8 +181,14 @@ class Collection:
         *,
         metric: ix.Metric | str = ix.Metric.L2,
         nprobe: int = 1,
+        background: np.ndarray | None = None,
+        normalization: Normalization | None = None,
     ) -> Collection:
-        """Train ``factory`` on ``xt`` (n, d) and write an empty collection at ``root``."""
+        """Train ``factory`` on ``xt`` (n, d) and write an empty collection at ``root``.
+
+        ``background`` (nb, d): descriptors of training images to normalise scores against (never
+        references); with it, scores are normalised as ``normalization`` says (default β=1, n=3).
+        """
         root = Path(root)
         if (root / CONFIG_FILE).exists():
             raise CollectionError(f"{root} already holds a collection")
@@ -171,6 +198,11 @@ class Collection:
         index = ix.build_index(factory, extractor.dim, metric)
         ix.train_index(index, xt)
         ix.set_nprobe(index, nprobe)
+        norm = None
+        if background is not None:
+            background = ix.as_float32_matrix(background, extractor.dim, "background descriptors")
+            norm = dataclasses.replace(normalization or Normalization(), background=len(background))
+            Background(background, metric, norm)  # validates before anything is written
         root.mkdir(parents=True, exist_ok=True)
         config = CollectionConfig(
             extractor=extractor.describe(),
@@ -179,8 +211,13 @@ class Collection:
             nprobe=int(nprobe),
             dim=extractor.dim,
             created=time.time(),
+            normalization=None if norm is None else norm.to_dict(),
         )
         ix.write_index_atomic(index, root / INDEX_FILE)
+        if background is not None:
+            buf = io.BytesIO()
+            np.save(buf, background)
+            write_bytes_atomic(root / BACKGROUND_FILE, buf.getvalue())
         # collection.json last: its presence marks a complete collection.
         config.save(root / CONFIG_FILE)
         return cls(root, config, index, extractor)
@@ -403,11 +440,23 @@ class Collection:
             out.update((int(i), n) for i, n in rows)
         return out
 
-    def search(self, xq: np.ndarray, k: int = 10) -> list[list[Match]]:
-        """k nearest stored images per query descriptor (nq, d)."""
+    def search_arrays(self, xq: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """k-NN of query descriptors (nq, d) → (scores, ids, raw similarities), each (nq, k).
+
+        Scores are the raw similarities normalised against the background (when the collection has
+        one), the numbers copy decisions are made on. Ids are -1 where fewer than k were found;
+        ids of images not (or no longer) ``indexed`` may appear: :meth:`search` filters them.
+        """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        S, I = ix.search(self.index, xq, k, self.metric)
+        xq = ix.as_float32_matrix(xq, self.config.dim, "query descriptors")
+        raw, I = ix.search(self.index, xq, k, self.metric)
+        S = raw if self.background is None else self.background.normalize(raw, xq)
+        return S, I, raw
+
+    def search(self, xq: np.ndarray, k: int = 10) -> list[list[Match]]:
+        """k nearest stored images per query descriptor (nq, d), with scores and copy decisions."""
+        S, I, _ = self.search_arrays(xq, k)
         names = self.names(np.unique(I[I >= 0]).tolist())
         thr = self.config.threshold
         return [
@@ -425,6 +474,28 @@ class Collection:
         result = extract_paths(paths, self.extractor, progress=progress)
         matches = self.search(result.features, k) if len(result.paths) else []
         return [QueryResult(str(p), m) for p, m in zip(result.paths, matches)], result.failures
+
+    # -- copy decisions ------------------------------------------------------------------------
+    def calibrate(
+        self, scores: CalibrationScores | None = None, precision: float = DEFAULT_PRECISION, method: str = ""
+    ) -> Threshold:
+        """Set the copy threshold for ``precision`` from calibration ``scores`` (stored for later),
+        or, without ``scores``, from the ones stored by an earlier calibration."""
+        with self._write_lock():
+            if scores is None:
+                try:
+                    scores = CalibrationScores.from_bytes((self.root / CALIBRATION_FILE).read_bytes())
+                except FileNotFoundError:
+                    raise CollectionError(
+                        f"{self.root} has no calibration queries yet; calibrate it from training images "
+                        "(activeindex calibrate COLLECTION --images DIR)"
+                    ) from None
+                method = method or (self.config.threshold_info or {}).get("method", "")
+            thr = calibrate(scores, precision, method)
+            write_bytes_atomic(self.root / CALIBRATION_FILE, scores.to_bytes())
+            self.config = dataclasses.replace(self.config, threshold=thr.threshold, threshold_info=thr.to_dict())
+            self.config.save(self.root / CONFIG_FILE)
+        return thr
 
     def count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM images WHERE status = 'indexed'").fetchone()[0])

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from activeindex.errors import ImageLoadError
 from activeindex.extractors import Extractor
@@ -231,3 +232,22 @@ def save_features(
         import torch
 
         write("fts.pt", lambda p: torch.save(torch.from_numpy(feats), p))
+
+
+def describe_images(
+    images: Sequence[Image.Image],
+    extractor: Extractor,
+    *,
+    batch_size: int = 64,
+    progress: ProgressCallback | None = None,
+) -> np.ndarray:
+    """Descriptors (n, d) float32 of decoded RGB images, described exactly as files are (the
+    extractor's own preprocessing), ``batch_size`` at a time."""
+    out = np.empty((len(images), extractor.dim), np.float32)
+    pre = extractor.preprocessing
+    for start in range(0, len(images), batch_size):
+        part = images[start : start + batch_size]
+        out[start : start + len(part)] = extractor.features(np.stack([pre.prepare(im) for im in part]))
+        if progress is not None:
+            progress(len(part))
+    return out

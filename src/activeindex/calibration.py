@@ -1,0 +1,154 @@
+"""Calibrate a collection's copy threshold from training images (never its references).
+
+The training images are split in two: a *background* set that score normalisation compares queries
+to, and *calibration* images. Half of the calibration images play references: their descriptors
+are added, under ids no image can have, to a copy of the collection's index (with whatever it
+already holds, so that non-matching queries meet the real collection's neighbours). Every
+calibration image then goes through one of the paper's 14 edits (cycling, so both halves see the
+same mix) and is searched for. A query of the first half is right when its top-1 is its own
+original; the second half are non-matching queries, whose top-1 is always wrong. The threshold is
+the one with the largest recall at the target precision over those top-1 scores
+(:func:`activeindex.scoring.calibrate`); the 1:1 mix of matching and non-matching queries is
+recorded with it, because the precision a user sees depends on that mix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+from PIL import Image
+
+from activeindex import index as ix
+from activeindex.collection import Collection
+from activeindex.copies import describe_copies
+from activeindex.edits import paper_edits
+from activeindex.errors import ActiveIndexError, ImageLoadError
+from activeindex.extractors import Extractor
+from activeindex.features import describe_images, extract_paths
+from activeindex.images import load_image
+from activeindex.scoring import DEFAULT_PRECISION, CalibrationScores, Normalization, Threshold
+
+logger = logging.getLogger(__name__)
+
+# Calibration references get ids from here up: far above any id SQLite will hand out here.
+CALIBRATION_ID_BASE = 1 << 50
+MAX_CALIBRATION_IMAGES = 1000
+MIN_CALIBRATION_IMAGES = 20
+
+
+def split_training(n: int, seed: int = 0, max_calibration: int = MAX_CALIBRATION_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint positions of the background and the calibration images among ``n`` training
+    images: calibration gets half of them, at most ``max_calibration`` (an even count)."""
+    n_cal = min(max_calibration, n // 2) // 2 * 2
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_cal:]), np.sort(perm[:n_cal])
+
+
+def calibration_scores(
+    coll: Collection,
+    images: Sequence[Image.Image],
+    *,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> CalibrationScores:
+    """Top-1 scores of edited calibration images against ``coll`` (see the module docstring).
+    The first half of ``images`` play references, the second half non-matching queries."""
+    n = len(images)
+    if n < MIN_CALIBRATION_IMAGES:
+        raise ActiveIndexError(f"calibration needs at least {MIN_CALIBRATION_IMAGES} images, got {n}")
+    m = n // 2
+    ex = coll.extractor
+    index = faiss.clone_index(coll.index)
+    ix.set_nprobe(index, coll.config.nprobe)
+    ref_ids = CALIBRATION_ID_BASE + np.arange(m)
+    ix.add_with_ids(index, describe_images(images[:m], ex), ref_ids)
+    edits = list(paper_edits().values())
+    chosen = [edits[i % m % len(edits)] for i in range(n)]  # query i and i + m get the same edit
+    copies, _ = describe_copies(images, chosen, ex, seed=seed, image_keys=[i % m for i in range(n)],
+                                edit_keys=[1000 + (i >= m) for i in range(n)], progress=progress)
+    raw, I = ix.search(index, copies.features, 1, coll.metric)
+    S = raw if coll.background is None else coll.background.normalize(raw, copies.features)
+    matching = np.arange(n) < m
+    correct = matching & (I[:, 0] == CALIBRATION_ID_BASE + (np.arange(n) % m))
+    return CalibrationScores(S[:, 0].astype(np.float32), correct, matching)
+
+
+def load_images(paths: Sequence[Path]) -> tuple[list[Image.Image], list[tuple[Path, str]]]:
+    """Decode ``paths``; unreadable ones come back as (path, reason)."""
+    images, failed = [], []
+    for p in paths:
+        try:
+            images.append(load_image(p))
+        except ImageLoadError as exc:
+            failed.append((p, exc.reason))
+    return images, failed
+
+
+def calibrate_from_images(
+    coll: Collection,
+    paths: Sequence[str | os.PathLike[str]],
+    precision: float = DEFAULT_PRECISION,
+    *,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> Threshold:
+    """Calibrate ``coll``'s copy threshold for ``precision`` from training images ``paths``
+    (images that are not in the collection). Stores the threshold and the calibration scores."""
+    images, failed = load_images([Path(p) for p in paths])
+    for p, reason in failed:
+        logger.warning("calibration: skipped %s: %s", p, reason)
+    cal = calibration_scores(coll, images, seed=seed, progress=progress)
+    m = len(images) // 2
+    method = (
+        f"top-1 scores of {m} edited training images against their originals (added to a copy of "
+        f"the index) and {len(images) - m} edited non-matching training images; the paper's 14 edits, "
+        f"cycled; seed {seed}"
+    )
+    return coll.calibrate(cal, precision, method)
+
+
+def create_collection(
+    root: str | os.PathLike[str],
+    extractor: Extractor,
+    factory: str,
+    train: Sequence[str | os.PathLike[str]],
+    *,
+    metric: ix.Metric | str = ix.Metric.L2,
+    nprobe: int = 1,
+    precision: float = DEFAULT_PRECISION,
+    normalization: Normalization | None = Normalization(),
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Collection, Threshold | None]:
+    """Create a collection from training images: train the index on all of their descriptors,
+    keep part of them as the normalisation background, calibrate the copy threshold on the rest.
+
+    ``normalization=None`` keeps raw similarities. The threshold is None (and a warning logged)
+    when no threshold reaches ``precision``; the collection is usable and can be calibrated again.
+    """
+    from activeindex.scoring import CalibrationError
+
+    result = extract_paths(train, extractor, progress=progress)
+    for f in result.failures:
+        logger.warning("training: skipped %s: %s", f.path, f.reason)
+    bg, cal = split_training(len(result.paths), seed)
+    if len(cal) < MIN_CALIBRATION_IMAGES:
+        raise ActiveIndexError(
+            f"{len(result.paths)} readable training images are too few to calibrate a copy threshold "
+            f"(at least {2 * MIN_CALIBRATION_IMAGES} are needed)"
+        )
+    coll = Collection.create(
+        root, extractor, factory, result.features, metric=metric, nprobe=nprobe,
+        background=result.features[bg] if normalization is not None else None, normalization=normalization,
+    )
+    try:
+        thr = calibrate_from_images(coll, [result.paths[i] for i in cal], precision, seed=seed)
+    except CalibrationError as exc:
+        logger.warning("copy threshold not calibrated: %s", exc)
+        thr = None
+    return coll, thr
