@@ -158,6 +158,8 @@ class Collection:
         self.config = config
         self.index = index
         self._extractor = extractor
+        self.read_only = False  # set by open(mmap=True): the index is mapped, every write is refused
+        self._locked = False  # this object holds the writer lock (see writing())
         self.background: Background | None = None
         if config.normalization is not None:
             xb = np.load(root / BACKGROUND_FILE, allow_pickle=False)
@@ -237,6 +239,7 @@ class Collection:
             raise CollectionError(f"{root / INDEX_FILE} has d={index.d}, collection.json says {config.dim}")
         ix.set_nprobe(index, config.nprobe)
         coll = cls(root, config, index, extractor)
+        coll.read_only = mmap
         if not mmap:
             with coll._write_lock():
                 coll._recover_pending()
@@ -265,11 +268,19 @@ class Collection:
 
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
+        if self.read_only:
+            # A memory-mapped index is a read-only view of the file: FAISS would abort the process
+            # on an add, and a write would replace the file under the other readers anyway.
+            raise CollectionError(
+                f"{self.root} is open read-only (memory-mapped index); open it without mmap to write"
+            )
         with open(self.root / LOCK_FILE, "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
+            self._locked = True
             try:
                 yield
             finally:
+                self._locked = False
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _recover_pending(self) -> None:
@@ -333,6 +344,88 @@ class Collection:
         self.db.execute(
             f"UPDATE images SET status = 'indexed' WHERE id IN ({','.join('?' * len(ids))})", ids
         )
+
+    # -- an add driven step by step (the distributed driver: activeindex.distributed) -----------
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the writer lock across the steps of an add driven from outside: :meth:`reserve_ids`
+        (1), vectors or merged shard indexes put into ``self.index``, then :meth:`complete_add` (2, 3).
+        Pending rows of a writer that crashed are rolled back first. Do not call :meth:`add_vectors`
+        or :meth:`remove` inside (they take the lock themselves)."""
+        with self._write_lock():
+            self._recover_pending()
+            yield
+
+    def _require_lock(self, what: str) -> None:
+        if not self._locked:
+            raise CollectionError(f"{what} needs the writer lock: call it inside `with collection.writing():`")
+
+    def reserve_ids(
+        self,
+        names: Sequence[str],
+        hashes: Sequence[str],
+        *,
+        paths: Sequence[str | None] | None = None,
+        mode: str = "passive",
+    ) -> list[int]:
+        """Step (1) for work done elsewhere: insert ``pending`` rows in one transaction and return
+        their ids, in order. The rows stay invisible to searches until :meth:`complete_add`; a crash
+        before that rolls them back (next open), and the ids are never reused."""
+        self._require_lock("reserve_ids")
+        if len(names) != len(hashes):
+            raise ValueError(f"{len(names)} names but {len(hashes)} hashes")
+        paths = list(paths) if paths is not None else [None] * len(names)
+        now = time.time()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            ids = [
+                int(
+                    self.db.execute(
+                        "INSERT INTO images (name, path, sha256, added, mode) VALUES (?, ?, ?, ?, ?)",
+                        (name, path, sha, now, mode),
+                    ).lastrowid
+                )
+                for name, sha, path in zip(names, hashes, paths)
+            ]
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return ids
+
+    def complete_add(
+        self,
+        ids: Sequence[int],
+        *,
+        dropped: Sequence[int] = (),
+        quality: Sequence[dict[str, float | None]] | None = None,
+        released: Sequence[str | None] | None = None,
+    ) -> None:
+        """Steps (2) and (3) for reserved ids whose vectors are now in ``self.index``: write the index
+        atomically, then, in one transaction, record each released file's quality and path, mark the
+        rows ``indexed`` and delete the rows of ``dropped`` ids (reserved for images that failed)."""
+        self._require_lock("complete_add")
+        ids = [int(i) for i in ids]
+        quality = list(quality) if quality is not None else [{}] * len(ids)
+        released = list(released) if released is not None else [None] * len(ids)
+        if len(quality) != len(ids) or len(released) != len(ids):
+            raise ValueError(f"{len(ids)} ids but {len(quality)} quality records and {len(released)} released paths")
+        if ids:
+            ix.write_index_atomic(self.index, self.root / INDEX_FILE)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany(
+                "UPDATE images SET psnr = ?, ssim = ?, linf = ?, released = ?, status = 'indexed' "
+                "WHERE id = ? AND status = 'pending'",
+                [(q.get("psnr"), q.get("ssim"), q.get("linf"), rel, i) for i, q, rel in zip(ids, quality, released)],
+            )
+            self.db.executemany(
+                "DELETE FROM images WHERE id = ? AND status = 'pending'", [(int(i),) for i in dropped]
+            )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def add_images(
         self,

@@ -167,8 +167,17 @@ def write_index_atomic(index: faiss.Index, path: str | os.PathLike[str]) -> None
 
 
 def read_index(path: str | os.PathLike[str], *, mmap: bool = False) -> faiss.Index:
-    """Read an index; ``mmap`` maps the inverted lists instead of loading them (read-only use)."""
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    """Read an index; ``mmap`` maps the file instead of loading it (read-only use).
+
+    A mapped index's pages are loaded on demand and shared, through the page cache, by every process
+    that maps the same file (service replicas). It must never be written to: FAISS aborts the process
+    on an add to mapped codes, so callers refuse writes (``Collection.read_only``).
+    """
+    flags = 0
+    if mmap:
+        # IO_FLAG_MMAP_IFC (faiss >= 1.10) maps every code array (IVF lists, flat/PQ codes, HNSW
+        # storage) as views of the file; the older IO_FLAG_MMAP maps only IVF inverted lists.
+        flags = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) | faiss.IO_FLAG_READ_ONLY
     try:
         return faiss.read_index(str(path), flags)
     except RuntimeError as exc:
