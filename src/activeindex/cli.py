@@ -338,6 +338,27 @@ def info(
                f"recall {ti['recall']:.3f})"))
 
 
+@app.command()
+def serve(
+    collection: Annotated[Path, typer.Argument(help="collection folder")],
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    token: Annotated[Optional[str], typer.Option(
+        envvar="ACTIVEINDEX_TOKEN", show_default=False, show_envvar=True,
+        help="bearer token of the write routes (add, remove); none: the service is read-only",
+    )] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="largest upload, MB (413 beyond)", min=0.001)] = 20.0,
+    max_pixels: Annotated[int, typer.Option(help="largest upload in pixels (413 beyond)", min=1)] = 40_000_000,
+    max_batch: Annotated[int, typer.Option(help="most queries described in one model call", min=1)] = 32,
+) -> None:
+    """Serve a collection over HTTP: API (docs at /docs), web page at /, /metrics for Prometheus."""
+    from activeindex.service import ServiceLimits, run
+
+    limits = ServiceLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_batch=max_batch)
+    _err(f"serving {collection} on http://{host}:{port}/ (writes {'need the token' if token else 'disabled: no token'})")
+    run(collection, host=host, port=port, token=token, limits=limits)
+
+
 @app.command("make-images")
 def make_images_cmd(
     out: Annotated[Path, typer.Argument(help="output folder (PNG files; existing ones are kept)")],

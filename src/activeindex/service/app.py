@@ -1,0 +1,259 @@
+"""The FastAPI app over one collection: :func:`create_app` builds it, :func:`run` serves it.
+
+Routes (OpenAPI schema at ``/openapi.json``, docs at ``/docs``, served offline):
+
+- ``POST /api/query`` an image upload → its k nearest indexed images (id, name, score, copy);
+- ``POST /api/images`` add an upload, passive or ``?activate=true`` (the released file comes back);
+- ``DELETE /api/images/{id}``; ``GET /api/images/{id}``, ``…/thumbnail``, ``…/released``;
+- ``GET /api/info``, ``GET /healthz``, ``GET /metrics`` (Prometheus);
+- ``GET /`` the web page (``static/``).
+
+Write routes need ``Authorization: Bearer <token>`` (see :mod:`.auth`). Route functions are plain
+``def``: FastAPI runs them in its thread pool, so queries run concurrently while the model calls are
+batched (:mod:`.batcher`) and index changes are kept apart from searches (:mod:`.state`).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures at run time, and they
+# refer to local names (the limits) that string annotations could not resolve.
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, HTTPException, Path as PathParam, Query, Request, Response, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.staticfiles import StaticFiles
+
+from activeindex import __version__
+from activeindex.activation import ActivationConfig
+from activeindex.errors import ActiveIndexError, ImageLoadError
+from activeindex.service.auth import TokenCheck, bearer
+from activeindex.service.metrics import MetricsMiddleware, ServiceMetrics
+from activeindex.service.schemas import AddOut, HealthOut, ImageOut, InfoOut, QueryOut, RemoveOut
+from activeindex.service.state import ActivationFailed, Service
+from activeindex.service.uploads import MULTIPART_SLACK, BodyLimitMiddleware, ServiceLimits, UploadRejected, inspect_upload
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(str(resources.files("activeindex.service") / "static"))
+THUMBNAIL_SIZES = (16, 512)  # smallest and largest side a client may ask for
+
+
+def create_app(
+    collection_path: str | os.PathLike[str],
+    *,
+    token: str | None = None,
+    limits: ServiceLimits = ServiceLimits(),
+) -> FastAPI:
+    """Load the collection and its extractor (once, now) and build the app. ``token``: the bearer
+    token of write routes; None makes the service read-only."""
+    metrics = ServiceMetrics()
+    service = Service(collection_path, limits, metrics)
+    tokens = TokenCheck(token)
+    logger.info("serving %s (%d images); writes %s", service.collection.root, service.count(),
+                "need the bearer token" if tokens.enabled else "disabled (no token configured)")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.close()
+
+    app = FastAPI(
+        title="activeindex",
+        version=__version__,
+        summary="Find edited copies of the images of a collection; add images, passive or activated.",
+        docs_url=None,  # served below from the packaged Swagger UI (no CDN)
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(BodyLimitMiddleware, max_body=limits.max_bytes + MULTIPART_SLACK)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, sees every answer
+
+    def require_writer(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        tokens.verify(credentials)
+
+    writer = [Depends(require_writer)]
+
+    @app.exception_handler(UploadRejected)
+    async def _rejected(request: Request, exc: UploadRejected) -> JSONResponse:
+        metrics.rejected.labels(str(exc.status_code)).inc()
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(ActivationFailed)
+    async def _activation_failed(request: Request, exc: ActivationFailed) -> JSONResponse:
+        return JSONResponse({"detail": f"activation failed: {exc}"}, status_code=422)
+
+    @app.exception_handler(ActiveIndexError)
+    async def _library_error(request: Request, exc: ActiveIndexError) -> JSONResponse:
+        # What the library refuses for this collection (an index that cannot give activation
+        # targets, an index file changed under the service): the request cannot succeed as it is.
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    def read_upload(file: UploadFile) -> Any:
+        with metrics.time("read"):
+            data = file.file.read(limits.max_bytes + 1)
+        return inspect_upload(data, file.filename, limits)
+
+    def known(image_id: int) -> dict[str, Any]:
+        record = service.record(image_id)
+        if record is None:
+            raise HTTPException(404, f"no image with id {image_id}")
+        return record
+
+    ImageId = Annotated[int, PathParam(ge=0, description="the image's id in the collection")]
+    ImageFile = Annotated[UploadFile, File(description="an image: JPEG, PNG, WebP, BMP, TIFF or GIF")]
+
+    # -- search --------------------------------------------------------------------------------
+    @app.post("/api/query", response_model=QueryOut, tags=["search"])
+    def query(file: ImageFile, k: Annotated[int, Query(ge=1, le=limits.max_k)] = 10) -> Any:
+        """The k indexed images nearest to an uploaded image, best first."""
+        upload = read_upload(file)
+        matches = service.search(service.describe(upload), k)
+        return {
+            "query": upload.name,
+            "k": k,
+            "matches": [
+                {"id": m.id, "name": m.name, "score": m.score, "copy": m.copy,
+                 "thumbnail": f"/api/images/{m.id}/thumbnail"}
+                for m in matches
+            ],
+        }
+
+    # -- images --------------------------------------------------------------------------------
+    @app.post("/api/images", response_model=AddOut, status_code=201, dependencies=writer, tags=["images"],
+              responses={200: {"description": "already in the collection (same bytes)", "model": AddOut}})
+    def add_image(
+        response: Response,
+        file: ImageFile,
+        activate: Annotated[bool, Query(description="release an activated version (it comes back in the answer)")] = False,
+        psnr: Annotated[float, Query(ge=10.0, le=80.0, description="quality floor of the released file, dB")] = 42.0,
+        iterations: Annotated[int, Query(ge=0, le=100, description="activation optimisation steps")] = 10,
+    ) -> Any:
+        """Add an uploaded image. With ``activate``, the collection keeps the original's code and the
+        answer carries the imperceptibly changed file to publish instead (PNG, base64)."""
+        upload = read_upload(file)
+        if activate:
+            out = service.add_activated(upload, ActivationConfig(psnr=psnr, iterations=iterations))
+        else:
+            out = service.add_passive(upload)
+        if out.duplicate:
+            response.status_code = 200
+        return {"id": out.id, "name": out.name, "mode": out.mode, "duplicate": out.duplicate, "released": out.released}
+
+    @app.delete("/api/images/{image_id}", response_model=RemoveOut, dependencies=writer, tags=["images"])
+    def remove_image(image_id: ImageId) -> Any:
+        """Remove an image from the index and the database."""
+        if not service.remove(image_id):
+            raise HTTPException(404, f"no image with id {image_id}")
+        return {"removed": image_id}
+
+    @app.get("/api/images/{image_id}", response_model=ImageOut, tags=["images"])
+    def image_info(image_id: ImageId) -> Any:
+        """What the collection holds about one image."""
+        r = known(image_id)
+        return {**{k: r[k] for k in ("id", "name", "sha256", "added", "mode", "psnr", "ssim", "linf")},
+                "released": bool(r["released"]), "thumbnail": f"/api/images/{image_id}/thumbnail"}
+
+    @app.get("/api/images/{image_id}/thumbnail", tags=["images"], response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}}}})
+    def thumbnail(
+        image_id: ImageId,
+        size: Annotated[int, Query(ge=THUMBNAIL_SIZES[0], le=THUMBNAIL_SIZES[1])] = 160,
+    ) -> Response:
+        """A JPEG of the indexed image that fits in size × size."""
+        record = known(image_id)
+        # The file the database recorded at add time; a request only ever names the integer id.
+        path = Path(record["path"]) if record["path"] else None
+        if path is None or not path.is_file():
+            raise HTTPException(404, f"the file of image {image_id} is not available to this service")
+        try:
+            with metrics.time("thumbnail"):
+                data = service.thumbnails.get(image_id, path, size)
+        except ImageLoadError as exc:
+            raise HTTPException(404, f"the file of image {image_id} cannot be read: {exc.reason}") from None
+        # Ids are never reused: a thumbnail never changes.
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+
+    @app.get("/api/images/{image_id}/released", tags=["images"], response_class=FileResponse,
+             responses={200: {"content": {"image/png": {}}}})
+    def released(image_id: ImageId) -> FileResponse:
+        """The activated file released for an image added with ``activate``."""
+        record = known(image_id)
+        path = Path(record["released"]) if record["released"] else None
+        if path is None or not path.is_file():
+            raise HTTPException(404, f"image {image_id} has no released file here")
+        return FileResponse(path, media_type="image/png", filename=path.name)
+
+    # -- service -------------------------------------------------------------------------------
+    @app.get("/api/info", response_model=InfoOut, tags=["service"])
+    def info() -> Any:
+        """The collection's settings and size, and this service's limits."""
+        return {
+            "collection": service.info(),
+            "service": {
+                "version": __version__,
+                "writes_enabled": tokens.enabled,
+                "max_upload_bytes": limits.max_bytes,
+                "max_upload_pixels": limits.max_pixels,
+                "max_k": limits.max_k,
+            },
+        }
+
+    @app.get("/healthz", response_model=HealthOut, tags=["service"])
+    def healthz() -> Any:
+        return {"status": "ok", "images": service.count()}
+
+    @app.get("/metrics", tags=["service"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}})
+    def prometheus() -> Response:
+        """Prometheus text format: requests, latency per route and per stage, batch sizes."""
+        metrics.images.set(service.count())
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    # -- web page and docs ---------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _mount_docs(app)
+    return app
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """Swagger UI from the swagger-ui-bundle package, so /docs works without internet."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-static", StaticFiles(directory=swagger_ui_path), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="activeindex API",
+            swagger_js_url="/docs-static/swagger-ui-bundle.js",
+            swagger_css_url="/docs-static/swagger-ui.css",
+            swagger_favicon_url="/docs-static/favicon-32x32.png",
+        )
+
+
+def run(
+    collection_path: str | os.PathLike[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    limits: ServiceLimits = ServiceLimits(),
+    log_level: str = "info",
+) -> None:
+    """Serve a collection with uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(collection_path, token=token, limits=limits)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

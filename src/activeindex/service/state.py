@@ -1,0 +1,250 @@
+"""What the service loads once at start-up, and the operations its routes call.
+
+Concurrency. Queries run in parallel: each decodes in its request thread, the :class:`Batcher`
+runs the model on all queries waiting, and searches take the reader side of a readers-writer lock.
+Writes (add, remove) are serialised by ``write_mutex``; the index itself is changed only inside
+:meth:`ServedCollection.add_vectors` / :meth:`ServedCollection.remove`, under the writer side, so a
+search never walks an index being changed. Everything else a write does (describing, activating,
+which reads the index for its targets) runs beside the searches.
+
+Durability. An add is acknowledged only after the collection's pending → index written atomically →
+indexed protocol returns; a crash before that loses only the request being served, and the next
+start rolls its pending rows back (:meth:`Collection.open`).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from activeindex.activation import ActivationConfig
+from activeindex.activation.add import add_activated
+from activeindex.collection import INDEX_FILE, Collection, Match, write_bytes_atomic
+from activeindex.errors import CollectionError
+from activeindex.extractors import Extractor
+from activeindex.service.batcher import Batcher
+from activeindex.service.locks import RWLock
+from activeindex.service.metrics import ServiceMetrics
+from activeindex.service.thumbnails import ThumbnailCache
+from activeindex.service.uploads import ServiceLimits, Upload, decode_upload
+
+logger = logging.getLogger(__name__)
+
+UPLOADS_DIR = "uploads"  # inside the collection: files added through the service, named by SHA-256
+RELEASED_DIR = "released"  # inside the collection: activated files released through the service
+
+
+class ServedCollection(Collection):
+    """A :class:`Collection` whose index changes hold the writer side of ``rw``.
+
+    It also refuses to write over an index file that another process (a CLI ``add`` while the
+    service runs) replaced since the service read it: the service's copy in memory would otherwise
+    overwrite that process's additions.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.rw = RWLock()
+        self._stamp: tuple[int, int, int] | None = None
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str], **kwargs: Any) -> ServedCollection:
+        coll = super().open(root, **kwargs)
+        assert isinstance(coll, ServedCollection)
+        coll._stamp = coll._index_stamp()  # after open's recovery, which may rewrite the index
+        return coll
+
+    def _index_stamp(self) -> tuple[int, int, int]:
+        st = (self.root / INDEX_FILE).stat()
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _check_unchanged_on_disk(self) -> None:
+        if self._stamp is not None and self._index_stamp() != self._stamp:
+            raise CollectionError(
+                f"{self.root / INDEX_FILE} was changed by another process since this service loaded it; "
+                "restart the service (only the service may write while it runs)"
+            )
+
+    def add_vectors(self, *args: Any, **kwargs: Any) -> list[int]:
+        with self.rw.write():
+            self._check_unchanged_on_disk()
+            try:
+                return super().add_vectors(*args, **kwargs)
+            finally:
+                self._stamp = self._index_stamp()
+
+    def remove(self, ids: Any) -> tuple[list[int], list[int]]:
+        with self.rw.write():
+            self._check_unchanged_on_disk()
+            try:
+                return super().remove(ids)
+            finally:
+                self._stamp = self._index_stamp()
+
+    def record(self, image_id: int) -> dict[str, Any] | None:
+        """The database row of an indexed image, or None."""
+        cur = self.db.execute(
+            "SELECT id, name, path, sha256, added, mode, psnr, ssim, linf, released FROM images "
+            "WHERE id = ? AND status = 'indexed'",
+            (int(image_id),),
+        )
+        row = cur.fetchone()
+        return None if row is None else dict(zip([c[0] for c in cur.description], row))
+
+
+@dataclass(frozen=True)
+class AddOutcome:
+    id: int
+    name: str
+    duplicate: bool  # the content was already in the collection under ``id``
+    mode: str  # passive | activated
+    released: dict[str, Any] | None = None  # activated: quality and the file (base64)
+
+
+class Service:
+    """The loaded collection and extractor, the batcher, locks, metrics and limits."""
+
+    def __init__(self, collection_path: str | os.PathLike[str], limits: ServiceLimits, metrics: ServiceMetrics) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.collection = ServedCollection.open(collection_path)
+        try:
+            self.extractor: Extractor = self.collection.extractor  # loaded (and checked) once, here
+            pre = self.extractor.preprocessing
+            # One forward pass now, so the first request does not pay for lazy initialisation.
+            self.extractor.features(np.zeros((1, pre.input_size, pre.input_size, 3), np.uint8))
+            self.write_mutex = threading.Lock()
+            root = self.collection.root.resolve()
+            self.uploads_dir = root / UPLOADS_DIR
+            self.released_dir = root / RELEASED_DIR
+            self.tmp_dir = Path(tempfile.mkdtemp(prefix="activeindex-serve-"))
+            self.thumbnails = ThumbnailCache(limits.image_limits)
+            self.batcher = Batcher(self.extractor.features, max_batch=limits.max_batch, on_batch=self._observe_batch)
+        except BaseException:
+            self.collection.close()
+            raise
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.collection.close()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def _observe_batch(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.stage.labels("model").observe(seconds)
+
+    # -- reads ---------------------------------------------------------------------------------
+    def describe(self, upload: Upload) -> np.ndarray:
+        """An upload's descriptor (d,), described as the CLI describes files (reduced-size JPEG
+        decoding, the extractor's preprocessing), the model call batched with concurrent queries."""
+        pre = self.extractor.preprocessing
+        with self.metrics.time("decode"):
+            pixels = pre.prepare(decode_upload(upload, self.tmp_dir, self.limits, min_side=pre.decode_min_side))
+        with self.metrics.time("extract"):
+            return self.batcher.submit(pixels).result()
+
+    def search(self, x: np.ndarray, k: int) -> list[Match]:
+        with self.metrics.time("search"), self.collection.rw.read():
+            return self.collection.search(x[None], k)[0]
+
+    def record(self, image_id: int) -> dict[str, Any] | None:
+        with self.collection.rw.read():
+            return self.collection.record(image_id)
+
+    def count(self) -> int:
+        with self.collection.rw.read():
+            return self.collection.count()
+
+    def info(self) -> dict[str, Any]:
+        with self.collection.rw.read():
+            info = self.collection.info()
+        info.pop("path", None)  # the server's file system is not the client's business
+        return info
+
+    # -- writes --------------------------------------------------------------------------------
+    def _store_upload(self, upload: Upload) -> Path:
+        """Keep an added upload's bytes (thumbnails and activation read them): named by content."""
+        self.uploads_dir.mkdir(exist_ok=True)
+        path = self.uploads_dir / f"{upload.sha256}{upload.extension}"
+        if not path.exists():
+            write_bytes_atomic(path, upload.data)
+        return path
+
+    def add_passive(self, upload: Upload) -> AddOutcome:
+        x = self.describe(upload)  # outside the write mutex: describing runs beside other writes
+        with self.write_mutex, self.metrics.time("add"):
+            existing = self.collection.find_hash(upload.sha256)
+            if existing is not None:
+                return AddOutcome(existing, self._name_of(existing), True, self._mode_of(existing))
+            path = self._store_upload(upload)
+            (image_id,) = self.collection.add_vectors(x[None], [upload.name], [upload.sha256], paths=[str(path)])
+        return AddOutcome(image_id, upload.name, False, "passive")
+
+    def add_activated(self, upload: Upload, config: ActivationConfig) -> AddOutcome:
+        """Activate an upload, keep its released file under ``released/``, add the original's code.
+        Raises :class:`ActivationFailed` when no file within the budget could be made."""
+        # Fail a broken file with its reason before taking the write mutex.
+        with self.metrics.time("decode"):
+            decode_upload(upload, self.tmp_dir, self.limits)
+        stem, ext = os.path.splitext(upload.name)
+        name = f"{stem}-{upload.sha256[:8]}{ext}"  # released as released/<name>.png: unique per content
+        with self.write_mutex, self.metrics.time("activate"):
+            existing = self.collection.find_hash(upload.sha256)
+            if existing is not None:
+                return AddOutcome(existing, self._name_of(existing), True, self._mode_of(existing),
+                                  self._released_of(existing))
+            path = self._store_upload(upload)
+            report = add_activated(self.collection, [path], self.released_dir, config, names=[name])
+        if report.failures:
+            raise ActivationFailed(report.failures[0].reason)
+        if report.duplicates:  # cannot happen under the mutex, but never report a wrong outcome
+            existing = report.duplicates[0][1]
+            return AddOutcome(existing, self._name_of(existing), True, self._mode_of(existing))
+        rec = report.released[0]
+        return AddOutcome(rec.id, rec.name, False, "activated", self._released_of(rec.id, rec))
+
+    def remove(self, image_id: int) -> bool:
+        with self.write_mutex, self.metrics.time("remove"):
+            record = self.collection.record(image_id)
+            removed, _ = self.collection.remove([image_id])
+            if removed and record and record["path"]:
+                stored = Path(record["path"])
+                if stored.parent == self.uploads_dir:  # a file only the service made: ours to delete
+                    stored.unlink(missing_ok=True)
+        self.thumbnails.forget(image_id)
+        return bool(removed)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _name_of(self, image_id: int) -> str:
+        return (self.collection.record(image_id) or {}).get("name", "")
+
+    def _mode_of(self, image_id: int) -> str:
+        return (self.collection.record(image_id) or {}).get("mode", "passive")
+
+    def _released_of(self, image_id: int, rec: Any = None) -> dict[str, Any] | None:
+        record = self.collection.record(image_id)
+        if not record or not record["released"]:
+            return None
+        path = Path(record["released"])
+        out: dict[str, Any] = {
+            "psnr": record["psnr"], "ssim": record["ssim"], "linf": record["linf"],
+            "url": f"/api/images/{image_id}/released", "media_type": "image/png",
+        }
+        if rec is not None:
+            out.update(cos_before=rec.cos_before, cos_after=rec.cos_after, scale=rec.scale)
+        if path.is_file():
+            out["data_base64"] = base64.b64encode(path.read_bytes()).decode("ascii")
+        return out
+
+
+class ActivationFailed(Exception):
+    """No released file could be made within the budget; the reason says why."""

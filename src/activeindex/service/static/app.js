@@ -1,0 +1,191 @@
+// The activeindex web page: search by image, and activate & compare. Plain JS, no dependencies.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+function setStatus(el, text, isError = false) {
+  el.textContent = text;
+  el.classList.toggle("error", isError);
+}
+
+async function errorText(resp) {
+  try {
+    const body = await resp.json();
+    return `${resp.status}: ${typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)}`;
+  } catch (e) {
+    return `${resp.status} ${resp.statusText}`;
+  }
+}
+
+// -- tabs ------------------------------------------------------------------------------------
+document.querySelectorAll(".tab").forEach((tab) => {
+  tab.addEventListener("click", () => {
+    document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t === tab));
+    document.querySelectorAll(".panel").forEach((p) => { p.hidden = p.id !== `tab-${tab.dataset.tab}`; });
+  });
+});
+
+// -- drop zones ------------------------------------------------------------------------------
+function dropZone(zoneId, inputId, onFile) {
+  const zone = $(zoneId), input = $(inputId);
+  input.addEventListener("change", () => { if (input.files.length) onFile(input.files[0]); });
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    if (e.dataTransfer.files.length) onFile(e.dataTransfer.files[0]);
+  });
+}
+
+// -- collection info -------------------------------------------------------------------------
+async function loadInfo() {
+  try {
+    const resp = await fetch("/api/info");
+    if (!resp.ok) throw new Error(await errorText(resp));
+    const { collection: c, service: s } = await resp.json();
+    const model = c.extractor.name || c.extractor.path || c.extractor.kind;
+    const thr = c.threshold == null ? "no calibrated copy threshold" : `copy threshold ${c.threshold.toFixed(3)}`;
+    $("collection-info").textContent =
+      `${c.images} images · ${c.factory} (nprobe ${c.nprobe}) · model ${model}, ${c.dim}-d · ${thr}` +
+      (s.writes_enabled ? "" : " · read-only");
+  } catch (e) {
+    $("collection-info").textContent = `cannot read the collection: ${e.message}`;
+  }
+}
+
+// -- search ----------------------------------------------------------------------------------
+function decision(copy) {
+  const b = document.createElement("span");
+  b.className = "badge";
+  if (copy === true) { b.classList.add("copy"); b.textContent = "copy"; }
+  else if (copy === false) { b.classList.add("not-copy"); b.textContent = "not a copy"; }
+  else { b.textContent = "no threshold"; b.title = "the collection has no calibrated copy threshold"; }
+  return b;
+}
+
+async function runQuery(file) {
+  const status = $("query-status");
+  setStatus(status, `searching for ${file.name}…`);
+  $("query-preview").src = URL.createObjectURL(file);
+  $("query-name").textContent = file.name;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const k = Math.max(1, Math.min(100, parseInt($("query-k").value, 10) || 8));
+  const t0 = performance.now();
+  const resp = await fetch(`/api/query?k=${k}`, { method: "POST", body: form });
+  if (!resp.ok) {
+    $("query-result").hidden = true;
+    setStatus(status, await errorText(resp), true);
+    return;
+  }
+  const result = await resp.json();
+  const list = $("matches");
+  list.replaceChildren();
+  for (const m of result.matches) {
+    const li = document.createElement("li");
+    li.className = "match" + (m.copy === true ? " copy" : "");
+    li.dataset.id = m.id;
+    const img = document.createElement("img");
+    img.src = m.thumbnail;
+    img.alt = m.name;
+    img.loading = "lazy";
+    const name = document.createElement("div");
+    name.className = "name";
+    name.textContent = m.name;
+    const line = document.createElement("div");
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = m.score.toFixed(3);
+    line.append(score, " ", decision(m.copy), ` id ${m.id}`);
+    li.append(img, name, line);
+    list.append(li);
+  }
+  $("query-result").hidden = false;
+  setStatus(status, `${result.matches.length} matches in ${Math.round(performance.now() - t0)} ms`);
+}
+
+// -- activate & compare ----------------------------------------------------------------------
+function loadImage(src) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("the browser cannot display this image"));
+    img.src = src;
+  });
+}
+
+let comparePixels = null;  // {a: ImageData, b: ImageData}
+
+function drawTo(canvas, img) {
+  canvas.width = img.naturalWidth;
+  canvas.height = img.naturalHeight;
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(img, 0, 0);
+  return ctx.getImageData(0, 0, canvas.width, canvas.height);
+}
+
+function drawDiff() {
+  if (!comparePixels) return;
+  const k = parseInt($("amp").value, 10);
+  $("amp-value").textContent = k;
+  const { a, b } = comparePixels;
+  const canvas = $("cv-diff");
+  canvas.width = a.width;
+  canvas.height = a.height;
+  const ctx = canvas.getContext("2d");
+  const out = ctx.createImageData(a.width, a.height);
+  for (let i = 0; i < a.data.length; i += 4) {
+    for (let c = 0; c < 3; c++) out.data[i + c] = Math.min(255, Math.abs(a.data[i + c] - b.data[i + c]) * k);
+    out.data[i + 3] = 255;
+  }
+  ctx.putImageData(out, 0, 0);
+}
+
+async function runActivate(file) {
+  const status = $("activate-status");
+  const token = $("token").value.trim();
+  sessionStorage.setItem("activeindex-token", token);
+  if (!token) { setStatus(status, "enter the service's token first", true); return; }
+  setStatus(status, `activating ${file.name}…`);
+  $("compare").hidden = true;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const psnr = parseFloat($("psnr").value) || 42;
+  const resp = await fetch(`/api/images?activate=true&psnr=${psnr}`, {
+    method: "POST", body: form, headers: { Authorization: `Bearer ${token}` },
+  });
+  if (!resp.ok) { setStatus(status, await errorText(resp), true); return; }
+  const out = await resp.json();
+  const r = out.released;
+  if (!r || !r.data_base64) {
+    setStatus(status, `already in the collection as id ${out.id} (${out.mode}); no released file to compare`);
+    return;
+  }
+  const releasedUrl = `data:${r.media_type};base64,${r.data_base64}`;
+  const [orig, act] = await Promise.all([loadImage(URL.createObjectURL(file)), loadImage(releasedUrl)]);
+  const a = drawTo($("cv-original"), orig);
+  const b = drawTo($("cv-activated"), act);
+  $("released-link").href = releasedUrl;
+  $("released-link").download = out.name.replace(/\.[^.]*$/, "") + ".png";
+  if (a.width !== b.width || a.height !== b.height) {
+    setStatus(status, `sizes differ (${a.width}×${a.height} vs ${b.width}×${b.height}): cannot compare`, true);
+    return;
+  }
+  comparePixels = { a, b };
+  drawDiff();
+  const fmt = (v, d) => (v == null ? "–" : v.toFixed(d));
+  $("compare-stats").textContent =
+    `id ${out.id}${out.duplicate ? " (already added)" : ""} · PSNR ${fmt(r.psnr, 2)} dB · SSIM ${fmt(r.ssim, 3)} · ` +
+    `L∞ ${fmt(r.linf, 0)}/255` +
+    (r.cos_before == null ? "" : ` · cosine to the stored code ${fmt(r.cos_before, 3)} → ${fmt(r.cos_after, 3)}`);
+  $("compare").hidden = false;
+  setStatus(status, out.duplicate ? "already in the collection: showing its released file" : "added and activated");
+  loadInfo();
+}
+
+$("amp").addEventListener("input", drawDiff);
+$("token").value = sessionStorage.getItem("activeindex-token") || "";
+dropZone("query-drop", "query-file", (f) => runQuery(f).catch((e) => setStatus($("query-status"), e.message, true)));
+dropZone("activate-drop", "activate-file", (f) => runActivate(f).catch((e) => setStatus($("activate-status"), e.message, true)));
+loadInfo();

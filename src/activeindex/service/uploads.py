@@ -1,0 +1,172 @@
+"""Uploads: bounded in bytes and pixels, only image formats we mean to decode, checked before any
+decoding, and decoded by the library's :func:`~activeindex.images.load_image` (EXIF orientation,
+mode conversion, reduced-size JPEG decoding, the same as every file the CLI reads).
+
+Where a request's bytes touch the disk, the file name is made here (a random temporary name, or the
+content's SHA-256): nothing a client sends is ever used as a path. The client's file name is kept
+only as a label, cleaned of folders and odd characters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from fastapi import HTTPException
+from PIL import Image, UnidentifiedImageError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from activeindex.errors import ImageLoadError
+from activeindex.images import ImageLimits, load_image
+
+# Pillow formats an upload may be in (the ones the CLI's folder walk picks up). Others are refused
+# before Pillow tries them: some plugins (EPS → Ghostscript) are not for untrusted input.
+# (Multi-picture JPEGs from cameras open through the JPEG plugin and report format "MPO".)
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "GIF": ".gif"}
+# Multipart framing around the file (boundaries, part headers, small form fields).
+MULTIPART_SLACK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Bounds on what one request may cost. ``max_bytes`` and ``max_pixels`` bound an upload (413
+    beyond), ``max_k`` the matches per query, ``max_batch`` the images per model call."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_k: int = 100
+    max_batch: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_pixels", "max_k", "max_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+
+
+class UploadRejected(HTTPException):
+    """A 4xx for an upload, with the reason in ``detail``."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    data: bytes
+    name: str  # the client's file name, cleaned: a label, never a path
+    sha256: str
+    format: str  # Pillow's format name
+    width: int
+    height: int
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS[self.format]
+
+
+def clean_name(filename: str | None, default: str = "upload") -> str:
+    """The last component of a client's file name, with characters other than letters, digits,
+    ``. _ -`` and space replaced by ``_``, no leading dot, at most 100 characters."""
+    base = PurePosixPath((filename or "").replace("\\", "/")).name
+    base = re.sub(r"[^\w.\- ]", "_", base).lstrip(". ").strip()
+    if len(base) > 100:
+        stem, ext = os.path.splitext(base)
+        base = stem[: 100 - len(ext[:10])] + ext[:10]
+    return base or default
+
+
+def inspect_upload(data: bytes, filename: str | None, limits: ServiceLimits) -> Upload:
+    """Check an upload's size, format and pixel count from its header, before any decoding."""
+    if not data:
+        raise UploadRejected(400, "empty upload (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise UploadRejected(413, f"upload of {len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
+            fmt, (width, height) = img.format, img.size
+    except UnidentifiedImageError:
+        raise UploadRejected(
+            415, f"not an image file (format not recognised); accepted: {', '.join(ACCEPTED_FORMATS)}"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise UploadRejected(413, f"too many pixels (possible decompression bomb): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any header Pillow cannot parse is the client's error
+        raise UploadRejected(400, f"corrupt image header ({exc})") from None
+    if width * height > limits.max_pixels:
+        raise UploadRejected(
+            413, f"{width}×{height} = {width * height} pixels exceeds the limit of {limits.max_pixels} pixels"
+        )
+    if width < 1 or height < 1:
+        raise UploadRejected(400, f"invalid image size {width}×{height}")
+    return Upload(data, clean_name(filename), hashlib.sha256(data).hexdigest(), str(fmt), width, height)
+
+
+def decode_upload(upload: Upload, tmp_dir: Path, limits: ServiceLimits, *, min_side: int | None = None) -> Image.Image:
+    """Decode an inspected upload with :func:`load_image` (through a temporary file of ours).
+    A file that fails to decode (truncated, corrupt) is a 400 with the reason."""
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=upload.extension)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(upload.data)
+        return load_image(tmp, min_side=min_side, limits=limits.image_limits)
+    except ImageLoadError as exc:
+        raise UploadRejected(400, exc.reason) from None
+    finally:
+        os.unlink(tmp)
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies larger than ``max_body`` bytes with 413, whether announced by
+    ``Content-Length`` (refused before reading) or streamed in chunks (refused once past the bound),
+    so that an upload is never spooled to disk beyond the limit."""
+
+    def __init__(self, app: ASGIApp, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length":
+                try:
+                    announced = int(value)
+                except ValueError:
+                    announced = -1
+                if announced > self.max_body:
+                    await _send_413(send, f"request body of {announced} bytes exceeds the limit of {self.max_body} bytes")
+                    return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    # FastAPI re-raises HTTPExceptions raised while it parses the body.
+                    raise HTTPException(413, f"request body exceeds the limit of {self.max_body} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_413(send: Send, detail: str) -> None:
+    import json
+
+    body = json.dumps({"detail": detail}).encode()
+    await send({
+        "type": "http.response.start",
+        "status": 413,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close")],
+    })
+    await send({"type": "http.response.body", "body": body})
