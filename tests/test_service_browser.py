@@ -1,0 +1,114 @@
+"""The web page, end to end: a real uvicorn server and Debian's headless Chromium (via Selenium and
+chromedriver). Skipped only where /usr/bin/chromium is absent (CI installs it: see .ci/run)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from activeindex.collection import Collection
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+TOKEN = "browser-test-token"
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (apt-get install -y chromium chromium-driver)"
+)
+
+
+@pytest.fixture()
+def server(tmp_path, tiny_extractor, train_vectors, image_dir):
+    """A uvicorn server on a free loopback port, in a thread, over a small collection."""
+    import uvicorn
+
+    from activeindex.service import create_app
+
+    with Collection.create(tmp_path / "c", tiny_extractor, "IVF4,PQ16x4", train_vectors, nprobe=4) as c:
+        c.add_images(sorted(image_dir.glob("*.png"))[:8])
+    app = create_app(tmp_path / "c", token=TOKEN)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        thread.join(0.05)
+    assert srv.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture()
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,900"):
+        options.add_argument(flag)
+    # An explicit chromedriver: Selenium Manager would try to download one.
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_page_finds_an_uploaded_image_and_compares_an_activated_one(server, browser, image_dir):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(server + "/")
+    wait.until(lambda d: "images" in d.find_element(By.ID, "collection-info").text)
+    assert "8 images" in browser.find_element(By.ID, "collection-info").text
+
+    # Search: pick an indexed image; its match comes first, with its thumbnail, score and decision.
+    query = sorted(image_dir.glob("*.png"))[5]
+    browser.find_element(By.ID, "query-file").send_keys(str(query))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#matches li")) == 8)
+    first = browser.find_elements(By.CSS_SELECTOR, "#matches li")[0]
+    assert first.find_element(By.CSS_SELECTOR, ".name").text == query.name
+    assert first.find_element(By.CSS_SELECTOR, ".badge").text == "no threshold"
+    float(first.find_element(By.CSS_SELECTOR, ".score").text)
+    thumb = first.find_element(By.TAG_NAME, "img")
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", thumb) > 0)
+    assert "8 matches" in browser.find_element(By.ID, "query-status").text
+
+    # Activate & compare: the original, its released version and the amplified difference, with PSNR.
+    browser.find_element(By.CSS_SELECTOR, '.tab[data-tab="activate"]').click()
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    original = sorted(image_dir.glob("*.png"))[20]
+    browser.find_element(By.ID, "activate-file").send_keys(str(original))
+    wait.until(EC.visibility_of_element_located((By.ID, "compare")))
+    stats = browser.find_element(By.ID, "compare-stats").text
+    assert "PSNR" in stats and "dB" in stats
+    psnr = float(stats.split("PSNR ")[1].split(" dB")[0])
+    assert psnr >= 42.0
+    size = browser.execute_script(
+        "return ['cv-original','cv-activated','cv-diff'].map(id => "
+        "[document.getElementById(id).width, document.getElementById(id).height])"
+    )
+    assert size == [[64, 48]] * 3
+    # The amplified difference is not black: the released file differs from the original.
+    lit = browser.execute_script(
+        "const c = document.getElementById('cv-diff'); const d = c.getContext('2d')"
+        ".getImageData(0, 0, c.width, c.height).data; let n = 0;"
+        "for (let i = 0; i < d.length; i += 4) if (d[i] + d[i+1] + d[i+2] > 0) n++; return n;"
+    )
+    assert lit > 0
