@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from activeindex.calibration import CALIBRATION_ID_BASE, calibration_scores, split_training
+from activeindex.calibration import CALIBRATION_ID_BASE, calibration_scores, calibration_set, split_training
 from activeindex.collection import Collection
 from activeindex.errors import CollectionError
 from activeindex.images import load_image
@@ -99,7 +99,7 @@ def test_collection_scores_are_normalised_and_decided_at_the_threshold(tmp_path,
 def test_calibration_scores_on_real_edits(tmp_path, tiny_extractor, train_vectors, image_dir):
     coll = Collection.create(tmp_path / "c", tiny_extractor, "IVF4,Flat", train_vectors, nprobe=4)
     images = [load_image(p) for p in sorted(image_dir.iterdir())[:40]]
-    cal = calibration_scores(coll, images, seed=0)
+    cal = calibration_scores(coll, calibration_set(tiny_extractor, images, seed=0))
     assert cal.matching.sum() == 20 and not cal.correct[~cal.matching].any()
     # Identity (edit 0) copies of the first references find themselves: the pipeline is wired up.
     assert cal.correct[0] and cal.scores[0] > 0.99

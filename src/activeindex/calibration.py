@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -49,30 +50,53 @@ def split_training(n: int, seed: int = 0, max_calibration: int = MAX_CALIBRATION
     return np.sort(perm[n_cal:]), np.sort(perm[:n_cal])
 
 
-def calibration_scores(
-    coll: Collection,
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Described calibration images: ``refs`` (m, d) of the first half, and ``queries`` (n, d) of
+    every image's edited copy (query i < m is a copy of reference i; the rest match nothing)."""
+
+    refs: np.ndarray
+    queries: np.ndarray
+    seed: int
+
+    @property
+    def method(self) -> str:
+        m, n = len(self.refs), len(self.queries)
+        return (
+            f"top-1 scores of {m} edited training images against their originals (added to a copy of "
+            f"the index) and {n - m} edited non-matching training images; the paper's 14 edits, "
+            f"cycled; seed {self.seed}"
+        )
+
+
+def calibration_set(
+    extractor: Extractor,
     images: Sequence[Image.Image],
     *,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
-) -> CalibrationScores:
-    """Top-1 scores of edited calibration images against ``coll`` (see the module docstring).
-    The first half of ``images`` play references, the second half non-matching queries."""
+) -> CalibrationSet:
+    """Describe calibration images and their edited copies (independent of any index)."""
     n = len(images)
     if n < MIN_CALIBRATION_IMAGES:
         raise ActiveIndexError(f"calibration needs at least {MIN_CALIBRATION_IMAGES} images, got {n}")
     m = n // 2
-    ex = coll.extractor
-    index = faiss.clone_index(coll.index)
-    ix.set_nprobe(index, coll.config.nprobe)
-    ref_ids = CALIBRATION_ID_BASE + np.arange(m)
-    ix.add_with_ids(index, describe_images(images[:m], ex), ref_ids)
     edits = list(paper_edits().values())
     chosen = [edits[i % m % len(edits)] for i in range(n)]  # query i and i + m get the same edit
-    copies, _ = describe_copies(images, chosen, ex, seed=seed, image_keys=[i % m for i in range(n)],
-                                edit_keys=[1000 + (i >= m) for i in range(n)], progress=progress)
-    raw, I = ix.search(index, copies.features, 1, coll.metric)
-    S = raw if coll.background is None else coll.background.normalize(raw, copies.features)
+    copies, _ = describe_copies(images, chosen, extractor, seed=seed, image_keys=list(range(n)),
+                                edit_keys=[i % m % len(edits) for i in range(n)], progress=progress)
+    return CalibrationSet(describe_images(images[:m], extractor), copies.features, seed)
+
+
+def calibration_scores(coll: Collection, cal: CalibrationSet) -> CalibrationScores:
+    """Top-1 scores of the calibration queries against ``coll`` plus the calibration references
+    (see the module docstring); ``coll`` itself is not changed."""
+    n, m = len(cal.queries), len(cal.refs)
+    index = faiss.clone_index(coll.index)
+    ix.set_nprobe(index, coll.config.nprobe)
+    ix.add_with_ids(index, cal.refs, CALIBRATION_ID_BASE + np.arange(m))
+    raw, I = ix.search(index, cal.queries, 1, coll.metric)
+    S = raw if coll.background is None else coll.background.normalize(raw, cal.queries)
     matching = np.arange(n) < m
     correct = matching & (I[:, 0] == CALIBRATION_ID_BASE + (np.arange(n) % m))
     return CalibrationScores(S[:, 0].astype(np.float32), correct, matching)
@@ -102,14 +126,8 @@ def calibrate_from_images(
     images, failed = load_images([Path(p) for p in paths])
     for p, reason in failed:
         logger.warning("calibration: skipped %s: %s", p, reason)
-    cal = calibration_scores(coll, images, seed=seed, progress=progress)
-    m = len(images) // 2
-    method = (
-        f"top-1 scores of {m} edited training images against their originals (added to a copy of "
-        f"the index) and {len(images) - m} edited non-matching training images; the paper's 14 edits, "
-        f"cycled; seed {seed}"
-    )
-    return coll.calibrate(cal, precision, method)
+    cal = calibration_set(coll.extractor, images, seed=seed, progress=progress)
+    return coll.calibrate(calibration_scores(coll, cal), precision, cal.method)
 
 
 def create_collection(

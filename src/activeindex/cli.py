@@ -49,6 +49,11 @@ PrecisionOpt = Annotated[
     Precision, typer.Option(help="auto: bf16 where it stays within cosine 0.99 of fp32")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", min=1, help="run on a local Ray with N worker CPUs (needs activeindex[ray])")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="run on the Ray cluster at this address (auto, HOST:6379, ray://HOST:10001)")]
+ShardSizeOpt = Annotated[int, typer.Option(help="images per Ray task (with --workers/--ray-address)", min=1)]
 
 
 def _err(msg: str) -> None:
@@ -60,6 +65,15 @@ def _progress(total: int, desc: str) -> Iterator[Any]:
     """A progress bar on a terminal (stderr), silent when piped."""
     with tqdm(total=total, desc=desc, unit="img", disable=None, file=sys.stderr, leave=False) as bar:
         yield bar.update
+
+
+def _ray_options(workers: int | None, ray_address: str | None, shard_size: int) -> Any:
+    """RayOptions when --workers or --ray-address asks for Ray, else None (Ray is not imported)."""
+    if workers is None and ray_address is None:
+        return None
+    from activeindex.distributed import RayOptions
+
+    return RayOptions(workers=workers, address=ray_address, shard_size=shard_size)
 
 
 def _build_extractor(model: str, input_size: int | None, resize: ResizePolicy | None, precision: Precision) -> Extractor:
@@ -121,12 +135,21 @@ def extract(
     precision: PrecisionOpt = Precision.AUTO,
     batch_size: Annotated[int, typer.Option(help="images per model call")] = 32,
     torch_out: Annotated[bool, typer.Option("--torch", help="also write fts.pt (a torch tensor)")] = False,
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
+    shard_size: ShardSizeOpt = 256,
 ) -> None:
     """Describe images: writes OUT/features.npy (float32, n×d) and OUT/names.txt."""
     extractor = _build_extractor(model, input_size, resize, precision)
     paths = _expand(images)
+    ray_options = _ray_options(workers, ray_address, shard_size)
     with _progress(len(paths), "extract") as update:
-        result = extract_paths(paths, extractor, batch_size=batch_size, progress=update)
+        if ray_options is not None:
+            from activeindex.distributed import extract_paths_ray
+
+            result = extract_paths_ray(paths, extractor, options=ray_options, batch_size=batch_size, progress=update)
+        else:
+            result = extract_paths(paths, extractor, batch_size=batch_size, progress=update)
     _report_failures(result.failures)
     from activeindex.features import save_features
 
@@ -244,6 +267,9 @@ def add(
     loss: Annotated[FeatureLoss, typer.Option(help="feature loss towards the target")] = FeatureLoss.COSINE,
     batch_size: Annotated[int, typer.Option(help="images activated together", min=1)] = 16,
     as_json: JsonOpt = False,
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
+    shard_size: ShardSizeOpt = 256,
 ) -> None:
     """Add images to a collection (an image already present by content is reported, not re-added).
 
@@ -252,6 +278,7 @@ def add(
     """
     if activate != (out is not None):
         raise ActiveIndexError("--activate and --out go together: --activate --out DIR")
+    ray_options = _ray_options(workers, ray_address, shard_size)
     with Collection.open(collection) as coll:
         _warn_untrained(coll.extractor)
         paths = _expand(images)
@@ -260,8 +287,18 @@ def add(
             if activate:
                 config = ActivationConfig(psnr=psnr, iterations=iterations, robust=robust, views=views,
                                           target=target, loss=loss)
-                report = add_activated(coll, paths, out, config, names=names, fmt=fmt, quality=quality,
-                                       batch_size=batch_size, progress=update)
+                if ray_options is not None:
+                    from activeindex.distributed import add_activated_ray
+
+                    report = add_activated_ray(coll, paths, out, config, names=names, fmt=fmt, quality=quality,
+                                               batch_size=batch_size, options=ray_options, progress=update)
+                else:
+                    report = add_activated(coll, paths, out, config, names=names, fmt=fmt, quality=quality,
+                                           batch_size=batch_size, progress=update)
+            elif ray_options is not None:
+                from activeindex.distributed import add_images_ray
+
+                report = add_images_ray(coll, paths, names=names, options=ray_options, progress=update)
             else:
                 report = coll.add_images(paths, names=names, progress=update)
         _print_add(report, as_json)
@@ -273,9 +310,11 @@ def query(
     images: Annotated[list[Path], typer.Argument(help="query image files or folders")],
     k: Annotated[int, typer.Option("-k", help="matches per query", min=1)] = 10,
     as_json: JsonOpt = False,
+    mmap: Annotated[bool, typer.Option(
+        "--mmap", help="memory-map the index read-only (shared by processes, loaded on demand)")] = False,
 ) -> None:
     """Find the nearest stored images of each query image."""
-    with Collection.open(collection) as coll:
+    with Collection.open(collection, mmap=mmap) as coll:
         _warn_untrained(coll.extractor)
         paths = _expand(images)
         with _progress(len(paths), "query") as update:
@@ -357,6 +396,60 @@ def serve(
     limits = ServiceLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_batch=max_batch)
     _err(f"serving {collection} on http://{host}:{port}/ (writes {'need the token' if token else 'disabled: no token'})")
     run(collection, host=host, port=port, token=token, limits=limits)
+
+
+@app.command()
+def evaluate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (CSVs, predictions, summary.json, report.html)")],
+    disc21: Annotated[Optional[Path], typer.Option(help="a DISC21 folder (train/, references/, ground-truth CSV[, dev_queries/]); default: the synthetic benchmark")] = None,
+    ground_truth: Annotated[Optional[Path], typer.Option(help="the DISC21 ground-truth CSV (default: found in the folder)")] = None,
+    index: Annotated[Optional[list[str]], typer.Option("--index", help="FAISS factory string; repeat for several")] = None,
+    methods: Annotated[str, typer.Option(help="comma-separated: passive, plain, robust")] = "passive,plain,robust",
+    model: ModelOpt = "builtin",
+    input_size: InputSizeOpt = None,
+    resize: ResizeOpt = None,
+    nprobe: Annotated[int, typer.Option(help="IVF cells visited per query (the paper: 1)")] = 1,
+    psnr: Annotated[float, typer.Option(help="quality floor of activated images, dB")] = 42.0,
+    iterations: Annotated[int, typer.Option(help="activation steps", min=0)] = 10,
+    views: Annotated[int, typer.Option(help="edited views per step of robust activation", min=1)] = 3,
+    target: Annotated[TargetKind, typer.Option(help="activation target")] = TargetKind.RECONSTRUCTION,
+    target_precision: Annotated[float, typer.Option("--target-precision", help="precision of the calibrated copy threshold", min=0.01, max=1.0)] = DEFAULT_PRECISION,
+    n_train: Annotated[Optional[int], typer.Option(help="training images (synthetic: generated; DISC21: cap)")] = None,
+    n_refs: Annotated[int, typer.Option(help="synthetic: references in the index, images under test included")] = 2048,
+    n_distractors: Annotated[Optional[int], typer.Option(help="DISC21: cap on distractor references")] = None,
+    n_test: Annotated[Optional[int], typer.Option(help="images under test (synthetic default 200; DISC21: cap)")] = None,
+    n_nonmatch: Annotated[Optional[int], typer.Option(help="non-matching queries (synthetic default 200; DISC21: cap)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the edits, splits and synthetic images")] = 0,
+) -> None:
+    """The paper's experiment: passive vs activated images, retrieval under the 14 edits and copy
+    detection, for one or more indexes. Writes retr_df.csv, icd_df.csv, ISC-format predictions,
+    summary.json (with the resolved settings) and a self-contained report.html."""
+    from activeindex.evaluation import EvalSettings, Method, disc21_source, evaluate_and_report, synthetic_source
+    from activeindex.evaluation.outputs import format_edit_table, format_table
+
+    try:
+        chosen = tuple(Method(m.strip()) for m in methods.split(",") if m.strip())
+    except ValueError:
+        raise ActiveIndexError(f"--methods takes a comma-separated list of {', '.join(m.value for m in Method)}; got {methods!r}") from None
+    settings = EvalSettings(factories=tuple(index or ["IVF256,PQ8x8"]), methods=chosen, nprobe=nprobe, psnr=psnr,
+                            iterations=iterations, views=views, target=target, precision=target_precision, seed=seed)
+    extractor = _build_extractor(model, input_size, resize, Precision.AUTO)
+    if disc21 is not None:
+        data = disc21_source(disc21, ground_truth=ground_truth, n_train=n_train, n_distractors=n_distractors,
+                             n_test=n_test, n_nonmatch=n_nonmatch)
+    else:
+        n_img = (n_train or 2048) + n_refs + (n_nonmatch or 200)
+        with _progress(n_img, "make images") as update:
+            data = synthetic_source(out / "images", n_train=n_train or 2048, n_refs=n_refs, n_test=n_test or 200,
+                                    n_nonmatch=n_nonmatch or 200, seed=seed + 7, progress=update)
+    _err(f"evaluating on {data.name}: {data.counts()}")
+    for note in data.notes:
+        _err(f"  subset: {note}")
+    _, summary, paths = evaluate_and_report(data, extractor, settings, out, log=_err)
+    typer.echo(format_table(summary))
+    typer.echo("")
+    typer.echo(format_edit_table(summary))
+    _err(f"report: {paths['report']}\nsummary: {paths['summary']}; per-copy rows: {paths['retr_df']}, {paths['icd_df']}")
 
 
 @app.command("make-images")

@@ -29,7 +29,7 @@ from PIL import Image
 
 from activeindex.activation.optimize import ActivatedBatch, ActivationConfig, activate_batch
 from activeindex.activation.release import OutputFormat, Released, finalize
-from activeindex.activation.targets import check_target_support, compute_targets
+from activeindex.activation.targets import check_target_support, compute_targets, effective_target
 from activeindex.collection import AddReport, Collection, write_bytes_atomic
 from activeindex.errors import ActivationError, ActiveIndexError, ImageLoadError
 from activeindex.features import Failure
@@ -121,6 +121,7 @@ def add_activated(
     if fmt.lossy(quality) and config.jpeg_quality is None:
         # Optimise through the (differentiable JPEG stand-in for the) codec the file will go through.
         config = dataclasses.replace(config, jpeg_quality=int(quality))
+    config = dataclasses.replace(config, target=effective_target(coll.index, config.target))
     check_target_support(coll.index, config.target)
     out_dir = Path(out_dir)
     paths = [Path(p) for p in paths]

@@ -91,3 +91,20 @@ def compute_targets(index: faiss.Index, x: np.ndarray, kind: TargetKind | str = 
     t = np.asarray(t, dtype=np.float32)
     norms = np.linalg.norm(t, axis=1, keepdims=True)
     return t / np.maximum(norms, 1e-12)
+
+
+def lossless(index: faiss.Index) -> bool:
+    """Whether the index stores vectors exactly (Flat, IVF-Flat): then the reconstruction target is
+    the original's own descriptor and activating towards it changes nothing."""
+    codec = _codec(index)
+    probe = np.random.default_rng(0).normal(size=(4, index.d)).astype(np.float32)
+    return bool(np.allclose(codec.sa_decode(codec.sa_encode(probe)), probe, atol=1e-5))
+
+
+def effective_target(index: faiss.Index, kind: TargetKind | str) -> TargetKind:
+    """``kind``, except that a reconstruction target on a lossless IVF index becomes its centroid
+    (the only way to push a descriptor deeper into its cell there)."""
+    kind = TargetKind(kind)
+    if kind is TargetKind.RECONSTRUCTION and faiss.try_extract_index_ivf(index) is not None and lossless(index):
+        return TargetKind.CENTROID
+    return kind

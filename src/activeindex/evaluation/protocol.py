@@ -1,0 +1,400 @@
+"""The paper's experiment (METHOD.md §2), end to end, for several indexes and ways of releasing.
+
+For each FAISS factory:
+
+1. a collection is created: the index trained on the training images' descriptors, a part of them
+   kept as the score-normalisation background;
+2. the distractors and the images under test are added *as originals* (the index always holds
+   the original's code), then the copy threshold is calibrated on the other training images
+   (:mod:`activeindex.calibration`; their copies are described once for all factories);
+3. each method releases the images under test: ``passive`` as they are, ``plain`` activated
+   (METHOD.md §1), ``robust`` activated through random differentiable edits; activation aims at
+   this factory's index, so activated pixels differ between factories;
+4. retrieval: every released image goes through each of the paper's 14 edits (the same draw for
+   every method and factory) and is searched for (k nearest); R@1, R@10, rank per copy;
+5. copy detection: one "auto" copy of every released image (a query with a match) and of every
+   non-matching image (a query without one), searched for; the pooled (query, reference, score)
+   predictions give µAP, recall at precision 0.9, and precision/recall at the collection's
+   calibrated threshold.
+
+Descriptors that do not depend on the factory (training images, distractors, originals, passive
+copies, non-matching copies, calibration copies) are computed once.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from activeindex import metrics
+from activeindex.activation.add import release_batch
+from activeindex.activation.optimize import ActivationConfig
+from activeindex.activation.release import decode
+from activeindex.activation.targets import TargetKind, check_target_support, effective_target
+from activeindex.calibration import calibration_scores, calibration_set, split_training
+from activeindex.collection import Collection
+from activeindex.copies import describe_copies
+from activeindex.edits import paper_edits
+from activeindex.edits.registry import NamedEdit
+from activeindex.errors import ActiveIndexError
+from activeindex.evaluation.sources import EvalData
+from activeindex.extractors import Extractor
+from activeindex.features import describe_images, extract_paths
+from activeindex.images import load_image
+from activeindex.scoring import DEFAULT_PRECISION, Normalization
+
+logger = logging.getLogger(__name__)
+
+AUTO = NamedEdit("auto", "auto", {})
+ICD_EDIT_KEY = 1000  # edit key of the copy-detection "auto" copies (the 14 edits use 0..13)
+CSV_NEIGHBOURS = 10  # retrieved ids/scores written per row of retr_df.csv / icd_df.csv
+
+
+class Method(str, enum.Enum):
+    PASSIVE = "passive"
+    PLAIN = "plain"
+    ROBUST = "robust"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything that decides an evaluation's numbers; written to ``summary.json``."""
+
+    factories: tuple[str, ...] = ("IVF256,PQ8x8",)
+    methods: tuple[Method, ...] = (Method.PASSIVE, Method.PLAIN, Method.ROBUST)
+    nprobe: int = 1
+    k: int = 100  # neighbours per retrieval query (the paper's 100)
+    k_icd: int = 10  # predictions per copy-detection query
+    psnr: float = 42.0
+    iterations: int = 10
+    views: int = 3  # edited views per step, robust activation
+    target: TargetKind = TargetKind.RECONSTRUCTION
+    precision: float = DEFAULT_PRECISION  # the calibrated copy threshold's target
+    beta: float = 1.0
+    n_background: int = 3  # score normalisation's top-n
+    batch_size: int = 16  # images activated together
+    seed: int = 0
+    examples: int = 4  # released images kept for the report
+
+    def activation(self, method: Method) -> ActivationConfig:
+        return ActivationConfig(psnr=self.psnr, iterations=self.iterations, target=self.target,
+                                robust=method is Method.ROBUST, views=self.views)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["methods"] = [m.value for m in self.methods]
+        d["target"] = self.target.value
+        d["factories"] = list(self.factories)
+        return d
+
+
+@dataclass
+class RunResult:
+    """One (factory, method): per-copy retrieval rows, copy-detection predictions, summary."""
+
+    factory: str
+    method: Method
+    retrieval: list[dict[str, Any]] = field(default_factory=list)
+    icd: list[dict[str, Any]] = field(default_factory=list)
+    predictions: list[tuple[str, str, float]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    curve: tuple[np.ndarray, np.ndarray] | None = None  # (recall, precision) of the pooled predictions
+    psnr: np.ndarray | None = None
+    examples: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class Shared:
+    """Factory-independent inputs, computed once."""
+
+    xt: np.ndarray
+    bg: np.ndarray
+    cal: Any
+    x_distractors: np.ndarray
+    distractor_names: list[str]
+    originals: list[np.ndarray]
+    test_names: list[str]
+    x_originals: np.ndarray
+    nonmatch_copies: np.ndarray
+    nonmatch_names: list[str]
+    nonmatch_records: list[Any]
+    passive: dict[str, Any] = field(default_factory=dict)  # cached passive copies
+
+
+@contextmanager
+def stage(desc: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar for one stage (stderr; silent when not a terminal)."""
+    with tqdm(total=total, desc=desc, unit="img", disable=None, leave=False) as bar:
+        yield bar.update
+
+
+def _say(log: Callable[[str], None] | None, msg: str) -> None:
+    if log is not None:
+        log(msg)
+    logger.info(msg)
+
+
+def _describe_files(paths: Sequence[Path], ex: Extractor, desc: str) -> tuple[np.ndarray, list[Path]]:
+    with stage(desc, len(paths)) as update:
+        res = extract_paths(paths, ex, progress=update)
+    if res.failures:
+        raise ActiveIndexError(
+            f"{len(res.failures)} {desc} images cannot be read, e.g. {res.failures[0].path}: {res.failures[0].reason}"
+        )
+    return res.features, res.paths
+
+
+def _load(paths: Sequence[Path], desc: str) -> list[np.ndarray]:
+    out = []
+    for p in tqdm(paths, desc=desc, unit="img", disable=None, leave=False):
+        out.append(np.asarray(load_image(p)))
+    return out
+
+
+def prepare_shared(data: EvalData, ex: Extractor, settings: EvalSettings, log: Callable[[str], None] | None = None) -> Shared:
+    xt, train_paths = _describe_files(data.train, ex, "training images")
+    bg, cal_idx = split_training(len(train_paths), settings.seed)
+    cal_images = [load_image(train_paths[i]) for i in cal_idx]
+    with stage("calibration copies", len(cal_images)) as update:
+        cal = calibration_set(ex, cal_images, seed=settings.seed, progress=update)
+    _say(log, f"   {len(xt)} training descriptors: {len(bg)} background, {len(cal_idx)} calibration images")
+    x_d, d_paths = _describe_files(data.distractors, ex, "distractors")
+    originals = _load(data.under_test, "images under test")
+    with stage("originals", len(originals)) as update:
+        x_o = describe_images([Image.fromarray(a) for a in originals], ex, progress=update)
+    nonmatch = [load_image(p) for p in data.nonmatching]
+    with stage("non-matching copies", len(nonmatch)) as update:
+        copies, _ = describe_copies(nonmatch, [AUTO] * len(nonmatch), ex, seed=settings.seed + 1,
+                                    edit_keys=[ICD_EDIT_KEY] * len(nonmatch), progress=update)
+    return Shared(
+        xt=xt, bg=xt[bg], cal=cal, x_distractors=x_d, distractor_names=[p.name for p in d_paths],
+        originals=originals, test_names=[p.name for p in data.under_test], x_originals=x_o,
+        nonmatch_copies=copies.features, nonmatch_names=[p.name for p in data.nonmatching],
+        nonmatch_records=copies.records,
+    )
+
+
+def build_collection(root: Path, factory: str, ex: Extractor, shared: Shared, settings: EvalSettings) -> tuple[Collection, list[int]]:
+    """A fresh collection at ``root`` for ``factory``: trained, calibrated, holding the distractors
+    and the originals of the images under test; returns it and the originals' ids."""
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+    coll = Collection.create(root, ex, factory, shared.xt, nprobe=settings.nprobe, background=shared.bg,
+                             normalization=Normalization(settings.beta, settings.n_background))
+    names = shared.distractor_names
+    coll.add_vectors(shared.x_distractors, names, [f"distractor:{n}" for n in names])
+    ids = coll.add_vectors(shared.x_originals, shared.test_names, [f"test:{n}" for n in shared.test_names])
+    # Calibrated on the filled index, as `activeindex calibrate` does after adding: non-matching
+    # calibration queries then meet the neighbours real queries meet.
+    try:
+        coll.calibrate(calibration_scores(coll, shared.cal), settings.precision, shared.cal.method)
+    except ActiveIndexError as exc:
+        logger.warning("%s: copy threshold not calibrated: %s", factory, exc)
+    return coll, ids
+
+
+def release(coll: Collection, originals: list[np.ndarray], method: Method, settings: EvalSettings) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Released pixels of ``originals`` under ``method`` and what releasing cost."""
+    if method is Method.PASSIVE:
+        return originals, {}
+    config = replace(settings.activation(method), target=effective_target(coll.index, settings.target))
+    check_target_support(coll.index, config.target)
+    out: list[np.ndarray] = []
+    q: dict[str, list[float]] = {"psnr": [], "ssim": [], "linf": [], "cos_before": [], "cos_after": []}
+    t0 = time.perf_counter()
+    with stage(f"activate ({method.value})", len(originals)) as update:
+        for start in range(0, len(originals), settings.batch_size):
+            _, act, files = release_batch(coll, originals[start : start + settings.batch_size], config)
+            for r in files:
+                if isinstance(r, Exception):  # a lossless PNG always meets its budget
+                    raise r
+                out.append(decode(r.data))
+                for k, v in r.quality().items():
+                    q[k].append(v)
+            q["cos_before"].extend(act.cos_before.tolist())
+            q["cos_after"].extend(act.cos_after.tolist())
+            update(len(files))
+    seconds = time.perf_counter() - t0
+    arr = {k: np.asarray([x for x in v if x is not None], dtype=float) for k, v in q.items()}
+    stats = {f"{k}_mean": float(v.mean()) for k, v in arr.items() if len(v)}
+    stats.update(psnr_min=float(arr["psnr"].min()), psnr_std=float(arr["psnr"].std()),
+                 linf_max=float(arr["linf"].max()), images_per_s=len(originals) / seconds, target=config.target.value,
+                 psnr_all=arr["psnr"].tolist())
+    return out, stats
+
+
+def _copies(released: list[np.ndarray], ex: Extractor, settings: EvalSettings, desc: str) -> dict[str, Any]:
+    """Descriptors of the 14 edited copies and the "auto" copy-detection copy of each image."""
+    images = [Image.fromarray(a) for a in released]
+    n = len(images)
+    out: dict[str, Any] = {}
+    edits = list(paper_edits().items())
+    with stage(f"copies ({desc})", n * (len(edits) + 1)) as update:
+        for e, (name, edit) in enumerate(edits):
+            out[name] = describe_copies(images, [edit] * n, ex, seed=settings.seed, edit_keys=[e] * n, progress=update)[0]
+        out["icd"] = describe_copies(images, [AUTO] * n, ex, seed=settings.seed, edit_keys=[ICD_EDIT_KEY] * n,
+                                     progress=update)[0]
+    return out
+
+
+def _fmt(values: np.ndarray, digits: int = 4) -> str:
+    return " ".join(f"{v:.{digits}f}" for v in values)
+
+
+def evaluate_run(coll: Collection, ids: list[int], copies: dict[str, Any], shared: Shared, factory: str,
+                 method: Method, settings: EvalSettings) -> RunResult:
+    """Retrieval and copy detection of one (factory, method) from its copies' descriptors."""
+    run = RunResult(factory, method)
+    ids_arr = np.asarray(ids)
+    r1: dict[str, float] = {}
+    r10: dict[str, float] = {}
+    for name in paper_edits():
+        c = copies[name]
+        S, I, raw = coll.search_arrays(c.features, settings.k)
+        hit = I == ids_arr[:, None]
+        rank = np.where(hit.any(axis=1), hit.argmax(axis=1), settings.k)
+        r1[name] = float((rank < 1).mean())
+        r10[name] = float((rank < 10).mean())
+        for i in range(len(ids)):
+            rec = c.records[i]
+            run.retrieval.append({
+                "index": factory, "method": method.value, "batch": i // settings.batch_size,
+                "image_index": ids[i], "image_name": shared.test_names[i], "attack": name,
+                "attack_param": json.dumps(rec.to_dict()["params"]), "rank": int(rank[i]),
+                "r@1": int(rank[i] < 1), "r@10": int(rank[i] < 10), "r@100": int(rank[i] < 100),
+                "ap": 1.0 / (rank[i] + 1) if rank[i] < settings.k else 0.0,
+                "retrieved_distances": _fmt(2.0 - 2.0 * raw[i, :CSV_NEIGHBOURS]),
+                "retrieved_scores": _fmt(S[i, :CSV_NEIGHBOURS]),
+                "retrieved_indices": " ".join(map(str, I[i, :CSV_NEIGHBOURS])),
+            })
+    r1["mean"] = float(np.mean(list(r1.values())))
+    r10["mean"] = float(np.mean(list(r10.values())))
+
+    # Copy detection: positives (one auto copy per released image) then non-matching queries.
+    xq = np.concatenate([copies["icd"].features, shared.nonmatch_copies])
+    records = copies["icd"].records + shared.nonmatch_records
+    qnames = [f"pos{i:06d}" for i in range(len(ids))] + [f"neg{j:06d}" for j in range(len(shared.nonmatch_names))]
+    S, I, raw = coll.search_arrays(xq, settings.k_icd)
+    names = coll.names(np.unique(I[I >= 0]).tolist())
+    raw_preds: list[tuple[str, str, float]] = []
+    for qi, qn in enumerate(qnames):
+        keep = I[qi] >= 0
+        for s, r, i in zip(S[qi][keep], raw[qi][keep], I[qi][keep]):
+            run.predictions.append((qn, names[int(i)], float(s)))
+            raw_preds.append((qn, names[int(i)], float(r)))
+        matching = qi < len(ids)
+        run.icd.append({
+            "index": factory, "method": method.value, "batch": qi // 64, "query_id": qn,
+            "image_index": ids[qi] if matching else -1,
+            "image_name": shared.test_names[qi] if matching else shared.nonmatch_names[qi - len(ids)],
+            "attack": json.dumps(records[qi].to_dict()),
+            "retrieved_distances": _fmt(2.0 - 2.0 * raw[qi, :CSV_NEIGHBOURS]),
+            "retrieved_scores": _fmt(S[qi, :CSV_NEIGHBOURS]),
+            "retrieved_ids": " ".join(map(str, I[qi, :CSV_NEIGHBOURS])),
+        })
+    gt = [(qnames[i], shared.test_names[i]) for i in range(len(ids))]
+    m = metrics.evaluate(_as_triples(run.predictions), gt)
+    uap_raw = metrics.micro_average_precision(_as_triples(raw_preds), gt)
+    precision, recall, _ = metrics.precision_recall_curve(_as_triples(run.predictions), gt)
+    run.curve = (recall, precision)
+    thr = coll.config.threshold
+    at_thr: dict[str, float | None] = {"threshold": thr, "precision": None, "recall": None}
+    if thr is not None:
+        gts = set(gt)
+        chosen = [(q, r) for q, r, s in run.predictions if s >= thr]
+        tp = sum(p in gts for p in chosen)
+        at_thr.update(precision=tp / len(chosen) if chosen else None, recall=tp / len(gt))
+    run.summary = {
+        "r@1": r1, "r@10": r10,
+        "uap": m.uap, "uap_raw": uap_raw, "recall_at_p90": m.recall_at_p90, "threshold_at_p90": m.threshold_at_p90,
+        "icd_recall_at_1": m.recall_at_1, "at_calibrated_threshold": at_thr,
+        "n_matching_queries": len(ids), "n_nonmatching_queries": len(shared.nonmatch_names),
+    }
+    return run
+
+
+def _as_triples(preds: list[tuple[str, str, float]]) -> tuple[list[str], list[str], np.ndarray]:
+    if not preds:
+        return [], [], np.zeros(0)
+    q, r, s = zip(*preds)
+    return list(q), list(r), np.asarray(s, dtype=np.float64)
+
+
+def run_evaluation(
+    data: EvalData,
+    ex: Extractor,
+    settings: EvalSettings,
+    out: str | Path,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[RunResult], dict[str, Any]]:
+    """Run the protocol; returns the (factory, method) results and the summary (also written,
+    with the CSVs and predictions, by :func:`activeindex.evaluation.outputs.write_outputs`)."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    _precheck(settings, ex)
+    _say(log, f"   sets: {data.counts()}")
+    shared = prepare_shared(data, ex, settings, log)
+    results: list[RunResult] = []
+    factories: dict[str, Any] = {}
+    for factory in settings.factories:
+        coll, ids = build_collection(out / "collections" / factory_slug(factory), factory, ex, shared, settings)
+        factories[factory] = {"threshold": coll.config.threshold_info, "index_bytes": (coll.root / "index.faiss").stat().st_size}
+        with coll:
+            for method in settings.methods:
+                released, stats = release(coll, shared.originals, method, settings)
+                if method is Method.PASSIVE and "copies" in shared.passive:
+                    copies = shared.passive["copies"]
+                else:
+                    copies = _copies(released, ex, settings, f"{factory}, {method.value}")
+                    if method is Method.PASSIVE:
+                        shared.passive["copies"] = copies
+                run = evaluate_run(coll, ids, copies, shared, factory, method, settings)
+                run.psnr = np.asarray(stats.pop("psnr_all")) if stats else None
+                run.summary["release"] = stats
+                run.examples = released[: settings.examples]
+                results.append(run)
+                s = run.summary
+                _say(log, f"   {factory:24s} {method.value:8s} mean R@1 {s['r@1']['mean']:.3f}  µAP {s['uap']:.3f}  "
+                          f"R@P90 {s['recall_at_p90']:.3f}" + (f"  PSNR {stats['psnr_mean']:.2f} dB" if stats else ""))
+    summary = {
+        "source": data.name, "counts": data.counts(), "notes": data.notes, "model": ex.spec_string,
+        "model_digest": ex.digest, "settings": settings.to_dict(), "factories": factories,
+        "results": {f"{r.factory} | {r.method.value}": {"factory": r.factory, "method": r.method.value, **r.summary}
+                    for r in results},
+        "seconds": time.perf_counter() - t0,
+    }
+    return results, summary
+
+
+def _precheck(settings: EvalSettings, ex: Extractor) -> None:
+    """Refuse factories that cannot run (bad strings, no target for activation) before any work."""
+    import faiss
+
+    from activeindex.index import build_index
+
+    for f in settings.factories:
+        idx = build_index(f, ex.dim)
+        if all(m is Method.PASSIVE for m in settings.methods):
+            continue
+        if "LSH" in f:
+            raise ActiveIndexError(f"{f}: LSH codes cannot give an activation target")
+        if settings.target is TargetKind.CENTROID and faiss.try_extract_index_ivf(idx) is None:
+            raise ActiveIndexError(f"{f}: the 'centroid' target needs an IVF index")
+
+
+def factory_slug(factory: str) -> str:
+    """A file-name-safe form of a factory string."""
+    return "".join(c if c.isalnum() else "_" for c in factory)
