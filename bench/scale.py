@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nq", type=int, default=1000, help="queries")
     p.add_argument("--nprobe", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--shards", type=int, default=8, help="shard indexes merged into the collection")
-    p.add_argument("--images", type=int, default=4096, help="images extracted per configuration (part b)")
+    p.add_argument("--images", type=int, default=2048, help="images extracted per configuration (part b)")
     p.add_argument("--activate", type=int, default=256, help="images activated per configuration (part b)")
     p.add_argument("--iterations", type=int, default=10, help="activation iterations")
     p.add_argument("--shard-size", type=int, default=256, help="images per Ray task (extraction)")
