@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from activeindex.activation import ActivationConfig
 from activeindex.activation.add import add_activated
@@ -128,7 +129,10 @@ class Service:
             self.released_dir = root / RELEASED_DIR
             self.tmp_dir = Path(tempfile.mkdtemp(prefix="activeindex-serve-"))
             self.thumbnails = ThumbnailCache(limits.image_limits)
-            self.batcher = Batcher(self.extractor.features, max_batch=limits.max_batch, on_batch=self._observe_batch)
+            # On a CPU, one model worker per torch thread ("batch streams", see .batcher).
+            workers = torch.get_num_threads() if self.extractor.device.type == "cpu" else 1
+            self.batcher = Batcher(self.extractor.features, max_batch=limits.max_batch, workers=workers,
+                                   on_batch=self._observe_batch)
         except BaseException:
             self.collection.close()
             raise

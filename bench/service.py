@@ -1,0 +1,312 @@
+"""Query throughput of the HTTP service against the library in-process, on the same images.
+
+Run it from the repository root::
+
+    .venv/bin/python bench/service.py                       # 400 queries, 16 clients
+    .venv/bin/python bench/service.py --queries 800 --clients 32 --json out/service.json
+
+It builds its own collection (``--refs`` synthetic 256×256 references and
+``--train`` training images from :func:`activeindex.datasets.synthetic.make_images`, the builtin
+model, ``--index`` trained on the training images; kept in ``bench/.cache/`` and reused by later runs
+with the same settings), writes ``--queries`` query files to a temporary folder (edited copies
+of references: a 90 % crop, resized to ``--query-size`` px, JPEG quality 90), then times, round
+after round (best of ``--repeats`` after an untimed warm-up):
+
+``in-process``
+    :func:`activeindex.features.extract_paths` over the query files (threaded decoding overlapped
+    with the model, batches of 32) and one :meth:`Collection.search` of all descriptors: what a
+    batch job on this machine does with the same files and collection.
+``service``
+    ``activeindex serve`` started as a subprocess (uvicorn), and ``--clients`` threads each posting
+    one query file at a time over keep-alive loopback connections (``POST /api/query``,
+    multipart, bodies built before timing), until the ``--queries`` are answered.
+
+Targets: 0 errors (any answer but 200, or a failed connection), and service throughput ≥ 80 % of
+in-process. Printed as PASS/MISS; the script always exits 0: it measures, it does not gate. The
+clients run on the same cores as the server, which the in-process run does not pay for: the ratio
+is a conservative one. It also prints how often the service's top-1 is the in-process top-1 (not
+always identical: the service batches whichever queries arrive together, and a bf16 model gives
+slightly different numbers for different batch compositions) and the server's own per-stage times,
+read from its ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from activeindex.collection import Collection
+from activeindex.datasets.synthetic import make_images
+from activeindex.extractors import create_extractor
+from activeindex.features import extract_paths
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+TARGET_RATIO = 0.8
+BOUNDARY = "activeindex-bench-boundary"
+
+
+# -- data ------------------------------------------------------------------------------------------
+def build_collection(root: Path, args: argparse.Namespace) -> tuple[Collection, list[Path]]:
+    """Training and reference images, the collection (index trained on the training images,
+    references added); → (the open collection, reference paths in id order). A complete collection
+    left in ``root`` by an earlier run with the same settings is reused."""
+    extractor = create_extractor(args.model)
+    refs = make_images(root / "refs", args.refs, seed=0, size=(256, 256))
+    if (root / "collection" / "collection.json").exists():
+        coll = Collection.open(root / "collection", extractor=extractor)
+        if coll.count() == len(refs):
+            return coll, refs
+        coll.close()
+    shutil.rmtree(root / "collection", ignore_errors=True)  # an interrupted build
+    train = make_images(root / "train", args.train, seed=1, size=(256, 256))
+    xt = extract_paths(train, extractor).features
+    coll = Collection.create(root / "collection", extractor, args.index, xt, nprobe=args.nprobe)
+    report = coll.add_images(refs)
+    assert len(report.added) == len(refs) and [i for i, _ in report.added] == list(range(1, len(refs) + 1))
+    return coll, refs
+
+
+def write_queries(refs: Sequence[Path], out: Path, n: int, size: int) -> tuple[list[Path], np.ndarray]:
+    """``n`` edited copies of references (cycling through them) → (JPEG paths, expected ids)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths, expected = [], []
+    for i in range(n):
+        ref = i % len(refs)
+        img = Image.open(refs[ref]).convert("RGB")
+        w, h = img.size
+        img = img.crop((w // 20, h // 20, w - w // 20, h - h // 20)).resize((size, size), Image.BICUBIC)
+        path = out / f"q_{i:05d}.jpg"
+        img.save(path, format="JPEG", quality=90)
+        paths.append(path)
+        expected.append(ref + 1)  # ids are given in order from 1
+    return paths, np.array(expected)
+
+
+def multipart(path: Path) -> bytes:
+    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+    return head + path.read_bytes() + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+# -- the two ways ----------------------------------------------------------------------------------
+def run_in_process(coll: Collection, paths: Sequence[Path], k: int) -> tuple[float, np.ndarray]:
+    t0 = time.perf_counter()
+    result = extract_paths(paths, coll.extractor)
+    matches = coll.search(result.features, k)
+    seconds = time.perf_counter() - t0
+    if result.failures:
+        raise RuntimeError(f"in-process could not read {result.failures[0]}")
+    return len(paths) / seconds, np.array([m[0].id if m else -1 for m in matches])
+
+
+def run_clients(port: int, bodies: Sequence[bytes], clients: int, k: int) -> dict:
+    """Post every body once, from ``clients`` threads; → rate, latencies, errors, top-1 ids."""
+    n = len(bodies)
+    latency = np.zeros(n)
+    top1 = np.full(n, -1)
+    errors: list[str] = []
+    next_index = iter(range(n))
+    lock = threading.Lock()
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                break
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", f"/api/query?k={k}", body=bodies[i], headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status == 200:
+                    matches = json.loads(data)["matches"]
+                    top1[i] = matches[0]["id"] if matches else -1
+                else:
+                    errors.append(f"{resp.status}: {data[:200]!r}")
+            except (OSError, http.client.HTTPException) as exc:
+                errors.append(repr(exc))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            latency[i] = time.perf_counter() - t0
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    return {"rate": n / seconds, "latency": latency, "errors": errors, "top1": top1}
+
+
+# -- the server ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(collection: Path, port: int, log: Path, max_batch: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "ACTIVEINDEX_TOKEN"}  # read-only: queries only
+    cmd = [sys.executable, "-m", "activeindex.cli", "serve", str(collection), "--port", str(port),
+           "--max-batch", str(max_batch)]
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not answer /healthz within 180 s")
+
+
+def server_stages(port: int) -> dict[str, float]:
+    """Mean seconds per observation of each stage, and the mean batch size, from /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        for suffix, table in (("_sum", sums), ("_count", counts)):
+            if line.startswith(f"activeindex_stage_seconds{suffix}{{"):
+                stage = line.split('stage="')[1].split('"')[0]
+                table[stage] = float(line.rsplit(" ", 1)[1])
+            if line.startswith(f"activeindex_extract_batch_size{suffix} "):
+                table["batch"] = float(line.rsplit(" ", 1)[1])
+    return {k: sums[k] / counts[k] for k in sums if counts.get(k)}
+
+
+# -- report ----------------------------------------------------------------------------------------
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def report(r: dict) -> str:
+    st = r["server_stages"]
+    ms = {k: 1000 * v for k, v in st.items() if k != "batch"}
+    lines = [
+        f"service throughput: {r['queries']} queries (JPEG {r['query_size']}x{r['query_size']} q90, edited copies "
+        f"of references), collection {r['index']} (nprobe {r['nprobe']}) of {r['refs']} images, "
+        f"model {r['model']} ({r['precision']}), k={r['k']}, {r['clients']} clients over loopback, "
+        f"{r['torch_threads']} torch threads, best of {r['repeats']}",
+        "",
+        f"  {'in-process (extract_paths + search)':<40}{r['in_process_qps']:>8.1f} queries/s",
+        f"  {'service (uvicorn, HTTP, ' + str(r['clients']) + ' clients)':<40}{r['service_qps']:>8.1f} queries/s"
+        f"   p50 {r['p50_ms']:.1f} ms   p99 {r['p99_ms']:.1f} ms",
+        "",
+        f"  {'service / in-process':<40}{r['ratio']:>8.1%}   >= {TARGET_RATIO:.0%}        {verdict(r['pass_ratio'])}",
+        f"  {'errors (all rounds)':<40}{r['errors']:>8d}   == 0          {verdict(r['pass_errors'])}",
+        "",
+        f"  top-1 correct: in-process {r['in_process_r1']:.1%}, service {r['service_r1']:.1%}; "
+        f"service top-1 = in-process top-1 for {r['top1_agreement']:.1%}",
+        f"  server, mean per query: read {ms.get('read', 0):.2f} ms, decode {ms.get('decode', 0):.2f} ms, "
+        f"extract {ms.get('extract', 0):.2f} ms (queue + model), search {ms.get('search', 0):.2f} ms; "
+        f"model {ms.get('model', 0):.1f} ms per batch of {st.get('batch', 0):.1f} on average",
+        f"  setup: collection and queries ready in {r['build_s']:.0f} s, server answering in {r['server_start_s']:.1f} s",
+    ]
+    if r["error_samples"]:
+        lines.append(f"  first errors: {r['error_samples']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--queries", type=int, default=400, help="queries per round (default 400)")
+    ap.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    ap.add_argument("--refs", type=int, default=1000, help="reference images in the collection")
+    ap.add_argument("--train", type=int, default=1024, help="training images of the index")
+    ap.add_argument("--index", default="IVF32,PQ32x8", help="FAISS factory string")
+    ap.add_argument("--nprobe", type=int, default=4)
+    ap.add_argument("--model", default="builtin")
+    ap.add_argument("--query-size", type=int, default=512, help="side of the query JPEGs, px")
+    ap.add_argument("-k", type=int, default=10)
+    ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds; the best counts")
+    ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = CACHE / f"service-{args.refs}r-{args.train}t-{args.index.replace(',', '_')}-n{args.nprobe}-{args.model.replace(':', '_')}"
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
+        t0 = time.perf_counter()
+        coll, refs = build_collection(root, args)
+        paths, expected = write_queries(refs, Path(tmp) / "queries", args.queries, args.query_size)
+        build_s = time.perf_counter() - t0
+        bodies = [multipart(p) for p in paths]
+        port = free_port()
+        t0 = time.perf_counter()
+        server = start_server(coll.root, port, Path(tmp) / "server.log", args.max_batch)
+        server_start_s = time.perf_counter() - t0
+        try:
+            warm = max(1, min(len(bodies), 4 * args.clients))
+            run_clients(port, bodies[:warm], args.clients, args.k)  # untimed: kernels, connections
+            run_in_process(coll, paths[:warm], args.k)
+            best_in, best_svc, errors = None, None, []
+            for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits both
+                rate, top1_in = run_in_process(coll, paths, args.k)
+                if best_in is None or rate > best_in[0]:
+                    best_in = (rate, top1_in)
+                svc = run_clients(port, bodies, args.clients, args.k)
+                errors += svc["errors"]
+                if best_svc is None or svc["rate"] > best_svc["rate"]:
+                    best_svc = svc
+            stages = server_stages(port)
+        finally:
+            server.terminate()
+            server.wait(30)
+        lat = best_svc["latency"] * 1000
+        ex = coll.extractor
+        results = {
+            "queries": args.queries, "clients": args.clients, "refs": args.refs, "index": args.index,
+            "nprobe": args.nprobe, "model": ex.spec_string, "precision": ex.precision.value, "k": args.k,
+            "query_size": args.query_size, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "in_process_qps": best_in[0], "service_qps": best_svc["rate"],
+            "ratio": best_svc["rate"] / best_in[0],
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "errors": len(errors), "error_samples": errors[:3],
+            "in_process_r1": float(np.mean(best_in[1] == expected)),
+            "service_r1": float(np.mean(best_svc["top1"] == expected)),
+            "top1_agreement": float(np.mean(best_svc["top1"] == best_in[1])),
+            "server_stages": stages, "build_s": build_s, "server_start_s": server_start_s,
+        }
+        coll.close()
+    results["pass_ratio"] = results["ratio"] >= TARGET_RATIO
+    results["pass_errors"] = results["errors"] == 0
+    print(report(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
