@@ -448,4 +448,16 @@ def test_cli_serve_passes_settings_and_the_token_from_the_environment(coll_path,
     assert seen["token"] == TOKEN and seen["limits"].max_bytes == 1024 * 1024
     assert TOKEN not in r.output
     r = CliRunner().invoke(app, ["serve", str(coll_path)], env={"ACTIVEINDEX_TOKEN": ""})
-    assert seen["token"] in (None, "") and "writes disabled" in r.output
+    assert seen["token"] in (None, "") and "writes disabled" in r.output and seen["mmap"] is False
+    r = CliRunner().invoke(app, ["serve", str(coll_path), "--mmap"], env={"ACTIVEINDEX_TOKEN": TOKEN})
+    assert seen["mmap"] is True and "disabled: --mmap" in r.output
+
+
+def test_a_memory_mapped_service_answers_queries_and_refuses_writes(coll_path, image_dir):
+    path = sorted(image_dir.glob("*.png"))[4]
+    with TestClient(create_app(coll_path, token=TOKEN, mmap=True)) as client:
+        best = client.post("/api/query?k=1", files=_file(path)).json()["matches"][0]
+        assert best["name"] == path.name
+        for method, url, kwargs in _writes(image_dir):
+            r = getattr(client, method)(url, headers=AUTH, **kwargs)
+            assert r.status_code == 403 and "memory-mapped" in r.json()["detail"]

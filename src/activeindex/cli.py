@@ -389,13 +389,15 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="largest upload, MB (413 beyond)", min=0.001)] = 20.0,
     max_pixels: Annotated[int, typer.Option(help="largest upload in pixels (413 beyond)", min=1)] = 40_000_000,
     max_batch: Annotated[int, typer.Option(help="most queries described in one model call", min=1)] = 32,
+    mmap: Annotated[bool, typer.Option("--mmap", help="memory-map the index, read-only (replicas sharing one file)")] = False,
 ) -> None:
     """Serve a collection over HTTP: API (docs at /docs), web page at /, /metrics for Prometheus."""
     from activeindex.service import ServiceLimits, run
 
     limits = ServiceLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_batch=max_batch)
-    _err(f"serving {collection} on http://{host}:{port}/ (writes {'need the token' if token else 'disabled: no token'})")
-    run(collection, host=host, port=port, token=token, limits=limits)
+    writes = "disabled: --mmap" if mmap else ("need the token" if token else "disabled: no token")
+    _err(f"serving {collection} on http://{host}:{port}/ (writes {writes})")
+    run(collection, host=host, port=port, token=token, limits=limits, mmap=mmap)
 
 
 @app.command()

@@ -48,12 +48,14 @@ def create_app(
     *,
     token: str | None = None,
     limits: ServiceLimits = ServiceLimits(),
+    mmap: bool = False,
 ) -> FastAPI:
     """Load the collection and its extractor (once, now) and build the app. ``token``: the bearer
-    token of write routes; None makes the service read-only."""
+    token of write routes; None makes the service read-only. ``mmap``: map the index file instead
+    of reading it (read-only: replicas of a service can share one index file this way)."""
     metrics = ServiceMetrics()
-    service = Service(collection_path, limits, metrics)
-    tokens = TokenCheck(token)
+    service = Service(collection_path, limits, metrics, mmap=mmap)
+    tokens = TokenCheck(token, disabled_reason="the index is memory-mapped (--mmap): read-only" if mmap else None)
     logger.info("serving %s (%d images); writes %s", service.collection.root, service.count(),
                 "need the bearer token" if tokens.enabled else "disabled (no token configured)")
 
@@ -252,10 +254,11 @@ def run(
     port: int = 8000,
     token: str | None = None,
     limits: ServiceLimits = ServiceLimits(),
+    mmap: bool = False,
     log_level: str = "info",
 ) -> None:
     """Serve a collection with uvicorn until interrupted."""
     import uvicorn
 
-    app = create_app(collection_path, token=token, limits=limits)
+    app = create_app(collection_path, token=token, limits=limits, mmap=mmap)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

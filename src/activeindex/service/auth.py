@@ -19,10 +19,12 @@ bearer = HTTPBearer(auto_error=False, description="the token the service was sta
 class TokenCheck:
     """The expected token (bytes), or None for a read-only service."""
 
-    def __init__(self, token: str | None) -> None:
+    def __init__(self, token: str | None, *, disabled_reason: str | None = None) -> None:
+        """``disabled_reason``: refuse every write (403) with this reason, whatever the token."""
         if token is not None and not token.strip():
             token = None
-        self._token = None if token is None else token.encode()  # UTF-8, as a client sends it
+        self._token = None if token is None or disabled_reason else token.encode()  # UTF-8, as sent
+        self._disabled = disabled_reason or "the service was started without a token (ACTIVEINDEX_TOKEN or --token)"
 
     @property
     def enabled(self) -> bool:
@@ -34,9 +36,7 @@ class TokenCheck:
     def verify(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         """Raise 403 (writes disabled), or 401 (missing or wrong token); return if allowed."""
         if self._token is None:
-            raise HTTPException(
-                403, "writes are disabled: the service was started without a token (ACTIVEINDEX_TOKEN or --token)"
-            )
+            raise HTTPException(403, f"writes are disabled: {self._disabled}")
         if credentials is None:
             raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
         # Starlette decodes header bytes as latin-1: encoding back gives the bytes that were sent.

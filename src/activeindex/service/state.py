@@ -114,10 +114,12 @@ class AddOutcome:
 class Service:
     """The loaded collection and extractor, the batcher, locks, metrics and limits."""
 
-    def __init__(self, collection_path: str | os.PathLike[str], limits: ServiceLimits, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, collection_path: str | os.PathLike[str], limits: ServiceLimits, metrics: ServiceMetrics, *, mmap: bool = False
+    ) -> None:
         self.limits = limits
         self.metrics = metrics
-        self.collection = ServedCollection.open(collection_path)
+        self.collection = ServedCollection.open(collection_path, mmap=mmap)
         try:
             self.extractor: Extractor = self.collection.extractor  # loaded (and checked) once, here
             pre = self.extractor.preprocessing
