@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m activeindex.demo
+	$(BIN)/activeindex demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q

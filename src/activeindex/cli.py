@@ -401,6 +401,16 @@ def serve(
 
 
 @app.command()
+def demo(out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("demo-out")) -> None:
+    """The whole story on the embedded default: images, a calibrated collection, activation,
+    queries with copy decisions, and the evaluation report (a few minutes on a CPU)."""
+    from activeindex.demo import run
+
+    logging.getLogger().setLevel(logging.ERROR)  # faiss notes on small training sets are expected here
+    run(out)
+
+
+@app.command()
 def evaluate(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (CSVs, predictions, summary.json, report.html)")],
     disc21: Annotated[Optional[Path], typer.Option(help="a DISC21 folder (train/, references/, ground-truth CSV[, dev_queries/]); default: the synthetic benchmark")] = None,

@@ -1,0 +1,131 @@
+"""The evaluation protocol end to end on tiny data: a DISC21-layout folder and the synthetic source."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from activeindex import metrics
+from activeindex.cli import app
+from activeindex.datasets.synthetic import write_synthetic_images
+from activeindex.edits import paper_edits
+from activeindex.evaluation import EvalSettings, Method, evaluate_and_report, synthetic_source
+from activeindex.evaluation.sources import SourceError, disc21_source
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def disc21(tmp_path_factory):
+    """A DISC21-layout folder: 60 training images, 30 references (10 named by the ground truth),
+    20 dev queries of which 10 have no reference."""
+    root = tmp_path_factory.mktemp("disc21")
+    for folder, prefix, n, start in (("train", "T", 60, 0), ("references", "R", 30, 100), ("dev_queries", "Q", 20, 200)):
+        for i, p in enumerate(write_synthetic_images(root / "tmp", n, seed=5, size=(64, 48), start=start)):
+            (root / folder).mkdir(exist_ok=True)
+            shutil.move(p, root / folder / f"{prefix}{i:06d}.png")
+    rows = [(f"Q{i:05d}", f"R{i * 2:06d}" if i < 10 else "") for i in range(20)]
+    with open(root / "dev_queries_groundtruth.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("query_id", "reference_id"), *rows])
+    for i in range(20):  # query files are named by their query ids
+        (root / "dev_queries" / f"Q{i:06d}.png").rename(root / "dev_queries" / f"Q{i:05d}.png")
+    return root
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_disc21_source_sets(disc21):
+    data = disc21_source(disc21)
+    assert [p.stem for p in data.under_test] == [f"R{i * 2:06d}" for i in range(10)]
+    assert len(data.distractors) == 20 and not {p.stem for p in data.distractors} & {p.stem for p in data.under_test}
+    assert [p.stem for p in data.nonmatching] == [f"Q{i:05d}" for i in range(10, 20)]
+    assert len(data.train) == 60 and data.notes == []
+    capped = disc21_source(disc21, n_test=4, n_train=50)
+    assert len(capped.under_test) == 4 and len(capped.train) == 50
+    assert any("images under test: the first 4 of 10" in n for n in capped.notes)
+
+
+def test_disc21_source_without_queries_holds_out_training_images(disc21, tmp_path):
+    root = tmp_path / "d"
+    shutil.copytree(disc21, root, ignore=shutil.ignore_patterns("dev_queries"))
+    data = disc21_source(root, n_nonmatch=8)
+    assert len(data.nonmatching) == 8 and len(data.train) == 52
+    assert not set(data.nonmatching) & set(data.train) and "held-out training images" in data.notes[0]
+
+
+def test_disc21_source_errors(disc21, tmp_path):
+    with pytest.raises(SourceError, match="no ground-truth CSV"):
+        disc21_source(tmp_path)
+    bad = tmp_path / "gt.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(SourceError, match="query_id,reference_id"):
+        disc21_source(disc21, ground_truth=bad)
+    missing = tmp_path / "gt2.csv"
+    missing.write_text("query_id,reference_id\nQ1,R999999\n")
+    with pytest.raises(SourceError, match="not in"):
+        disc21_source(disc21, ground_truth=missing)
+
+
+def test_evaluate_cli_on_a_disc21_folder(disc21, tmp_path):
+    out = tmp_path / "eval"
+    res = runner.invoke(app, ["evaluate", "--disc21", str(disc21), "--out", str(out), "--model", "builtin:tiny",
+                              "--index", "Flat", "--index", "IVF4,PQ4x4", "--methods", "passive,plain"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "| Flat | passive |" in res.stdout and "| **mean** |" in res.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"train": 60, "distractors": 20, "under_test": 10, "nonmatching": 10}
+    assert summary["settings"]["factories"] == ["Flat", "IVF4,PQ4x4"] and summary["settings"]["nprobe"] == 1
+    assert len(summary["results"]) == 4
+
+    retr = read_csv(out / "retr_df.csv")
+    assert len(retr) == 2 * 2 * 14 * 10  # factories × methods × edits × images
+    for col in ("batch", "image_index", "attack", "attack_param", "retrieved_distances", "retrieved_indices",
+                "rank", "r@1", "r@10", "r@100", "ap", "index", "method"):
+        assert col in retr[0]
+    # Unedited originals are found first by exact search: the pipeline is wired to the right ids.
+    ident = [r for r in retr if r["index"] == "Flat" and r["method"] == "passive" and r["attack"] == "identity"]
+    assert all(r["rank"] == "0" for r in ident)
+    # The same edit draw for every method.
+    by = {(r["index"], r["method"], r["image_index"], r["attack"]): r["attack_param"] for r in retr}
+    for (f, m, i, a), p in by.items():
+        assert by[(f, "passive", i, a)] == p
+
+    icd = read_csv(out / "icd_df.csv")
+    assert len(icd) == 4 * 20 and sum(r["image_index"] == "-1" for r in icd) == 40
+    # µAP in the summary is the µAP of the written ISC-format predictions.
+    for key, r in summary["results"].items():
+        preds = read_csv(out / "predictions" / f"{r['factory'].replace(',', '_')}__{r['method']}.csv")
+        assert set(preds[0]) == {"query_id", "reference_id", "score"}
+        gt = [(f"pos{i:06d}", f"R{i * 2:06d}.png") for i in range(10)]
+        uap = metrics.micro_average_precision(
+            ([p["query_id"] for p in preds], [p["reference_id"] for p in preds], [float(p["score"]) for p in preds]), gt)
+        assert uap == pytest.approx(r["uap"], abs=1e-5)
+        if r["method"] == "plain":
+            assert r["release"]["psnr_min"] >= 42.0
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= 3 and "R@1 per edit" in report
+    assert "http://" not in report and "https://" not in report  # self-contained
+
+
+def test_activation_moves_copies_towards_their_originals(tmp_path, tiny_extractor):
+    data = synthetic_source(tmp_path / "img", n_train=80, n_refs=60, n_test=12, n_nonmatch=12, size=64, workers=1)
+    settings = EvalSettings(factories=("IVF4,PQ8x4",), methods=(Method.PASSIVE, Method.PLAIN), examples=2)
+    results, summary, _ = evaluate_and_report(data, tiny_extractor, settings, tmp_path / "out")
+    passive, plain = results
+    assert plain.summary["release"]["cos_after_mean"] > plain.summary["release"]["cos_before_mean"]
+    assert plain.summary["r@1"]["identity"] >= passive.summary["r@1"]["identity"]
+    assert set(passive.summary["r@1"]) == {*paper_edits(), "mean"}
+    assert len(plain.examples) == 2 and not np.array_equal(plain.examples[0], passive.examples[0])
+
+
+def test_evaluate_refuses_bad_settings_before_any_work(tmp_path):
+    res = runner.invoke(app, ["evaluate", "--out", str(tmp_path), "--methods", "passive,wild"])
+    assert res.exit_code != 0 and "--methods" in str(res.exception)
