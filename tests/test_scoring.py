@@ -111,3 +111,15 @@ def test_calibrate_without_stored_scores_says_how(tmp_path, tiny_extractor, trai
     coll = Collection.create(tmp_path / "c", tiny_extractor, "Flat", train_vectors)
     with pytest.raises(CollectionError, match="activeindex calibrate"):
         coll.calibrate(None, 0.9)
+
+
+def test_calibration_leaves_out_background_images(tmp_path, tiny_extractor, image_dir, caplog):
+    from activeindex.calibration import calibrate_from_images
+    from activeindex.features import extract_paths
+
+    paths = sorted(image_dir.iterdir())
+    xb = extract_paths(paths[:30], tiny_extractor).features
+    coll = Collection.create(tmp_path / "c", tiny_extractor, "Flat", xb, background=xb)
+    thr = calibrate_from_images(coll, paths, 0.01)  # 30 of the 64 are the background
+    assert thr.n_matching + thr.n_nonmatching == 34
+    assert "30 of 64 images are in the normalisation background" in caplog.text

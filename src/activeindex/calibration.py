@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 CALIBRATION_ID_BASE = 1 << 50
 MAX_CALIBRATION_IMAGES = 1000
 MIN_CALIBRATION_IMAGES = 20
+# Cosine above which two descriptors are taken to be of the same image (8-bit re-encodings differ a little).
+SAME_IMAGE_SIMILARITY = 0.995
 
 
 def split_training(n: int, seed: int = 0, max_calibration: int = MAX_CALIBRATION_IMAGES) -> tuple[np.ndarray, np.ndarray]:
@@ -119,13 +121,25 @@ def calibrate_from_images(
     precision: float = DEFAULT_PRECISION,
     *,
     seed: int = 0,
+    max_images: int = MAX_CALIBRATION_IMAGES,
     progress: Callable[[int], None] | None = None,
 ) -> Threshold:
     """Calibrate ``coll``'s copy threshold for ``precision`` from training images ``paths``
-    (images that are not in the collection). Stores the threshold and the calibration scores."""
+    (images that are not in the collection; those of the normalisation background are left out,
+    and at most ``max_images`` are used). Stores the threshold and the calibration scores."""
     images, failed = load_images([Path(p) for p in paths])
     for p, reason in failed:
         logger.warning("calibration: skipped %s: %s", p, reason)
+    if coll.background is not None and images:
+        # An image of the background would be compared with itself by the normalisation.
+        x = describe_images(images, coll.extractor)
+        S, _ = ix.search(coll.background.index, x, 1, coll.metric)
+        fresh = S[:, 0] < SAME_IMAGE_SIMILARITY
+        if not fresh.all():
+            logger.warning("calibration: %d of %d images are in the normalisation background; left out",
+                           int((~fresh).sum()), len(images))
+            images = [im for im, ok in zip(images, fresh) if ok]
+    images = images[:max_images]
     cal = calibration_set(coll.extractor, images, seed=seed, progress=progress)
     return coll.calibrate(calibration_scores(coll, cal), precision, cal.method)
 
