@@ -129,3 +129,25 @@ def test_activation_moves_copies_towards_their_originals(tmp_path, tiny_extracto
 def test_evaluate_refuses_bad_settings_before_any_work(tmp_path):
     res = runner.invoke(app, ["evaluate", "--out", str(tmp_path), "--methods", "passive,wild"])
     assert res.exit_code != 0 and "--methods" in str(res.exception)
+
+
+def test_evaluation_resumes_after_finished_runs(tmp_path, tiny_extractor, monkeypatch):
+    from activeindex.evaluation import protocol
+
+    data = synthetic_source(tmp_path / "img", n_train=60, n_refs=30, n_test=8, n_nonmatch=8, size=48, workers=1)
+    settings = EvalSettings(factories=("Flat", "IVF2,Flat"), methods=(Method.PASSIVE,))
+    _, first, _ = evaluate_and_report(data, tiny_extractor, settings, tmp_path / "out")
+    # Simulate a crash after the first factory: its checkpoint stays, the second one is lost.
+    (tmp_path / "out" / "checkpoints" / "IVF2_Flat__passive.pkl").unlink()
+    calls = []
+    real = protocol.evaluate_run
+    monkeypatch.setattr(protocol, "evaluate_run", lambda coll, *a, **k: calls.append(a[3]) or real(coll, *a, **k))
+    lines = []
+    _, again, _ = evaluate_and_report(data, tiny_extractor, settings, tmp_path / "out", log=lines.append)
+    assert calls == ["IVF2,Flat"] and any("resuming: 1 of 2" in ln for ln in lines)
+    assert again["results"] == first["results"]
+    # Another setting is another experiment: nothing is reused.
+    calls.clear()
+    evaluate_and_report(data, tiny_extractor, EvalSettings(factories=("Flat",), methods=(Method.PASSIVE,), k=50),
+                        tmp_path / "out")
+    assert calls == ["Flat"]

@@ -18,14 +18,18 @@ For each FAISS factory:
    calibrated threshold.
 
 Descriptors that do not depend on the factory (training images, distractors, originals, passive
-copies, non-matching copies, calibration copies) are computed once.
+copies, non-matching copies, calibration copies) are computed once. Each finished (factory, method)
+run is checkpointed under ``OUT/checkpoints``; a rerun with the same settings and images resumes
+after the last finished run.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import logging
+import pickle
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,7 +47,7 @@ from activeindex.activation.optimize import ActivationConfig
 from activeindex.activation.release import decode
 from activeindex.activation.targets import TargetKind, check_target_support, effective_target
 from activeindex.calibration import calibration_scores, calibration_set, split_training
-from activeindex.collection import Collection
+from activeindex.collection import Collection, write_bytes_atomic
 from activeindex.copies import describe_copies
 from activeindex.edits import paper_edits
 from activeindex.edits.registry import NamedEdit
@@ -59,6 +63,7 @@ logger = logging.getLogger(__name__)
 AUTO = NamedEdit("auto", "auto", {})
 ICD_EDIT_KEY = 1000  # edit key of the copy-detection "auto" copies (the 14 edits use 0..13)
 CSV_NEIGHBOURS = 10  # retrieved ids/scores written per row of retr_df.csv / icd_df.csv
+CHECKPOINT_VERSION = 1
 
 
 class Method(str, enum.Enum):
@@ -346,14 +351,26 @@ def run_evaluation(
     t0 = time.perf_counter()
     _precheck(settings, ex)
     _say(log, f"   sets: {data.counts()}")
-    shared = prepare_shared(data, ex, settings, log)
+    key = run_key(data, ex, settings)
+    done = {(f, m): load_checkpoint(out, f, m, key) for f in settings.factories for m in settings.methods}
+    if any(v is not None for v in done.values()):
+        _say(log, f"   resuming: {sum(v is not None for v in done.values())} of {len(done)} runs already done in {out}")
+    shared = prepare_shared(data, ex, settings, log) if any(v is None for v in done.values()) else None
     results: list[RunResult] = []
     factories: dict[str, Any] = {}
     for factory in settings.factories:
+        if all(done[(factory, m)] is not None for m in settings.methods):
+            results.extend(done[(factory, m)][0] for m in settings.methods)
+            factories[factory] = done[(factory, settings.methods[0])][1]
+            continue
+        assert shared is not None
         coll, ids = build_collection(out / "collections" / factory_slug(factory), factory, ex, shared, settings)
         factories[factory] = {"threshold": coll.config.threshold_info, "index_bytes": (coll.root / "index.faiss").stat().st_size}
         with coll:
             for method in settings.methods:
+                if done[(factory, method)] is not None:
+                    results.append(done[(factory, method)][0])
+                    continue
                 released, stats = release(coll, shared.originals, method, settings)
                 if method is Method.PASSIVE and "copies" in shared.passive:
                     copies = shared.passive["copies"]
@@ -365,6 +382,7 @@ def run_evaluation(
                 run.psnr = np.asarray(stats.pop("psnr_all")) if stats else None
                 run.summary["release"] = stats
                 run.examples = released[: settings.examples]
+                save_checkpoint(out, run, factories[factory], key)
                 results.append(run)
                 s = run.summary
                 _say(log, f"   {factory:24s} {method.value:8s} mean R@1 {s['r@1']['mean']:.3f}  µAP {s['uap']:.3f}  "
@@ -377,6 +395,40 @@ def run_evaluation(
         "seconds": time.perf_counter() - t0,
     }
     return results, summary
+
+
+def run_key(data: EvalData, ex: Extractor, settings: EvalSettings) -> str:
+    """What a finished (factory, method) run depends on, besides its factory and method: a rerun
+    with the same key reuses it, one with another key recomputes it."""
+    d = settings.to_dict()
+    for k in ("factories", "methods", "examples"):
+        d.pop(k)
+    sets = {k: [str(p) for p in getattr(data, k)] for k in ("train", "distractors", "under_test", "nonmatching")}
+    blob = json.dumps({"settings": d, "sets": sets, "model": ex.digest, "version": CHECKPOINT_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _checkpoint_path(out: Path, factory: str, method: Method) -> Path:
+    return out / "checkpoints" / f"{factory_slug(factory)}__{method.value}.pkl"
+
+
+def save_checkpoint(out: Path, run: RunResult, factory_info: dict[str, Any], key: str) -> None:
+    """Keep a finished run (atomically): an interrupted evaluation resumes after it."""
+    path = _checkpoint_path(out, run.factory, run.method)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, pickle.dumps({"key": key, "run": run, "factory": factory_info}))
+
+
+def load_checkpoint(out: Path, factory: str, method: Method, key: str) -> tuple[RunResult, dict[str, Any]] | None:
+    path = _checkpoint_path(out, factory, method)
+    try:
+        data = pickle.loads(path.read_bytes())  # our own file, written by save_checkpoint
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is recomputed, not fatal
+        logger.warning("ignoring unreadable checkpoint %s: %s", path, exc)
+        return None
+    return (data["run"], data["factory"]) if data.get("key") == key else None
 
 
 def _precheck(settings: EvalSettings, ex: Extractor) -> None:
