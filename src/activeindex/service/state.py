@@ -15,7 +15,6 @@ start rolls its pending rows back (:meth:`Collection.open`).
 from __future__ import annotations
 
 import base64
-import logging
 import os
 import shutil
 import tempfile
@@ -38,7 +37,6 @@ from activeindex.service.metrics import ServiceMetrics
 from activeindex.service.thumbnails import ThumbnailCache
 from activeindex.service.uploads import ServiceLimits, Upload, decode_upload
 
-logger = logging.getLogger(__name__)
 
 UPLOADS_DIR = "uploads"  # inside the collection: files added through the service, named by SHA-256
 RELEASED_DIR = "released"  # inside the collection: activated files released through the service

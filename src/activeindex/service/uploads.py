@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import tempfile
@@ -160,8 +161,6 @@ class BodyLimitMiddleware:
 
 
 async def _send_413(send: Send, detail: str) -> None:
-    import json
-
     body = json.dumps({"detail": detail}).encode()
     await send({
         "type": "http.response.start",
