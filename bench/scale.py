@@ -85,7 +85,8 @@ def part_index(args: argparse.Namespace) -> None:
     d = 256
     t: dict[str, float] = {}
     print(f"(a) {args.n:,} vectors, {d}-d, {args.factory}, trained on {args.ntrain:,}, "
-          f"{faiss.omp_get_max_threads()} FAISS threads")
+          f"{faiss.omp_get_max_threads()} FAISS threads; load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores")
     with timed("data", t):
         x = clustered_unit_vectors(args.n + args.ntrain, d, n_clusters=max(1, args.n // 100), spread=1.0, seed=0)
         xb, xt = x[: args.n], x[args.n :]
@@ -177,6 +178,16 @@ def part_index(args: argparse.Namespace) -> None:
 
 
 # -- part (b) ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def part_ray(args: argparse.Namespace) -> None:
     import ray
 
@@ -193,6 +204,7 @@ def part_ray(args: argparse.Namespace) -> None:
     print(f"\n(b) {n} images (synthetic 256×256 PNG) → builtin:{extractor.spec['name']} "
           f"({extractor.precision.value}), {os.cpu_count()} cores; activation of {args.activate} of them "
           f"({args.iterations} iterations, batch 16, PNG, 42 dB)")
+    print(f"  load average at the start {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores shared with other jobs)")
     rows = []
 
     extract_paths(paths[:64], extractor)  # warm-up, as the Ray runs get one
@@ -200,6 +212,11 @@ def part_ray(args: argparse.Namespace) -> None:
     base = extract_paths(paths, extractor)
     t_in = time.perf_counter() - t0
     rows.append(("extract", "in-process", torch.get_num_threads(), 0.0, 0.0, t_in))
+    threads = torch.get_num_threads()
+    with single_thread():  # what one core does alone, in-process: the per-worker reference
+        t0 = time.perf_counter()
+        extract_paths(paths, extractor)
+        rows.append(("extract", "in-process", 1, 0.0, 0.0, time.perf_counter() - t0))
 
     # A collection to activate against, trained on the descriptors just computed.
     coll_root = CACHE / "act-collection"
@@ -227,7 +244,11 @@ def part_ray(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             rep_in = add_activated(c, act_paths, CACHE / "out-inproc", config)
             t_act = time.perf_counter() - t0
-        rows.append(("activate", "in-process", torch.get_num_threads(), 0.0, 0.0, t_act))
+        rows.append(("activate", "in-process", threads, 0.0, 0.0, t_act))
+        with single_thread(), Collection.open(fresh("inproc"), extractor=extractor) as c:
+            t0 = time.perf_counter()
+            add_activated(c, act_paths, CACHE / "out-inproc", config)
+            rows.append(("activate", "in-process", 1, 0.0, 0.0, time.perf_counter() - t0))
 
     for workers in (1, 2):
         t0 = time.perf_counter()
@@ -264,6 +285,7 @@ def part_ray(args: argparse.Namespace) -> None:
         print(f"  Ray {workers}: descriptors within cosine {cos:.6f} of in-process; "
               f"ray.init {t_init:.1f} s, warm-up (workers start, model load) {t_warm:.1f} s")
 
+    print(f"  load average at the end {os.getloadavg()[0]:.1f}")
     print(f"  {'step':9s} {'how':16s} {'torch thr.':>10s} {'images/s':>9s} {'vs in-process':>14s} {'vs 1 worker':>12s}")
     for step in ("extract", "activate"):
         sel = [r for r in rows if r[0] == step]
@@ -274,7 +296,7 @@ def part_ray(args: argparse.Namespace) -> None:
         one = next((counts / r[5] for r in sel if r[1] == "Ray, 1 worker"), None)
         for _, how, threads, _, _, secs in sel:
             rate = counts / secs
-            vs1 = f"{rate / one:11.2f}×" if one and how.startswith("Ray") else " " * 12
+            vs1 = f"{rate / one:11.2f}×" if one else " " * 12
             print(f"  {step:9s} {how:16s} {threads:10d} {rate:9.1f} {rate / base_rate:13.2f}× {vs1}")
 
 
