@@ -7,7 +7,7 @@ Run it from the repository root::
 
 Two implementations of the same optimisation (same model, input resolution, iterations, loss,
 learning rate, JND bound and hard PSNR budget) activate the same synthetic 256×256 references of a
-``IVF32,PQ32x8`` collection (built by :mod:`activeindex.evaluation.activation_eval`, cached under
+``IVF32,PQ32x8`` collection (built by :func:`build_collection` below, cached under
 ``bench/.cache/activate``):
 
 ``naive``
@@ -49,10 +49,40 @@ from activeindex.activation import ActivationConfig, activate_batch, compute_tar
 from activeindex.activation.jnd import CHANNEL_FACTOR, jnd_heatmap
 from activeindex.activation.optimize import BUDGET_MARGIN_DB, gradient_precision
 from activeindex.activation.release import OutputFormat, decode, finalize
-from activeindex.evaluation.activation_eval import build_collection, recall_at_1
+from activeindex.collection import Collection
+from activeindex.copies import describe_copies
+from activeindex.datasets.synthetic import make_images
+from activeindex.edits import paper_edits
+from activeindex.features import extract_paths
 from activeindex.extractors import Extractor, create_extractor
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "activate"
+
+
+def build_collection(out: Path, extractor: Extractor, n_train: int, n_refs: int, factory: str) -> tuple[Collection, list[Path]]:
+    """Synthetic training and reference images under ``out/images`` (made once, then reused) and a
+    fresh collection at ``out/collection`` holding the references' original codes."""
+    import shutil
+
+    train = make_images(out / "images" / "train", n_train, seed=7, workers=1)
+    refs = make_images(out / "images" / "references", n_refs, seed=7, start=n_train, workers=1)
+    shutil.rmtree(out / "collection", ignore_errors=True)
+    coll = Collection.create(out / "collection", extractor, factory, extract_paths(train, extractor).features)
+    coll.add_images(refs)
+    return coll, refs
+
+
+def recall_at_1(coll: Collection, released: Sequence[np.ndarray], ids: Sequence[int]) -> dict[str, float]:
+    """R@1 per paper edit of edited copies of ``released`` (image i's original has id ``ids[i]``);
+    the same edit draw for every way of releasing."""
+    images = [Image.fromarray(a) for a in released]
+    out = {}
+    for e, (name, edit) in enumerate(paper_edits().items()):
+        copies, _ = describe_copies(images, [edit] * len(images), coll.extractor, edit_keys=[e] * len(images))
+        _, I, _ = coll.search_arrays(copies.features, 1)
+        out[name] = float(np.mean(I[:, 0] == np.asarray(ids)))
+    out["mean"] = float(np.mean(list(out.values())))
+    return out
 
 
 def naive_activate(extractor: Extractor, images: Sequence[np.ndarray], targets: np.ndarray, cfg: ActivationConfig) -> list[np.ndarray]:
