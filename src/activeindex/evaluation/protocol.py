@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 AUTO = NamedEdit("auto", "auto", {})
 ICD_EDIT_KEY = 1000  # edit key of the copy-detection "auto" copies (the 14 edits use 0..13)
 CSV_NEIGHBOURS = 10  # retrieved ids/scores written per row of retr_df.csv / icd_df.csv
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: ISC ids are file stems
 
 
 class Method(str, enum.Enum):
@@ -183,9 +183,9 @@ def prepare_shared(data: EvalData, ex: Extractor, settings: EvalSettings, log: C
         copies, _ = describe_copies(nonmatch, [AUTO] * len(nonmatch), ex, seed=settings.seed + 1,
                                     edit_keys=[ICD_EDIT_KEY] * len(nonmatch), progress=update)
     return Shared(
-        xt=xt, bg=xt[bg], cal=cal, x_distractors=x_d, distractor_names=[p.name for p in d_paths],
-        originals=originals, test_names=[p.name for p in data.under_test], x_originals=x_o,
-        nonmatch_copies=copies.features, nonmatch_names=[p.name for p in data.nonmatching],
+        xt=xt, bg=xt[bg], cal=cal, x_distractors=x_d, distractor_names=[p.stem for p in d_paths],
+        originals=originals, test_names=[p.stem for p in data.under_test], x_originals=x_o,
+        nonmatch_copies=copies.features, nonmatch_names=[p.stem for p in data.nonmatching],
         nonmatch_records=copies.records,
     )
 
