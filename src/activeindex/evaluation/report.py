@@ -65,6 +65,7 @@ def recall_plot(results: Sequence[RunResult]) -> str:
         ax.set_ylabel("R@1")
         ax.set_title(f"{factory}: R@1 per edit")
         ax.legend(fontsize=8, ncol=len(runs))
+    fig.tight_layout()
     return _png(fig)
 
 
