@@ -251,3 +251,21 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_a_shard_whose_retries_run_out_fails_clearly_and_a_rerun_completes(
+    ray_local, tmp_path, tiny_extractor, train_vectors, paths, monkeypatch
+):
+    from activeindex.distributed import RayOptions, add_images_ray
+    from activeindex.errors import ActiveIndexError
+
+    monkeypatch.setenv(CRASH_ENV, f"1:{tmp_path / 'crashed'}")
+    root = tmp_path / "c"
+    with _collection(root, tiny_extractor, train_vectors) as c:
+        with pytest.raises(ActiveIndexError, match="shard 1 failed after 0 retries"):
+            add_images_ray(c, paths, options=RayOptions(shard_size=6, max_retries=0))
+    monkeypatch.delenv(CRASH_ENV)
+    with Collection.open(root) as c:  # the round's pending rows were rolled back on open
+        assert c.db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 0 and c.index.ntotal == 0
+        report = add_images_ray(c, paths, options=RayOptions(shard_size=6))
+        assert len(report.added) == N_IMAGES and c.index.ntotal == N_IMAGES
