@@ -64,10 +64,12 @@ def run(out: Path, n_train: int = 1024, n_refs: int = 1024, n_active: int = 100,
         f"cosine to the stored code {q['cos_before']['mean']:.3f} → {q['cos_after']['mean']:.3f}")
 
     copy_q, other_q = out / "query.jpg", out / "unrelated.jpg"
-    Image.open(active.released[0].released).rotate(10, expand=True).save(copy_q, quality=60)
+    released = Image.open(active.released[0].released)
+    released.crop((0, 0, released.width * 9 // 10, released.height)).resize(
+        (released.width // 2, released.height // 2)).save(copy_q, quality=70)
     Image.open(data.nonmatching[0]).save(other_q, quality=90)
     results, _ = coll.query_images([copy_q, other_q], k=3)
-    for label, r in zip(("a released image rotated 10°, JPEG 60", "an image not in the collection"), results):
+    for label, r in zip(("a released image, 10 % cropped, halved, JPEG 70", "an image not in the collection"), results):
         say(f"5. query {r.query} ({label}):")
         for m in r.matches:
             say(f"   id {m.id:4d}  score {m.score:6.3f}  {'COPY' if m.copy else 'no  '}  {m.name}")
