@@ -454,7 +454,7 @@ def evaluate(
         with _progress(n_img, "make images") as update:
             data = synthetic_source(out / "images", n_train=n_train or 2048, n_refs=n_refs, n_test=n_test or 200,
                                     n_nonmatch=n_nonmatch or 200, seed=seed + 7, progress=update)
-    _err(f"evaluating on {data.name}: {data.counts()}")
+    _err(f"evaluating on {data.name}")
     for note in data.notes:
         _err(f"  subset: {note}")
     _, summary, paths = evaluate_and_report(data, extractor, settings, out, log=_err)

@@ -69,10 +69,11 @@ def run(out: Path, n_train: int = 1024, n_refs: int = 1024, n_active: int = 100,
         (released.width // 2, released.height // 2)).save(copy_q, quality=70)
     Image.open(data.nonmatching[0]).save(other_q, quality=90)
     results, _ = coll.query_images([copy_q, other_q], k=3)
+    say("5. queries, top 3 with the copy decision:")
     for label, r in zip(("a released image, 10 % cropped, halved, JPEG 70", "an image not in the collection"), results):
-        say(f"5. query {r.query} ({label}):")
+        say(f"   {r.query} ({label}):")
         for m in r.matches:
-            say(f"   id {m.id:4d}  score {m.score:6.3f}  {'COPY' if m.copy else 'no  '}  {m.name}")
+            say(f"     id {m.id:4d}  score {m.score:6.3f}  {'COPY' if m.copy else 'no  '}  {m.name}")
     coll.close()
 
     say(f"6. evaluation (the paper's protocol on these images, {FACTORY}, nprobe 1): "
