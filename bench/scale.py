@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -41,7 +40,6 @@ import faiss
 import numpy as np
 import torch
 
-from activeindex import index as ix
 from activeindex.collection import INDEX_FILE, Collection
 from activeindex.distributed import shards as sh
 from activeindex.extractors import create_extractor

@@ -117,6 +117,45 @@ def add_activated(
 ) -> ActivationReport:
     """Activate ``paths`` against ``coll``, write the released files to ``out_dir``, add the
     originals' codes. See the module docstring for the protocol."""
+    plan = plan_activation(coll, paths, out_dir, config, names=names, fmt=fmt, quality=quality,
+                           batch_size=batch_size, max_batch_pixels=max_batch_pixels, progress=progress)
+    for batch in plan.batches:
+        _activate_and_add(coll, batch, plan.out_dir, plan.config, plan.fmt, quality, plan.report)
+        if progress:
+            progress(len(batch))
+    coll.resolve_repeats(plan.repeats, plan.report)
+    return plan.report
+
+
+@dataclass
+class ActivationPlan:
+    """What an activated add will do, decided before any work (shared by the in-process and the
+    Ray paths, so both check and batch alike)."""
+
+    config: ActivationConfig  # as it will run: codec-aware, with the target the index can serve
+    fmt: OutputFormat
+    out_dir: Path
+    report: ActivationReport  # duplicates and unreadable files found while planning
+    batches: list[list[tuple[Path, str, str]]]  # (path, name, sha256), similar sizes together
+    repeats: list[tuple[str, str]]  # repeats of a file earlier in the input: (name, sha256)
+
+
+def plan_activation(
+    coll: Collection,
+    paths: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    config: ActivationConfig,
+    *,
+    names: Sequence[str] | None,
+    fmt: OutputFormat | str,
+    quality: int,
+    batch_size: int,
+    max_batch_pixels: int,
+    progress: Callable[[int], None] | None = None,
+) -> ActivationPlan:
+    """Resolve the configuration, refuse what cannot be done (an index without a target, two
+    inputs released to one file, a file that would replace another image's release), sort out
+    duplicates, make ``out_dir`` and batch the rest. ``progress`` is told of skipped images."""
     fmt = OutputFormat(fmt)
     if fmt.lossy(quality) and config.jpeg_quality is None:
         # Optimise through the (differentiable JPEG stand-in for the) codec the file will go through.
@@ -133,13 +172,8 @@ def add_activated(
     out_dir.mkdir(parents=True, exist_ok=True)
     if progress and len(paths) > len(todo):
         progress(len(paths) - len(todo))
-    sizes = [_image_size(t[0]) for t in todo]
-    for batch in _batches(todo, sizes, batch_size, max_batch_pixels):
-        _activate_and_add(coll, batch, out_dir, config, fmt, quality, report)
-        if progress:
-            progress(len(batch))
-    coll.resolve_repeats(repeats, report)
-    return report
+    batches = _batches(todo, [_image_size(t[0]) for t in todo], batch_size, max_batch_pixels)
+    return ActivationPlan(config, fmt, out_dir, report, batches, repeats)
 
 
 def _check_destinations(paths: list[Path], names: list[str], out_dir: Path, fmt: OutputFormat) -> None:

@@ -25,7 +25,6 @@ in-process add; with unreadable files, their reserved ids are skipped.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import time
@@ -43,15 +42,11 @@ from activeindex.activation.add import (
     DEFAULT_BATCH_PIXELS,
     ActivationReport,
     ReleaseRecord,
-    _batches,
-    _check_destinations,
-    _check_not_released,
-    _image_size,
+    plan_activation,
     release_path,
 )
 from activeindex.activation.optimize import ActivationConfig
 from activeindex.activation.release import OutputFormat
-from activeindex.activation.targets import check_target_support
 from activeindex.collection import AddReport, Collection
 from activeindex.distributed import shards as sh
 from activeindex.distributed import worker as wk
@@ -336,21 +331,10 @@ def add_activated_ray(
     checks before any work, the same batches (a shard is a run of whole batches), the same ids.
     Workers write the released files to ``out_dir`` (a shared file system), atomically."""
     _check_writable(coll)
-    fmt = OutputFormat(fmt)
-    if fmt.lossy(quality) and config.jpeg_quality is None:
-        config = dataclasses.replace(config, jpeg_quality=int(quality))
-    check_target_support(coll.index, config.target)
-    out_dir = Path(out_dir)
-    paths = [Path(p) for p in paths]
-    names = list(names) if names is not None else [p.name for p in paths]
-    _check_destinations(paths, names, out_dir, fmt)
-    report = ActivationReport()
-    todo, repeats = coll.plan_add(list(zip(paths, names)), report)
-    _check_not_released(coll, todo, out_dir, fmt)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if progress and len(paths) > len(todo):
-        progress(len(paths) - len(todo))
-    batches = _batches(todo, [_image_size(t[0]) for t in todo], batch_size, max_batch_pixels)
+    plan = plan_activation(coll, paths, out_dir, config, names=names, fmt=fmt, quality=quality,
+                           batch_size=batch_size, max_batch_pixels=max_batch_pixels, progress=progress)
+    config, fmt, out_dir, report, batches, repeats = (
+        plan.config, plan.fmt, plan.out_dir, plan.report, plan.batches, plan.repeats)
     rounds: list[list[list[tuple[Path, str, str]]]] = [[]]
     for b in batches:
         if sum(map(len, rounds[-1])) >= options.commit_every:
