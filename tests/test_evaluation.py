@@ -151,3 +151,17 @@ def test_evaluation_resumes_after_finished_runs(tmp_path, tiny_extractor, monkey
     evaluate_and_report(data, tiny_extractor, EvalSettings(factories=("Flat",), methods=(Method.PASSIVE,), k=50),
                         tmp_path / "out")
     assert calls == ["Flat"]
+
+
+def test_unreadable_images_are_left_out_and_said(disc21, tmp_path, tiny_extractor):
+    root = tmp_path / "d"
+    shutil.copytree(disc21, root)
+    (root / "references" / "R999999.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (root / "dev_queries" / "Q00015.png").write_bytes(b"")  # a non-matching query, empty
+    settings = EvalSettings(factories=("Flat",), methods=(Method.PASSIVE,))
+    results, summary, _ = evaluate_and_report(disc21_source(root), tiny_extractor, settings, tmp_path / "out")
+    notes = " ".join(summary["notes"])
+    assert "distractors: 1 unreadable images left out" in notes and "R999999.png" in notes
+    assert "non-matching queries: 1 unreadable images left out" in notes
+    assert summary["results"]["Flat | passive"]["n_nonmatching_queries"] == 9
+    assert results[0].summary["r@1"]["identity"] == 1.0

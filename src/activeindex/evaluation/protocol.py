@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import pickle
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -46,12 +47,12 @@ from activeindex.activation.add import release_batch
 from activeindex.activation.optimize import ActivationConfig
 from activeindex.activation.release import decode
 from activeindex.activation.targets import TargetKind, check_target_support, effective_target
-from activeindex.calibration import calibration_scores, calibration_set, split_training
+from activeindex.calibration import CalibrationSet, calibration_scores, calibration_set, split_training
 from activeindex.collection import Collection, write_bytes_atomic
 from activeindex.copies import describe_copies
-from activeindex.edits import paper_edits
+from activeindex.edits import EditRecord, paper_edits
 from activeindex.edits.registry import NamedEdit
-from activeindex.errors import ActiveIndexError
+from activeindex.errors import ActiveIndexError, ImageLoadError
 from activeindex.evaluation.sources import EvalData
 from activeindex.extractors import Extractor
 from activeindex.features import describe_images, extract_paths
@@ -125,7 +126,7 @@ class Shared:
 
     xt: np.ndarray
     bg: np.ndarray
-    cal: Any
+    cal: CalibrationSet
     x_distractors: np.ndarray
     distractor_names: list[str]
     originals: list[np.ndarray]
@@ -133,7 +134,7 @@ class Shared:
     x_originals: np.ndarray
     nonmatch_copies: np.ndarray
     nonmatch_names: list[str]
-    nonmatch_records: list[Any]
+    nonmatch_records: list[EditRecord]
     passive: dict[str, Any] = field(default_factory=dict)  # cached passive copies
 
 
@@ -150,51 +151,61 @@ def _say(log: Callable[[str], None] | None, msg: str) -> None:
     logger.info(msg)
 
 
-def _describe_files(paths: Sequence[Path], ex: Extractor, desc: str) -> tuple[np.ndarray, list[Path]]:
+def _left_out(failures: Sequence[tuple[Path, str]], desc: str, notes: list[str]) -> None:
+    """Unreadable images are left out of their set, and the summary says so."""
+    if failures:
+        path, reason = failures[0]
+        notes.append(f"{desc}: {len(failures)} unreadable images left out, e.g. {path}: {reason}")
+        logger.warning(notes[-1])
+
+
+def _describe_files(paths: Sequence[Path], ex: Extractor, desc: str, notes: list[str]) -> tuple[np.ndarray, list[Path]]:
     with stage(desc, len(paths)) as update:
         res = extract_paths(paths, ex, progress=update)
-    if res.failures:
-        raise ActiveIndexError(
-            f"{len(res.failures)} {desc} images cannot be read, e.g. {res.failures[0].path}: {res.failures[0].reason}"
-        )
+    _left_out([(f.path, f.reason) for f in res.failures], desc, notes)
     return res.features, res.paths
 
 
-def _load(paths: Sequence[Path], desc: str) -> list[np.ndarray]:
-    out = []
+def _load(paths: Sequence[Path], desc: str, notes: list[str]) -> tuple[list[Image.Image], list[Path]]:
+    images, ok, failed = [], [], []
     for p in tqdm(paths, desc=desc, unit="img", disable=None, leave=False):
-        out.append(np.asarray(load_image(p)))
-    return out
+        try:
+            images.append(load_image(p))
+            ok.append(p)
+        except ImageLoadError as exc:
+            failed.append((p, exc.reason))
+    _left_out(failed, desc, notes)
+    return images, ok
 
 
 def prepare_shared(data: EvalData, ex: Extractor, settings: EvalSettings, log: Callable[[str], None] | None = None) -> Shared:
-    xt, train_paths = _describe_files(data.train, ex, "training images")
+    notes = data.notes
+    xt, train_paths = _describe_files(data.train, ex, "training images", notes)
     bg, cal_idx = split_training(len(train_paths), settings.seed)
-    cal_images = [load_image(train_paths[i]) for i in cal_idx]
+    cal_images, _ = _load([train_paths[i] for i in cal_idx], "calibration images", notes)
     with stage("calibration copies", len(cal_images)) as update:
         cal = calibration_set(ex, cal_images, seed=settings.seed, progress=update)
     _say(log, f"   {len(xt)} training descriptors: {len(bg)} background, {len(cal_idx)} calibration images")
-    x_d, d_paths = _describe_files(data.distractors, ex, "distractors")
-    originals = _load(data.under_test, "images under test")
-    with stage("originals", len(originals)) as update:
-        x_o = describe_images([Image.fromarray(a) for a in originals], ex, progress=update)
-    nonmatch = [load_image(p) for p in data.nonmatching]
+    x_d, d_paths = _describe_files(data.distractors, ex, "distractors", notes)
+    test_images, test_paths = _load(data.under_test, "images under test", notes)
+    with stage("originals", len(test_images)) as update:
+        x_o = describe_images(test_images, ex, progress=update)
+    nonmatch, nonmatch_paths = _load(data.nonmatching, "non-matching queries", notes)
     with stage("non-matching copies", len(nonmatch)) as update:
         copies, _ = describe_copies(nonmatch, [AUTO] * len(nonmatch), ex, seed=settings.seed + 1,
                                     edit_keys=[ICD_EDIT_KEY] * len(nonmatch), progress=update)
     return Shared(
         xt=xt, bg=xt[bg], cal=cal, x_distractors=x_d, distractor_names=[p.stem for p in d_paths],
-        originals=originals, test_names=[p.stem for p in data.under_test], x_originals=x_o,
-        nonmatch_copies=copies.features, nonmatch_names=[p.stem for p in data.nonmatching],
+        originals=[np.asarray(im) for im in test_images], test_names=[p.stem for p in test_paths], x_originals=x_o,
+        nonmatch_copies=copies.features, nonmatch_names=[p.stem for p in nonmatch_paths],
         nonmatch_records=copies.records,
     )
 
 
 def build_collection(root: Path, factory: str, ex: Extractor, shared: Shared, settings: EvalSettings) -> tuple[Collection, list[int]]:
     """A fresh collection at ``root`` for ``factory``: trained, calibrated, holding the distractors
-    and the originals of the images under test; returns it and the originals' ids."""
-    import shutil
-
+    and the originals of the images under test; returns it and the originals' ids. Built from
+    descriptors: the image names stand in for content hashes."""
     shutil.rmtree(root, ignore_errors=True)
     coll = Collection.create(root, ex, factory, shared.xt, nprobe=settings.nprobe, background=shared.bg,
                              normalization=Normalization(settings.beta, settings.n_background))
