@@ -202,7 +202,7 @@ def part_ray(args: argparse.Namespace) -> None:
     print(f"\n(b) {n} images (synthetic 256×256 PNG) → builtin:{extractor.spec['name']} "
           f"({extractor.precision.value}), {os.cpu_count()} cores; activation of {args.activate} of them "
           f"({args.iterations} iterations, batch 16, PNG, 42 dB)")
-    print(f"  load average at the start {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores shared with other jobs)")
+    print(f"  load average at the start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (above 0: other work shares them)")
     rows = []
 
     extract_paths(paths[:64], extractor)  # warm-up, as the Ray runs get one
