@@ -78,7 +78,7 @@ def recall_at_1(coll: Collection, released: Sequence[np.ndarray], ids: Sequence[
     images = [Image.fromarray(a) for a in released]
     out = {}
     for e, (name, edit) in enumerate(paper_edits().items()):
-        copies, _ = describe_copies(images, [edit] * len(images), coll.extractor, edit_keys=[e] * len(images))
+        copies = describe_copies(images, [edit] * len(images), coll.extractor, edit_keys=[e] * len(images))
         _, I, _ = coll.search_arrays(copies.features, 1)
         out[name] = float(np.mean(I[:, 0] == np.asarray(ids)))
     out["mean"] = float(np.mean(list(out.values())))

@@ -32,7 +32,7 @@ from activeindex.errors import ActiveIndexError, ImageLoadError
 from activeindex.extractors import Extractor
 from activeindex.features import describe_images, extract_paths
 from activeindex.images import load_image
-from activeindex.scoring import DEFAULT_PRECISION, CalibrationScores, Normalization, Threshold
+from activeindex.scoring import DEFAULT_PRECISION, CalibrationError, CalibrationScores, Normalization, Threshold
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def calibration_set(
     m = n // 2
     edits = list(paper_edits().values())
     chosen = [edits[i % m % len(edits)] for i in range(n)]  # query i and i + m get the same edit
-    copies, _ = describe_copies(images, chosen, extractor, seed=seed, image_keys=list(range(n)),
+    copies = describe_copies(images, chosen, extractor, seed=seed, image_keys=list(range(n)),
                                 edit_keys=[i % m % len(edits) for i in range(n)], progress=progress)
     return CalibrationSet(describe_images(images[:m], extractor), copies.features, seed)
 
@@ -163,8 +163,6 @@ def create_collection(
     ``normalization=None`` keeps raw similarities. The threshold is None (and a warning logged)
     when no threshold reaches ``precision``; the collection is usable and can be calibrated again.
     """
-    from activeindex.scoring import CalibrationError
-
     result = extract_paths(train, extractor, progress=progress)
     for f in result.failures:
         logger.warning("training: skipped %s: %s", f.path, f.reason)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from activeindex.edits import EditRecord
+from activeindex.edits import EditRecord, EditResult
 from activeindex.edits.registry import NamedEdit
 from activeindex.extractors import Extractor
 from activeindex.features import describe_images
@@ -46,14 +46,9 @@ def describe_copies(
     batch_size: int = 64,
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
-    keep_images: Callable[[int], bool] | None = None,
-) -> tuple[EditedCopies, dict[int, Image.Image]]:
-    """Edit ``images[i]`` with ``edits[i]`` and describe the copies.
-
-    ``edit_keys[i]`` / ``image_keys[i]`` seed the draw (default: i for both); ``keep_images(i)``
-    selects copies to return as images too (for reports). Returns the copies' descriptors and
-    records, and the kept images by position.
-    """
+) -> EditedCopies:
+    """Edit ``images[i]`` with ``edits[i]`` and describe the copies; ``edit_keys[i]`` and
+    ``image_keys[i]`` seed the draw (default: i for both)."""
     n = len(images)
     if len(edits) != n:
         raise ValueError(f"{n} images but {len(edits)} edits")
@@ -61,22 +56,16 @@ def describe_copies(
     image_keys = list(image_keys) if image_keys is not None else list(range(n))
     feats = np.empty((n, extractor.dim), np.float32)
     records: list[EditRecord] = []
-    kept: dict[int, Image.Image] = {}
 
-    def apply(i: int) -> Image.Image:
-        result = edits[i](images[i], edit_rng(seed, edit_keys[i], image_keys[i]))
-        records_by_pos[i] = result.record
-        return result.image
+    def apply(i: int) -> EditResult:
+        return edits[i](images[i], edit_rng(seed, edit_keys[i], image_keys[i]))
 
-    records_by_pos: dict[int, EditRecord] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, n, batch_size):
-            idx = range(start, min(start + batch_size, n))
-            edited = list(pool.map(apply, idx))
-            feats[start : start + len(edited)] = describe_images(edited, extractor, batch_size=batch_size)
-            if keep_images is not None:
-                kept.update((i, im) for i, im in zip(idx, edited) if keep_images(i))
+            results = list(pool.map(apply, range(start, min(start + batch_size, n))))
+            feats[start : start + len(results)] = describe_images([r.image for r in results], extractor,
+                                                                  batch_size=batch_size)
+            records.extend(r.record for r in results)
             if progress is not None:
-                progress(len(edited))
-    records = [records_by_pos[i] for i in range(n)]
-    return EditedCopies(feats, records), kept
+                progress(len(results))
+    return EditedCopies(feats, records)

@@ -49,7 +49,7 @@ from activeindex.activation.release import decode
 from activeindex.activation.targets import TargetKind, check_target_support, effective_target
 from activeindex.calibration import CalibrationSet, calibration_scores, calibration_set, split_training
 from activeindex.collection import Collection, write_bytes_atomic
-from activeindex.copies import describe_copies
+from activeindex.copies import EditedCopies, describe_copies
 from activeindex.edits import EditRecord, paper_edits
 from activeindex.edits.registry import NamedEdit
 from activeindex.errors import ActiveIndexError, ImageLoadError
@@ -135,7 +135,7 @@ class Shared:
     nonmatch_copies: np.ndarray
     nonmatch_names: list[str]
     nonmatch_records: list[EditRecord]
-    passive: dict[str, Any] = field(default_factory=dict)  # cached passive copies
+    passive_copies: dict[str, EditedCopies] | None = None  # the same for every factory: made once
 
 
 @contextmanager
@@ -192,7 +192,7 @@ def prepare_shared(data: EvalData, ex: Extractor, settings: EvalSettings, log: C
         x_o = describe_images(test_images, ex, progress=update)
     nonmatch, nonmatch_paths = _load(data.nonmatching, "non-matching queries", notes)
     with stage("non-matching copies", len(nonmatch)) as update:
-        copies, _ = describe_copies(nonmatch, [AUTO] * len(nonmatch), ex, seed=settings.seed + 1,
+        copies = describe_copies(nonmatch, [AUTO] * len(nonmatch), ex, seed=settings.seed + 1,
                                     edit_keys=[ICD_EDIT_KEY] * len(nonmatch), progress=update)
     return Shared(
         xt=xt, bg=xt[bg], cal=cal, x_distractors=x_d, distractor_names=[p.stem for p in d_paths],
@@ -251,17 +251,17 @@ def release(coll: Collection, originals: list[np.ndarray], method: Method, setti
     return out, stats
 
 
-def _copies(released: list[np.ndarray], ex: Extractor, settings: EvalSettings, desc: str) -> dict[str, Any]:
+def _copies(released: list[np.ndarray], ex: Extractor, settings: EvalSettings, desc: str) -> dict[str, EditedCopies]:
     """Descriptors of the 14 edited copies and the "auto" copy-detection copy of each image."""
     images = [Image.fromarray(a) for a in released]
     n = len(images)
-    out: dict[str, Any] = {}
+    out: dict[str, EditedCopies] = {}
     edits = list(paper_edits().items())
     with stage(f"copies ({desc})", n * (len(edits) + 1)) as update:
         for e, (name, edit) in enumerate(edits):
-            out[name] = describe_copies(images, [edit] * n, ex, seed=settings.seed, edit_keys=[e] * n, progress=update)[0]
+            out[name] = describe_copies(images, [edit] * n, ex, seed=settings.seed, edit_keys=[e] * n, progress=update)
         out["icd"] = describe_copies(images, [AUTO] * n, ex, seed=settings.seed, edit_keys=[ICD_EDIT_KEY] * n,
-                                     progress=update)[0]
+                                     progress=update)
     return out
 
 
@@ -269,7 +269,7 @@ def _fmt(values: np.ndarray, digits: int = 4) -> str:
     return " ".join(f"{v:.{digits}f}" for v in values)
 
 
-def evaluate_run(coll: Collection, ids: list[int], copies: dict[str, Any], shared: Shared, factory: str,
+def evaluate_run(coll: Collection, ids: list[int], copies: dict[str, EditedCopies], shared: Shared, factory: str,
                  method: Method, settings: EvalSettings) -> RunResult:
     """Retrieval and copy detection of one (factory, method) from its copies' descriptors."""
     run = RunResult(factory, method)
@@ -383,12 +383,12 @@ def run_evaluation(
                     results.append(done[(factory, method)][0])
                     continue
                 released, stats = release(coll, shared.originals, method, settings)
-                if method is Method.PASSIVE and "copies" in shared.passive:
-                    copies = shared.passive["copies"]
+                if method is Method.PASSIVE and shared.passive_copies is not None:
+                    copies = shared.passive_copies
                 else:
                     copies = _copies(released, ex, settings, f"{factory}, {method.value}")
                     if method is Method.PASSIVE:
-                        shared.passive["copies"] = copies
+                        shared.passive_copies = copies
                 run = evaluate_run(coll, ids, copies, shared, factory, method, settings)
                 run.psnr = np.asarray(stats.pop("psnr_all")) if stats else None
                 run.summary["release"] = stats
