@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -163,7 +164,7 @@ def test_metrics_count_requests_and_time_stages(client, image_dir):
     assert 'activeindex_http_requests_total{method="POST",route="/api/query",status="415"} 1.0' in text
     assert 'activeindex_uploads_rejected_total{status="415"} 1.0' in text
     assert 'activeindex_stage_seconds_count{stage="read"} 2.0' in text  # the refused upload was read too
-    for stage in ("decode", "extract", "model", "search"):
+    for stage in ("queue", "decode", "model", "search"):
         assert f'activeindex_stage_seconds_count{{stage="{stage}"}} 1.0' in text
     assert 'activeindex_http_request_seconds_bucket{le="0.5",method="POST",route="/api/query"}' in text
     assert "activeindex_extract_batch_size_count 1.0" in text
@@ -387,7 +388,7 @@ def test_batcher_batches_and_equals_one_at_a_time(tiny_extractor, image_dir):
     def fn(batch):
         gate.wait()
         sizes.append(len(batch))
-        return tiny_extractor.features(batch)
+        return list(tiny_extractor.features(np.stack(batch)))
 
     batcher = Batcher(fn, max_batch=8)
     futures = [batcher.submit(a) for a in imgs]
@@ -397,10 +398,32 @@ def test_batcher_batches_and_equals_one_at_a_time(tiny_extractor, image_dir):
     assert max(sizes) == 8 and sum(sizes) == 12 and len(sizes) <= 3
     np.testing.assert_allclose(got, tiny_extractor.features(np.stack(imgs)), atol=1e-5)
 
-    failing = Batcher(lambda b: 1 / 0)
+    failing = Batcher(lambda b: 1 / 0)  # the whole batch fails
     with pytest.raises(ZeroDivisionError):
         failing.submit(imgs[0]).result(timeout=10)
     failing.close()
+
+
+def test_batcher_fails_one_job_alone_and_pins_each_worker_to_its_threads():
+    threads_seen = []
+
+    def fn(jobs):
+        threads_seen.append(torch.get_num_threads())
+        return [ValueError(f"bad {j}") if j < 0 else 2 * j for j in jobs]
+
+    before = torch.get_num_threads()
+    batcher = Batcher(fn, workers=2, threads_per_worker=1)
+    assert torch.get_num_threads() == before  # the caller's count is left as it was
+    torch.set_num_threads(2)  # what another thread sets later must not reach the workers either
+    try:
+        futures = [batcher.submit(j) for j in (1, -1, 3)]
+        assert futures[0].result(timeout=10) == 2 and futures[2].result(timeout=10) == 6
+        with pytest.raises(ValueError, match="bad -1"):
+            futures[1].result(timeout=10)
+    finally:
+        batcher.close()
+        torch.set_num_threads(before)
+    assert threads_seen and set(threads_seen) == {1}
 
 
 def test_rwlock_keeps_writers_apart_from_readers():

@@ -115,6 +115,20 @@ def _stream_count(extractor: Extractor, n_batches: int, workers: int | None) -> 
     return max(1, min(workers or torch.get_num_threads(), torch.get_num_threads(), n_batches))
 
 
+def pin_torch_threads(threads: int) -> None:
+    """Run torch ops of the calling thread on ``threads`` intra-op threads, whatever other threads
+    set later.
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP team size *and* a process-wide
+    default; a thread's first parallel op then applies that default, as it stands at that moment,
+    to the thread. Asking for the count right away applies it now: a stream thread that only set
+    its count, and ran its first op after another thread had set a different one, ran with that
+    other count (two OpenMP teams of two on two cores, each stalling the other at its barriers).
+    """
+    torch.set_num_threads(threads)
+    torch.get_num_threads()
+
+
 def _iter_streams(
     chunks: Sequence[Sequence[Path]],
     extractor: Extractor,
@@ -139,7 +153,7 @@ def _iter_streams(
     pool = ThreadPoolExecutor(
         max_workers=streams,
         thread_name_prefix="extract",
-        initializer=torch.set_num_threads,
+        initializer=pin_torch_threads,
         initargs=(max(1, threads // streams),),
     )
     try:

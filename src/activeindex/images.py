@@ -9,6 +9,7 @@ names the file and the reason. Batch callers catch that error per file, report i
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -133,25 +134,37 @@ def load_image(
         size = path.stat().st_size
     except OSError as exc:
         raise ImageLoadError(path, f"cannot read file ({exc.strerror or exc})") from exc
+    return _decode(path, path, size, min_side, limits)
+
+
+def decode_image(
+    data: bytes, label: str, *, min_side: int | None = None, limits: ImageLimits = DEFAULT_LIMITS
+) -> Image.Image:
+    """:func:`load_image` for an image file's bytes held in memory (an upload); errors name
+    ``label``."""
+    return _decode(io.BytesIO(data), label, len(data), min_side, limits)
+
+
+def _decode(source: Path | io.BytesIO, label: object, size: int, min_side: int | None, limits: ImageLimits) -> Image.Image:
     if size == 0:
-        raise ImageLoadError(path, "empty file (0 bytes)")
+        raise ImageLoadError(label, "empty file (0 bytes)")
     if size > limits.max_bytes:
-        raise ImageLoadError(path, f"file of {size} bytes exceeds the limit of {limits.max_bytes}")
+        raise ImageLoadError(label, f"file of {size} bytes exceeds the limit of {limits.max_bytes}")
     try:
         # Pillow itself warns above Image.MAX_IMAGE_PIXELS and refuses above twice that, whatever
         # our limit; ours below is the one callers set (catch_warnings is not thread-safe, and
         # decoding runs in threads, so the warning is left alone).
-        img = Image.open(path)
+        img = Image.open(source)
         with img:
             width, height = img.size
             if width * height > limits.max_pixels:
                 raise ImageLoadError(
-                    path,
+                    label,
                     f"{width}×{height} = {width * height} pixels exceeds the limit of "
                     f"{limits.max_pixels} (possible decompression bomb)",
                 )
             if width < 1 or height < 1:
-                raise ImageLoadError(path, f"invalid size {width}×{height}")
+                raise ImageLoadError(label, f"invalid size {width}×{height}")
             if min_side is not None and img.format == "JPEG":
                 # draft() picks the largest DCT scale whose result is still >= the requested size.
                 img.draft("RGB", _draft_request(width, height, min_side))
@@ -164,11 +177,11 @@ def load_image(
     except ImageLoadError:
         raise
     except UnidentifiedImageError as exc:
-        raise ImageLoadError(path, "not an image file (format not recognised)") from exc
+        raise ImageLoadError(label, "not an image file (format not recognised)") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(path, f"possible decompression bomb: {exc}") from exc
+        raise ImageLoadError(label, f"possible decompression bomb: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageLoadError(path, f"corrupt or truncated image ({exc})") from exc
+        raise ImageLoadError(label, f"corrupt or truncated image ({exc})") from exc
 
 
 def _draft_request(width: int, height: int, min_side: int) -> tuple[int, int]:

@@ -8,13 +8,16 @@ Routes (OpenAPI schema at ``/openapi.json``, docs at ``/docs``, served offline):
 - ``GET /api/info``, ``GET /healthz``, ``GET /metrics`` (Prometheus);
 - ``GET /`` the web page (``static/``).
 
-Write routes need ``Authorization: Bearer <token>`` (see :mod:`.auth`). Route functions are plain
-``def``: FastAPI runs them in its thread pool, so queries run concurrently while the model calls are
-batched (:mod:`.batcher`) and index changes are kept apart from searches (:mod:`.state`).
+Write routes need ``Authorization: Bearer <token>`` (see :mod:`.auth`). The query route runs on the
+event loop: it reads the upload, checks its header and awaits the batch its job went into
+(:mod:`.batcher`: decoding, the model and the search run there, for all queries waiting). The other
+routes are plain ``def``, run in FastAPI's thread pool; index changes are kept apart from searches
+(:mod:`.state`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at run time, and they
 # refer to local names (the limits) that string annotations could not resolve.
+import asyncio
 import contextlib
 import logging
 import os
@@ -101,6 +104,11 @@ def create_app(
             data = file.file.read(limits.max_bytes + 1)
         return inspect_upload(data, file.filename, limits)
 
+    async def read_upload_async(file: UploadFile) -> Any:
+        with metrics.time("read"):
+            data = await file.read(limits.max_bytes + 1)
+        return inspect_upload(data, file.filename, limits)  # the header only: cheap on the event loop
+
     def known(image_id: int) -> dict[str, Any]:
         record = service.record(image_id)
         if record is None:
@@ -112,12 +120,12 @@ def create_app(
 
     # -- search --------------------------------------------------------------------------------
     @app.post("/api/query", response_model=QueryOut, tags=["search"])
-    def query(file: ImageFile, k: Annotated[int, Query(ge=1, le=limits.max_k)] = 10) -> Any:
+    async def query(file: ImageFile, k: Annotated[int, Query(ge=1, le=limits.max_k)] = 10) -> Any:
         """The k indexed images nearest to an uploaded image, best first."""
-        upload = read_upload(file)
-        matches = service.search(service.describe(upload), k)
-        # A JSONResponse skips FastAPI's response validation (and its extra thread hop) on the
-        # hot path; the shape is QueryOut's, which documents it.
+        upload = await read_upload_async(file)
+        matches = (await asyncio.wrap_future(service.query(upload, k))).matches or []
+        # A JSONResponse skips FastAPI's response validation on the hot path; the shape is
+        # QueryOut's, which documents it.
         return JSONResponse({
             "query": upload.name,
             "k": k,

@@ -1,18 +1,17 @@
-"""Gathers concurrent queries into model calls.
+"""Gathers concurrent requests into batches for the model.
 
-A CNN on a CPU describes a batch of 16 images several times faster than 16 batches of one. Each
-request decodes its upload in its own thread and hands the prepared pixels to the batcher; model
-workers take everything that arrived while they were busy (no waiting window: under low load a
-query runs alone, under high load batches grow by themselves, up to ``max_batch``). While another
-worker is busy, a worker that finds only a few queries waits up to ``linger`` seconds for more:
-under load a batch of 16 costs a CPU thread about 30 % less per image than a batch of 4, and the
-core it leaves meanwhile decodes the next uploads. An idle service never waits.
+A CNN on a CPU describes a batch of 16 images several times faster than 16 batches of one. Requests
+hand their jobs to the batcher; workers take everything that arrived while they were busy (no
+waiting window: under low load a job runs alone, under high load batches grow by themselves, up to
+``max_batch``) and run one function on the whole batch. While another worker is busy, a worker that
+finds only a few jobs waits up to ``linger`` seconds for more: under load a batch of 16 costs a CPU
+thread about 30 % less per image than a batch of 4. An idle service never waits.
 
 On a CPU the batcher runs as many workers as torch has threads, each with its share (usually one)
 of the intra-op threads: the "batch streams" of :mod:`activeindex.features`. One model call with
-all threads would stall at every OpenMP barrier whenever a request thread that is decoding an
-upload preempts one of its threads; with one thread per stream, a preempted stream slows only
-itself.
+all threads would stall at every OpenMP barrier whenever another thread of the process (the event
+loop, a write) preempts one of its threads; with one thread per stream, a preempted stream slows
+only itself.
 """
 
 from __future__ import annotations
@@ -21,25 +20,34 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from typing import Generic, TypeVar
 
-import numpy as np
 import torch
 
+from activeindex.features import pin_torch_threads
+
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _STOP = object()
 
 
-class Batcher:
-    """``fn``: uint8 (B, S, S, 3) → float32 (B, d), called from ``workers`` threads that each run
-    torch with ``threads_per_worker`` intra-op threads (default: torch's count divided among them).
-    ``on_batch(size, seconds)`` reports each call."""
+class Batcher(Generic[T, R]):
+    """Runs ``fn`` on batches of submitted jobs, from ``workers`` threads that each run torch with
+    ``threads_per_worker`` intra-op threads (default: torch's count divided among them).
+
+    ``fn(jobs)`` returns one outcome per job, in order: a result, or an exception for that job alone
+    (a broken upload fails its own request, not its batch). An exception raised by ``fn`` fails the
+    whole batch. ``on_batch(size, seconds)`` reports each call.
+    """
 
     def __init__(
         self,
-        fn: Callable[[np.ndarray], np.ndarray],
+        fn: Callable[[Sequence[T]], Sequence[R | BaseException]],
         *,
         max_batch: int = 32,
         workers: int = 1,
@@ -55,14 +63,14 @@ class Batcher:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._take = threading.Lock()  # one worker at a time gathers a batch
         self._linger = linger
-        self._busy = 0  # workers running the model now
+        self._busy = 0  # workers running ``fn`` now
         self._busy_lock = threading.Lock()
         self._closed = False
         threads = torch.get_num_threads()
         per_worker = threads_per_worker or max(1, threads // workers)
         ready = threading.Barrier(workers + 1)
         self._workers = [
-            threading.Thread(target=self._run, args=(per_worker, ready), name=f"extract-{i}", daemon=True)
+            threading.Thread(target=self._run, args=(per_worker, ready), name=f"batch-{i}", daemon=True)
             for i in range(workers)
         ]
         try:
@@ -73,12 +81,12 @@ class Batcher:
             # set_num_threads in a worker also set torch's default for threads started later.
             torch.set_num_threads(threads)
 
-    def submit(self, image: np.ndarray) -> Future:
-        """Queue one prepared image (S, S, 3) uint8; the future gives its descriptor (d,)."""
+    def submit(self, job: T) -> Future[R]:
+        """Queue one job; the future gives its outcome."""
         if self._closed:
             raise RuntimeError("the batcher is closed")
-        fut: Future = Future()
-        self._queue.put((image, fut))
+        fut: Future[R] = Future()
+        self._queue.put((job, fut))
         return fut
 
     def close(self) -> None:
@@ -115,23 +123,26 @@ class Batcher:
             return items
 
     def _run(self, threads: int, ready: threading.Barrier) -> None:
-        torch.set_num_threads(threads)
+        pin_torch_threads(threads)
         ready.wait()
         while (items := self._gather()) is not None:
             t0 = time.perf_counter()
             with self._busy_lock:
                 self._busy += 1
             try:
-                out = self._fn(np.stack([image for image, _ in items]))
+                outcomes = self._fn([job for job, _ in items])
+                if len(outcomes) != len(items):
+                    raise RuntimeError(f"the batch function gave {len(outcomes)} outcomes for {len(items)} jobs")
             except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
-                logger.exception("model call on a batch of %d failed", len(items))
-                for _, fut in items:
-                    fut.set_exception(exc)
-                continue
+                logger.exception("a batch of %d failed", len(items))
+                outcomes = [exc] * len(items)
             finally:
                 with self._busy_lock:
                     self._busy -= 1
             if self._on_batch is not None:
                 self._on_batch(len(items), time.perf_counter() - t0)
-            for (_, fut), row in zip(items, out):
-                fut.set_result(row)
+            for (_, fut), out in zip(items, outcomes):
+                if isinstance(out, BaseException):
+                    fut.set_exception(out)
+                else:
+                    fut.set_result(out)

@@ -1,7 +1,10 @@
 """What the service loads once at start-up, and the operations its routes call.
 
-Concurrency. Queries run in parallel: each decodes in its request thread, the :class:`Batcher`
-runs the model on all queries waiting, and searches take the reader side of a readers-writer lock.
+Concurrency. A query is checked (size, format, pixels: the header only) where it arrives, then
+handed to the :class:`Batcher`: its workers take all queries waiting, decode them, run the model
+once on the batch and search the index once for the batch, under the reader side of a
+readers-writer lock. That is what a batch job does with files (:func:`~activeindex.features.extract_paths`):
+the HTTP front end adds the requests' parsing, and nothing per query that the batch could share.
 Writes (add, remove) are serialised by ``write_mutex``; the index itself is changed only inside
 :meth:`ServedCollection.add_vectors` / :meth:`ServedCollection.remove`, under the writer side, so a
 search never walks an index being changed. Everything else a write does (describing, activating,
@@ -16,10 +19,11 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
-import tempfile
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,7 @@ from activeindex.service.batcher import Batcher
 from activeindex.service.locks import RWLock
 from activeindex.service.metrics import ServiceMetrics
 from activeindex.service.thumbnails import ThumbnailCache
-from activeindex.service.uploads import ServiceLimits, Upload, decode_upload
+from activeindex.service.uploads import ServiceLimits, Upload, UploadRejected, decode_upload
 
 
 UPLOADS_DIR = "uploads"  # inside the collection: files added through the service, named by SHA-256
@@ -101,6 +105,23 @@ class ServedCollection(Collection):
 
 
 @dataclass(frozen=True)
+class Job:
+    """One upload for the batcher: described, and searched when ``k`` is given."""
+
+    upload: Upload
+    k: int | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class Described:
+    """A job's outcome: the descriptor (d,), and the k best matches when it was a query."""
+
+    descriptor: np.ndarray
+    matches: list[Match] | None = None
+
+
+@dataclass(frozen=True)
 class AddOutcome:
     id: int
     name: str
@@ -127,12 +148,13 @@ class Service:
             root = self.collection.root.resolve()
             self.uploads_dir = root / UPLOADS_DIR
             self.released_dir = root / RELEASED_DIR
-            self.tmp_dir = Path(tempfile.mkdtemp(prefix="activeindex-serve-"))
             self.thumbnails = ThumbnailCache(limits.image_limits)
             # On a CPU, one model worker per torch thread ("batch streams", see .batcher).
             workers = torch.get_num_threads() if self.extractor.device.type == "cpu" else 1
-            self.batcher = Batcher(self.extractor.features, max_batch=limits.max_batch, workers=workers,
-                                   on_batch=self._observe_batch)
+            self.batcher: Batcher[Job, Described] = Batcher(
+                self._run_batch, max_batch=limits.max_batch, workers=workers,
+                on_batch=lambda size, _: metrics.batch_size.observe(size),
+            )
         except BaseException:
             self.collection.close()
             raise
@@ -140,25 +162,44 @@ class Service:
     def close(self) -> None:
         self.batcher.close()
         self.collection.close()
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
-    def _observe_batch(self, size: int, seconds: float) -> None:
-        self.metrics.batch_size.observe(size)
-        self.metrics.stage.labels("model").observe(seconds)
+    # -- the batch -----------------------------------------------------------------------------
+    def _run_batch(self, jobs: Sequence[Job]) -> list[Described | BaseException]:
+        """Decode the uploads (as the CLI decodes files: reduced-size JPEG decoding, the
+        extractor's preprocessing), describe them in one model call, search the queries in one
+        index search. A broken upload fails its own job only."""
+        t0 = time.perf_counter()
+        pre = self.extractor.preprocessing
+        outcomes: dict[int, Described | BaseException] = {}
+        pixels: dict[int, np.ndarray] = {}
+        for i, job in enumerate(jobs):
+            self.metrics.stage.labels("queue").observe(t0 - job.submitted)
+            try:
+                with self.metrics.time("decode"):
+                    pixels[i] = pre.prepare(decode_upload(job.upload, self.limits, min_side=pre.decode_min_side))
+            except UploadRejected as exc:
+                outcomes[i] = exc
+        if pixels:
+            with self.metrics.time("model"):
+                x = dict(zip(pixels, self.extractor.features(np.stack(list(pixels.values())))))
+            queries = [i for i in pixels if jobs[i].k is not None]
+            found: dict[int, list[Match]] = {}
+            if queries:
+                k = max(int(jobs[i].k or 0) for i in queries)
+                with self.metrics.time("search"), self.collection.rw.read():
+                    rows = self.collection.search(np.stack([x[i] for i in queries]), k)
+                found = {i: row[: jobs[i].k] for i, row in zip(queries, rows)}
+            outcomes.update((i, Described(x[i], found.get(i))) for i in pixels)
+        return [outcomes[i] for i in range(len(jobs))]
 
     # -- reads ---------------------------------------------------------------------------------
-    def describe(self, upload: Upload) -> np.ndarray:
-        """An upload's descriptor (d,), described as the CLI describes files (reduced-size JPEG
-        decoding, the extractor's preprocessing), the model call batched with concurrent queries."""
-        pre = self.extractor.preprocessing
-        with self.metrics.time("decode"):
-            pixels = pre.prepare(decode_upload(upload, self.tmp_dir, self.limits, min_side=pre.decode_min_side))
-        with self.metrics.time("extract"):
-            return self.batcher.submit(pixels).result()
+    def query(self, upload: Upload, k: int) -> Future[Described]:
+        """The k best matches of an upload, batched with concurrent queries (a future)."""
+        return self.batcher.submit(Job(upload, k))
 
-    def search(self, x: np.ndarray, k: int) -> list[Match]:
-        with self.metrics.time("search"), self.collection.rw.read():
-            return self.collection.search(x[None], k)[0]
+    def describe(self, upload: Upload) -> np.ndarray:
+        """An upload's descriptor (d,), batched with concurrent queries."""
+        return self.batcher.submit(Job(upload)).result().descriptor
 
     def record(self, image_id: int) -> dict[str, Any] | None:
         with self.collection.rw.read():
@@ -198,7 +239,7 @@ class Service:
         Raises :class:`ActivationFailed` when no file within the budget could be made."""
         # Fail a broken file with its reason before taking the write mutex.
         with self.metrics.time("decode"):
-            decode_upload(upload, self.tmp_dir, self.limits)
+            decode_upload(upload, self.limits)
         stem, ext = os.path.splitext(upload.name)
         name = f"{stem}-{upload.sha256[:8]}{ext}"  # released as released/<name>.png: unique per content
         with self.write_mutex, self.metrics.time("activate"):

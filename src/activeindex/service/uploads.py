@@ -1,10 +1,10 @@
 """Uploads: bounded in bytes and pixels, only image formats we mean to decode, checked before any
-decoding, and decoded by the library's :func:`~activeindex.images.load_image` (EXIF orientation,
-mode conversion, reduced-size JPEG decoding, the same as every file the CLI reads).
+decoding, and decoded in memory by the library's :func:`~activeindex.images.decode_image` (EXIF
+orientation, mode conversion, reduced-size JPEG decoding, the same as every file the CLI reads).
 
-Where a request's bytes touch the disk, the file name is made here (a random temporary name, or the
-content's SHA-256): nothing a client sends is ever used as a path. The client's file name is kept
-only as a label, cleaned of folders and odd characters.
+Where a request's bytes touch the disk (an added image), the file is named by the content's
+SHA-256: nothing a client sends is ever used as a path. The client's file name is kept only as a
+label, cleaned of folders and odd characters.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ import io
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from functools import cached_property
+from pathlib import PurePosixPath
 
 from fastapi import HTTPException
 from PIL import Image, UnidentifiedImageError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from activeindex.errors import ImageLoadError
-from activeindex.images import ImageLimits, load_image
+from activeindex.images import ImageLimits, decode_image
 
 # Pillow formats an upload may be in (the ones the CLI's folder walk picks up). Others are refused
 # before Pillow tries them: some plugins (EPS → Ghostscript) are not for untrusted input.
@@ -62,10 +62,14 @@ class UploadRejected(HTTPException):
 class Upload:
     data: bytes
     name: str  # the client's file name, cleaned: a label, never a path
-    sha256: str
     format: str  # Pillow's format name
     width: int
     height: int
+
+    @cached_property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the bytes (computed when first asked: only adds need it)."""
+        return hashlib.sha256(self.data).hexdigest()
 
     @property
     def extension(self) -> str:
@@ -106,21 +110,16 @@ def inspect_upload(data: bytes, filename: str | None, limits: ServiceLimits) -> 
         )
     if width < 1 or height < 1:
         raise UploadRejected(400, f"invalid image size {width}×{height}")
-    return Upload(data, clean_name(filename), hashlib.sha256(data).hexdigest(), str(fmt), width, height)
+    return Upload(data, clean_name(filename), str(fmt), width, height)
 
 
-def decode_upload(upload: Upload, tmp_dir: Path, limits: ServiceLimits, *, min_side: int | None = None) -> Image.Image:
-    """Decode an inspected upload with :func:`load_image` (through a temporary file of ours).
-    A file that fails to decode (truncated, corrupt) is a 400 with the reason."""
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=upload.extension)
+def decode_upload(upload: Upload, limits: ServiceLimits, *, min_side: int | None = None) -> Image.Image:
+    """Decode an inspected upload (in memory). A file that fails to decode (truncated, corrupt)
+    is a 400 with the reason."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(upload.data)
-        return load_image(tmp, min_side=min_side, limits=limits.image_limits)
+        return decode_image(upload.data, upload.name, min_side=min_side, limits=limits.image_limits)
     except ImageLoadError as exc:
         raise UploadRejected(400, exc.reason) from None
-    finally:
-        os.unlink(tmp)
 
 
 class BodyLimitMiddleware:
