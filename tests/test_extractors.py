@@ -57,6 +57,19 @@ def test_descriptors_are_unit_norm_and_shaped(tiny_extractor):
     np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["tiny", "resnet-s"])
+def test_builtin_features_run_a_trace_that_equals_the_eager_model(name):
+    ex = create_extractor(f"builtin:{name}")
+    s = ex.preprocessing.input_size
+    x = np.random.default_rng(0).integers(0, 256, (9, s, s, 3), dtype=np.uint8)
+    x01 = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        eager = ex._forward(x01, ex.autocast_dtype).numpy()
+    for b in (9, 1, 4, 9):  # traced on the first batch, then any batch size
+        np.testing.assert_array_equal(ex.features(x[:b]), eager[:b])
+    assert isinstance(ex._traced[ex.autocast_dtype], torch.jit.ScriptModule)
+
+
 def test_features_rejects_wrong_layout(tiny_extractor):
     with pytest.raises(ValueError, match="uint8"):
         tiny_extractor.features(np.zeros((2, 3, 32, 32), np.float32))

@@ -388,7 +388,7 @@ def test_batcher_batches_and_equals_one_at_a_time(tiny_extractor, image_dir):
     def fn(batch):
         gate.wait()
         sizes.append(len(batch))
-        return list(tiny_extractor.features(np.stack(batch)))
+        return tiny_extractor.features(np.stack(batch))
 
     batcher = Batcher(fn, max_batch=8)
     futures = [batcher.submit(a) for a in imgs]
@@ -407,12 +407,17 @@ def test_batcher_batches_and_equals_one_at_a_time(tiny_extractor, image_dir):
 def test_batcher_fails_one_job_alone_and_pins_each_worker_to_its_threads():
     threads_seen = []
 
+    def check(job):
+        if job < 0:
+            raise ValueError(f"bad {job}")
+        return job
+
     def fn(jobs):
         threads_seen.append(torch.get_num_threads())
-        return [ValueError(f"bad {j}") if j < 0 else 2 * j for j in jobs]
+        return [2 * j for j in jobs]
 
     before = torch.get_num_threads()
-    batcher = Batcher(fn, workers=2, threads_per_worker=1)
+    batcher = Batcher(fn, prepare=check, workers=2, threads_per_worker=1)
     assert torch.get_num_threads() == before  # the caller's count is left as it was
     torch.set_num_threads(2)  # what another thread sets later must not reach the workers either
     try:

@@ -1,11 +1,14 @@
 """Gathers concurrent requests into batches for the model.
 
 A CNN on a CPU describes a batch of 16 images several times faster than 16 batches of one. Requests
-hand their jobs to the batcher; workers take everything that arrived while they were busy (no
-waiting window: under low load a job runs alone, under high load batches grow by themselves, up to
-``max_batch``) and run one function on the whole batch. While another worker is busy, a worker that
-finds only a few jobs waits up to ``linger`` seconds for more: under load a batch of 16 costs a CPU
-thread about 30 % less per image than a batch of 4. An idle service never waits.
+hand their jobs to the batcher; a worker takes everything that arrived while it was busy, preparing
+each job as it takes it (``prepare``: decoding an upload), and runs one function on the whole batch
+(``fn``: the model and the search). While another worker is running its batch, the gathering
+worker goes on taking jobs as they arrive, up to ``max_batch``, for at most ``linger`` seconds:
+under load a batch of 16 costs a CPU thread about 30 % less per image than a batch of 4, and the
+wait is spent decoding. As soon as no other worker is running, the gathering worker runs what it
+has: an idle service never waits, and under load the workers take turns, one running its batch
+while the other gathers and decodes the next.
 
 On a CPU the batcher runs as many workers as torch has threads, each with its share (usually one)
 of the intra-op threads: the "batch streams" of :mod:`activeindex.features`. One model call with
@@ -31,24 +34,27 @@ from activeindex.features import pin_torch_threads
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = TypeVar("P")
 R = TypeVar("R")
 
 _STOP = object()
 
 
-class Batcher(Generic[T, R]):
+class Batcher(Generic[T, P, R]):
     """Runs ``fn`` on batches of submitted jobs, from ``workers`` threads that each run torch with
     ``threads_per_worker`` intra-op threads (default: torch's count divided among them).
 
-    ``fn(jobs)`` returns one outcome per job, in order: a result, or an exception for that job alone
-    (a broken upload fails its own request, not its batch). An exception raised by ``fn`` fails the
-    whole batch. ``on_batch(size, seconds)`` reports each call.
+    ``prepare(job)`` runs on each job as a worker takes it (default: the job as it is); an exception
+    it raises fails that job alone (a broken upload fails its own request, not its batch).
+    ``fn(prepared)`` returns one result per job, in order; an exception it raises fails the whole
+    batch. ``on_batch(size, seconds)`` reports each call of ``fn``.
     """
 
     def __init__(
         self,
-        fn: Callable[[Sequence[T]], Sequence[R | BaseException]],
+        fn: Callable[[Sequence[P]], Sequence[R]],
         *,
+        prepare: Callable[[T], P] | None = None,
         max_batch: int = 32,
         workers: int = 1,
         threads_per_worker: int | None = None,
@@ -58,6 +64,7 @@ class Batcher(Generic[T, R]):
         if max_batch < 1 or workers < 1:
             raise ValueError(f"max_batch and workers must be >= 1, got {max_batch} and {workers}")
         self._fn = fn
+        self._prepare = prepare
         self._max_batch = max_batch
         self._on_batch = on_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -98,29 +105,42 @@ class Batcher(Generic[T, R]):
             t.join()
 
     def _gather(self) -> list | None:
-        """Block for one item, then take what else is queued, up to max_batch; None: stop."""
-        with self._take:
-            item = self._queue.get()
-            if item is _STOP:
-                return None
-            items = [item]
-            deadline = time.perf_counter() + self._linger
-            while len(items) < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    wait = deadline - time.perf_counter()
-                    if wait <= 0 or not self._busy:  # never wait while the model is idle
-                        break
+        """Block for a first job, then take (and prepare) jobs as they come, until ``max_batch``, or
+        the queue is empty and either no other worker is running or ``linger`` has passed since the
+        first job; None: stop."""
+        batch: list = []
+        deadline = None  # set by the first job
+        if True:
+            while len(batch) < self._max_batch:
+                if deadline is None:
+                    item = self._queue.get()
+                else:
                     try:
-                        nxt = self._queue.get(timeout=min(wait, 0.002))
+                        item = self._queue.get_nowait()
                     except queue.Empty:
-                        continue
-                if nxt is _STOP:
+                        wait = deadline - time.perf_counter()
+                        if wait <= 0 or not self._busy:
+                            break
+                        try:
+                            item = self._queue.get(timeout=min(wait, 0.002))
+                        except queue.Empty:
+                            continue
+                if item is _STOP:
+                    if not batch:
+                        return None
                     self._queue.put(_STOP)  # for this worker's next turn, after this batch
                     break
-                items.append(nxt)
-            return items
+                job, fut = item
+                if self._prepare is not None:
+                    try:
+                        job = self._prepare(job)
+                    except BaseException as exc:  # noqa: BLE001 - this job's own failure
+                        fut.set_exception(exc)
+                        continue
+                batch.append((job, fut))
+                if deadline is None:
+                    deadline = time.perf_counter() + self._linger
+        return batch
 
     def _run(self, threads: int, ready: threading.Barrier) -> None:
         pin_torch_threads(threads)
@@ -130,19 +150,18 @@ class Batcher(Generic[T, R]):
             with self._busy_lock:
                 self._busy += 1
             try:
-                outcomes = self._fn([job for job, _ in items])
-                if len(outcomes) != len(items):
-                    raise RuntimeError(f"the batch function gave {len(outcomes)} outcomes for {len(items)} jobs")
+                results = self._fn([job for job, _ in items])
+                if len(results) != len(items):
+                    raise RuntimeError(f"the batch function gave {len(results)} results for {len(items)} jobs")
             except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
                 logger.exception("a batch of %d failed", len(items))
-                outcomes = [exc] * len(items)
+                for _, fut in items:
+                    fut.set_exception(exc)
+                continue
             finally:
                 with self._busy_lock:
                     self._busy -= 1
             if self._on_batch is not None:
                 self._on_batch(len(items), time.perf_counter() - t0)
-            for (_, fut), out in zip(items, outcomes):
-                if isinstance(out, BaseException):
-                    fut.set_exception(out)
-                else:
-                    fut.set_result(out)
+            for (_, fut), out in zip(items, results):
+                fut.set_result(out)

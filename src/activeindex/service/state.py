@@ -1,9 +1,9 @@
 """What the service loads once at start-up, and the operations its routes call.
 
 Concurrency. A query is checked (size, format, pixels: the header only) where it arrives, then
-handed to the :class:`Batcher`: its workers take all queries waiting, decode them, run the model
-once on the batch and search the index once for the batch, under the reader side of a
-readers-writer lock. That is what a batch job does with files (:func:`~activeindex.features.extract_paths`):
+handed to the :class:`Batcher`: its workers decode queries as they take them, run the model once
+on a batch and search the index once for the batch, under the reader side of a readers-writer
+lock. That is what a batch job does with files (:func:`~activeindex.features.extract_paths`):
 the HTTP front end adds the requests' parsing, and nothing per query that the batch could share.
 Writes (add, remove) are serialised by ``write_mutex``; the index itself is changed only inside
 :meth:`ServedCollection.add_vectors` / :meth:`ServedCollection.remove`, under the writer side, so a
@@ -39,7 +39,7 @@ from activeindex.service.batcher import Batcher
 from activeindex.service.locks import RWLock
 from activeindex.service.metrics import ServiceMetrics
 from activeindex.service.thumbnails import ThumbnailCache
-from activeindex.service.uploads import ServiceLimits, Upload, UploadRejected, decode_upload
+from activeindex.service.uploads import ServiceLimits, Upload, decode_upload
 
 
 UPLOADS_DIR = "uploads"  # inside the collection: files added through the service, named by SHA-256
@@ -151,8 +151,8 @@ class Service:
             self.thumbnails = ThumbnailCache(limits.image_limits)
             # On a CPU, one model worker per torch thread ("batch streams", see .batcher).
             workers = torch.get_num_threads() if self.extractor.device.type == "cpu" else 1
-            self.batcher: Batcher[Job, Described] = Batcher(
-                self._run_batch, max_batch=limits.max_batch, workers=workers,
+            self.batcher: Batcher[Job, tuple[Job, np.ndarray], Described] = Batcher(
+                self._run_batch, prepare=self._decode, max_batch=limits.max_batch, workers=workers,
                 on_batch=lambda size, _: metrics.batch_size.observe(size),
             )
         except BaseException:
@@ -164,33 +164,27 @@ class Service:
         self.collection.close()
 
     # -- the batch -----------------------------------------------------------------------------
-    def _run_batch(self, jobs: Sequence[Job]) -> list[Described | BaseException]:
-        """Decode the uploads (as the CLI decodes files: reduced-size JPEG decoding, the
-        extractor's preprocessing), describe them in one model call, search the queries in one
-        index search. A broken upload fails its own job only."""
-        t0 = time.perf_counter()
+    def _decode(self, job: Job) -> tuple[Job, np.ndarray]:
+        """A job's upload decoded as the CLI decodes files (reduced-size JPEG decoding, the
+        extractor's preprocessing); a broken upload is a 400 for its own request."""
+        self.metrics.stage.labels("queue").observe(time.perf_counter() - job.submitted)
         pre = self.extractor.preprocessing
-        outcomes: dict[int, Described | BaseException] = {}
-        pixels: dict[int, np.ndarray] = {}
-        for i, job in enumerate(jobs):
-            self.metrics.stage.labels("queue").observe(t0 - job.submitted)
-            try:
-                with self.metrics.time("decode"):
-                    pixels[i] = pre.prepare(decode_upload(job.upload, self.limits, min_side=pre.decode_min_side))
-            except UploadRejected as exc:
-                outcomes[i] = exc
-        if pixels:
-            with self.metrics.time("model"):
-                x = dict(zip(pixels, self.extractor.features(np.stack(list(pixels.values())))))
-            queries = [i for i in pixels if jobs[i].k is not None]
-            found: dict[int, list[Match]] = {}
-            if queries:
-                k = max(int(jobs[i].k or 0) for i in queries)
-                with self.metrics.time("search"), self.collection.rw.read():
-                    rows = self.collection.search(np.stack([x[i] for i in queries]), k)
-                found = {i: row[: jobs[i].k] for i, row in zip(queries, rows)}
-            outcomes.update((i, Described(x[i], found.get(i))) for i in pixels)
-        return [outcomes[i] for i in range(len(jobs))]
+        with self.metrics.time("decode"):
+            return job, pre.prepare(decode_upload(job.upload, self.limits, min_side=pre.decode_min_side))
+
+    def _run_batch(self, batch: Sequence[tuple[Job, np.ndarray]]) -> list[Described]:
+        """One model call for the batch, one index search for its queries."""
+        jobs = [job for job, _ in batch]
+        with self.metrics.time("model"):
+            x = self.extractor.features(np.stack([pixels for _, pixels in batch]))
+        queries = [i for i, job in enumerate(jobs) if job.k is not None]
+        found: dict[int, list[Match]] = {}
+        if queries:
+            k = max(int(jobs[i].k or 0) for i in queries)
+            with self.metrics.time("search"), self.collection.rw.read():
+                rows = self.collection.search(x[queries], k)
+            found = {i: row[: jobs[i].k] for i, row in zip(queries, rows)}
+        return [Described(x[i], found.get(i)) for i in range(len(jobs))]
 
     # -- reads ---------------------------------------------------------------------------------
     def query(self, upload: Upload, k: int) -> Future[Described]:
