@@ -3,12 +3,12 @@
 A CNN on a CPU describes a batch of 16 images several times faster than 16 batches of one. Requests
 hand their jobs to the batcher; a worker takes everything that arrived while it was busy, preparing
 each job as it takes it (``prepare``: decoding an upload), and runs one function on the whole batch
-(``fn``: the model and the search). While another worker is running its batch, the gathering
-worker goes on taking jobs as they arrive, up to ``max_batch``, for at most ``linger`` seconds:
-under load a batch of 16 costs a CPU thread about 30 % less per image than a batch of 4, and the
-wait is spent decoding. As soon as no other worker is running, the gathering worker runs what it
-has: an idle service never waits, and under load the workers take turns, one running its batch
-while the other gathers and decodes the next.
+(``fn``: the model and the search). While another worker is running its batch, a gathering worker
+goes on taking jobs as they arrive, up to ``max_batch``, for at most ``linger`` seconds after its
+first: under load a batch of 16 costs a CPU thread about 30 % less per image than a batch of 4,
+and the wait is spent decoding. When no worker is running a batch, a gathering worker runs what it
+has as soon as the queue is empty: an idle service never waits, and under load the workers take
+turns, one running its batch while the other gathers and decodes the next.
 
 On a CPU the batcher runs as many workers as torch has threads, each with its share (usually one)
 of the intra-op threads: the "batch streams" of :mod:`activeindex.features`. One model call with
@@ -68,7 +68,6 @@ class Batcher(Generic[T, P, R]):
         self._max_batch = max_batch
         self._on_batch = on_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._take = threading.Lock()  # one worker at a time gathers a batch
         self._linger = linger
         self._busy = 0  # workers running ``fn`` now
         self._busy_lock = threading.Lock()
@@ -106,40 +105,39 @@ class Batcher(Generic[T, P, R]):
 
     def _gather(self) -> list | None:
         """Block for a first job, then take (and prepare) jobs as they come, until ``max_batch``, or
-        the queue is empty and either no other worker is running or ``linger`` has passed since the
-        first job; None: stop."""
+        until the queue is empty and either no worker is running a batch or ``linger`` has passed
+        since the first job; None: stop. Idle workers gather side by side, sharing what arrives."""
         batch: list = []
         deadline = None  # set by the first job
-        if True:
-            while len(batch) < self._max_batch:
-                if deadline is None:
-                    item = self._queue.get()
-                else:
+        while len(batch) < self._max_batch:
+            if deadline is None:
+                item = self._queue.get()
+            else:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    wait = deadline - time.perf_counter()
+                    if wait <= 0 or not self._busy:
+                        break
                     try:
-                        item = self._queue.get_nowait()
+                        item = self._queue.get(timeout=min(wait, 0.002))
                     except queue.Empty:
-                        wait = deadline - time.perf_counter()
-                        if wait <= 0 or not self._busy:
-                            break
-                        try:
-                            item = self._queue.get(timeout=min(wait, 0.002))
-                        except queue.Empty:
-                            continue
-                if item is _STOP:
-                    if not batch:
-                        return None
-                    self._queue.put(_STOP)  # for this worker's next turn, after this batch
-                    break
-                job, fut = item
-                if self._prepare is not None:
-                    try:
-                        job = self._prepare(job)
-                    except BaseException as exc:  # noqa: BLE001 - this job's own failure
-                        fut.set_exception(exc)
                         continue
-                batch.append((job, fut))
-                if deadline is None:
-                    deadline = time.perf_counter() + self._linger
+            if item is _STOP:
+                if not batch:
+                    return None
+                self._queue.put(_STOP)  # for this worker's next turn, after this batch
+                break
+            job, fut = item
+            if self._prepare is not None:
+                try:
+                    job = self._prepare(job)
+                except BaseException as exc:  # noqa: BLE001 - this job's own failure
+                    fut.set_exception(exc)
+                    continue
+            batch.append((job, fut))
+            if deadline is None:
+                deadline = time.perf_counter() + self._linger
         return batch
 
     def _run(self, threads: int, ready: threading.Barrier) -> None:

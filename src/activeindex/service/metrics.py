@@ -1,6 +1,6 @@
 """Prometheus metrics of the service: requests by route and status, latency histograms per route and
-per stage (upload read, decode, extract, search, add, activate, remove, thumbnail), the batch sizes
-the model sees and the collection's size.
+per stage (upload read, queue, decode, model, search, add, activate, remove, thumbnail), the batch
+sizes the model sees and the collection's size.
 
 Each app has its own registry (not prometheus_client's global one), so that several apps can live in
 one process (tests) and ``/metrics`` shows only this service's series. Routes are labelled by their
