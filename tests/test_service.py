@@ -431,6 +431,29 @@ def test_batcher_fails_one_job_alone_and_pins_each_worker_to_its_threads():
     assert threads_seen and set(threads_seen) == {1}
 
 
+def test_a_job_cancelled_while_queued_is_skipped_and_the_workers_go_on():
+    gate = threading.Event()
+    seen = []
+
+    def fn(jobs):
+        gate.wait()
+        seen.extend(jobs)
+        return [2 * j for j in jobs]
+
+    batcher = Batcher(fn, max_batch=1)
+    first = batcher.submit(1)
+    time.sleep(0.2)  # the worker is inside fn with the first job
+    cancelled = batcher.submit(2)
+    assert cancelled.cancel()  # what asyncio.wrap_future does when a client goes away
+    gate.set()
+    try:
+        assert first.result(timeout=10) == 2
+        assert batcher.submit(3).result(timeout=10) == 6  # a worker hit by the cancelled job would be gone
+        assert seen == [1, 3]
+    finally:
+        batcher.close()
+
+
 def test_rwlock_keeps_writers_apart_from_readers():
     lock, log = RWLock(), []
     inside = threading.Event()

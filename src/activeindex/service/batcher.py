@@ -129,6 +129,10 @@ class Batcher(Generic[T, P, R]):
                 self._queue.put(_STOP)  # for this worker's next turn, after this batch
                 break
             job, fut = item
+            # A job cancelled while queued (its client went away) is dropped; once running, it can
+            # no longer be cancelled, and setting its outcome cannot fail.
+            if not fut.set_running_or_notify_cancel():
+                continue
             if self._prepare is not None:
                 try:
                     job = self._prepare(job)
