@@ -145,7 +145,10 @@ def decode_image(
     return _decode(io.BytesIO(data), label, len(data), min_side, limits)
 
 
-def _decode(source: Path | io.BytesIO, label: object, size: int, min_side: int | None, limits: ImageLimits) -> Image.Image:
+def _decode(
+    source: Path | io.BytesIO, label: object, size: int, min_side: int | None, limits: ImageLimits
+) -> Image.Image:
+    """Decode ``source`` (``size`` bytes); errors name ``label``."""
     if size == 0:
         raise ImageLoadError(label, "empty file (0 bytes)")
     if size > limits.max_bytes:
