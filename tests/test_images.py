@@ -13,7 +13,15 @@ from PIL import Image
 
 from activeindex.datasets.synthetic import synthetic_image
 from activeindex.errors import ActiveIndexError, ImageLoadError
-from activeindex.images import IMAGE_EXTENSIONS, ImageLimits, ImageListing, file_sha256, list_images, load_image
+from activeindex.images import (
+    IMAGE_EXTENSIONS,
+    ImageLimits,
+    ImageListing,
+    decode_image,
+    file_sha256,
+    list_images,
+    load_image,
+)
 
 
 def touch_image(path: Path, size: tuple[int, int] = (8, 6), colour=(200, 30, 40), fmt: str | None = None) -> Path:
@@ -234,6 +242,24 @@ def test_reduced_jpeg_decode_is_smaller_and_close(big_jpeg, min_side):
     a = np.asarray(full.resize((32, 24), Image.BILINEAR, reducing_gap=3.0), dtype=np.float32)
     b = np.asarray(small.resize((32, 24), Image.BILINEAR, reducing_gap=3.0), dtype=np.float32)
     assert np.abs(a - b).mean() < 6.0, np.abs(a - b).mean()
+
+
+@pytest.mark.parametrize("min_side", [None, 100])
+def test_decoding_bytes_equals_loading_the_file(big_jpeg, min_side):
+    from_file = load_image(big_jpeg, min_side=min_side)
+    from_bytes = decode_image(big_jpeg.read_bytes(), "upload.jpg", min_side=min_side)
+    assert from_bytes.size == from_file.size
+    np.testing.assert_array_equal(np.asarray(from_bytes), np.asarray(from_file))
+
+
+def test_decoding_bad_bytes_names_the_label(big_jpeg):
+    data = big_jpeg.read_bytes()
+    for bad, reason in [(b"", "empty"), (data[: len(data) // 2], "truncated"), (b"hello", "not an image")]:
+        with pytest.raises(ImageLoadError, match=reason) as err:
+            decode_image(bad, "upload.jpg")
+        assert err.value.path == "upload.jpg"
+    with pytest.raises(ImageLoadError, match="exceeds the limit"):
+        decode_image(data, "upload.jpg", limits=ImageLimits(max_pixels=1000))
 
 
 def test_reduced_decode_portrait_keeps_short_side(tmp_path):
