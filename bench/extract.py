@@ -51,6 +51,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +63,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from activeindex.extractors import Extractor, create_extractor
-from activeindex.features import extract_paths, iter_batches
+from activeindex.features import extract_paths, iter_batches, pin_torch_threads
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 IMAGE_SIZE = (1024, 768)  # width, height: a typical web/collection photo, far above the 224 px input
@@ -169,10 +170,45 @@ def run_model_streams(batches: Sequence[np.ndarray], extractor: Extractor) -> np
     threads = torch.get_num_threads()
     streams = max(1, min(threads, len(batches)))
     try:
-        with ThreadPoolExecutor(streams, initializer=torch.set_num_threads, initargs=(threads // streams,)) as pool:
+        with ThreadPoolExecutor(streams, initializer=pin_torch_threads, initargs=(threads // streams,)) as pool:
             return np.concatenate(list(pool.map(extractor.features, batches)))
     finally:
         torch.set_num_threads(threads)  # the pool threads changed torch's default for new threads
+
+
+def model_one_thread(batches: Sequence[np.ndarray], extractor: Extractor, *, traced: bool, busy: bool) -> float:
+    """Images/s of the model on one torch thread (as each service worker and pipeline stream runs
+    it), batch after batch, alone or while another thread runs pure Python (what a service's event
+    loop or a decoding thread does). The eager model takes the GIL back at every module call; the
+    traced one, which ``Extractor.features`` runs for built-in models, only around the whole call.
+    Informational: no target."""
+    stop = threading.Event()
+    rate: list[float] = []
+
+    def eager(batch: np.ndarray) -> np.ndarray:  # what features() does, on the eager module
+        x01 = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+        with torch.no_grad():
+            return extractor._forward(x01, extractor.autocast_dtype).numpy()
+
+    def describe_all() -> None:
+        pin_torch_threads(1)
+        describe = extractor.features if traced else eager
+        describe(batches[0])  # warm, for this thread count
+        t0 = time.perf_counter()
+        n = sum(len(describe(b)) for b in batches)
+        rate.append(n / (time.perf_counter() - t0))
+        stop.set()
+
+    threads = torch.get_num_threads()
+    worker = threading.Thread(target=describe_all)
+    try:
+        worker.start()
+        while busy and not stop.is_set():
+            sum(range(200))
+        worker.join()
+    finally:
+        torch.set_num_threads(threads)  # the worker changed torch's default for new threads
+    return rate[0]
 
 
 # -- measuring --------------------------------------------------------------------------------------
@@ -254,6 +290,10 @@ def report(results: dict) -> str:
         rate("overlap estimate", "overlap_estimate", "  = 1 / (1/decode + 1/model-streams)"),
         ratio("pipeline / overlap estimate", f"{results['pipeline_vs_overlap_estimate']:.1%}"),
         "",
+        "  the model on one thread, alone / beside a busy Python thread (info, no target):",
+        f"  {'eager model':<30}{r['one_thread_eager']:>8.1f} / {r['one_thread_eager_busy']:.1f} images/s",
+        f"  {'traced model (features)':<30}{r['one_thread_traced']:>8.1f} / {r['one_thread_traced_busy']:.1f} images/s",
+        "",
         f"  descriptors, naive vs pipeline: mean cosine {results['mean_cosine']:.4f} "
         f"(min {results['min_cosine']:.4f}), target > {MIN_COSINE}   {verdict(results['pass_cosine'])}",
         "    not 1: the pipeline decodes JPEGs at reduced DCT scale and runs the model in "
@@ -296,6 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     rates["overlap_estimate"] = 1.0 / (1.0 / rates["decode_only"] + 1.0 / rates["model_only_streams"])
+    for traced in (False, True):
+        for busy in (False, True):
+            key = f"one_thread_{'traced' if traced else 'eager'}{'_busy' if busy else ''}"
+            rates[key] = model_one_thread(batches, extractor, traced=traced, busy=busy)
     results = {
         "n": args.n,
         "source": args.source,

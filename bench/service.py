@@ -33,7 +33,10 @@ clients run on the same cores as the server, which the in-process run does not p
 is a conservative one. It also prints how often the service's top-1 is the in-process top-1 (not
 always identical: the service batches whichever queries arrive together, and a bf16 model gives
 slightly different numbers for different batch compositions) and the server's own per-stage times,
-read from its ``/metrics``.
+read from its ``/metrics``. On Linux it adds where the CPU went, from ``/proc``: CPU time per query
+of the server, of the clients and of the in-process run, the share of the machine's cores left
+idle during each, and the busiest server threads' share of the time running, runnable but waiting
+for a core, and blocked (on the GIL, a lock, or an empty queue).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +216,73 @@ def server_stages(port: int) -> dict[str, float]:
     return out
 
 
+# -- where the CPU goes (Linux /proc; left out where there is none) ---------------------------------
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _machine() -> tuple[float, float]:
+    """(idle, all) CPU seconds of the machine so far."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return fields[3] / TICK, sum(fields) / TICK
+
+
+def _threads(pid: int) -> dict[str, tuple[float, float]]:
+    """Per thread of ``pid``: (seconds on a CPU, seconds runnable but waiting for one) so far."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            on_cpu, waiting, _ = (int(v) for v in Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split())
+        except (OSError, ValueError):
+            continue  # a thread that just ended
+        out[tid] = (on_cpu / 1e9, waiting / 1e9)
+    return out
+
+
+class Usage:
+    """CPU use summed over the timed rounds: of this process (the clients, or the in-process
+    run), of the server's threads, and the machine's idle share. ``measure(fn)`` runs ``fn`` and
+    adds what it used; without /proc it only runs ``fn``."""
+
+    def __init__(self, server_pid: int | None = None) -> None:
+        self.server_pid = server_pid
+        self.available = Path("/proc/stat").exists()
+        self.wall = self.own = self.idle = self.all = 0.0
+        self.threads: dict[str, list[float]] = {}
+
+    def measure(self, fn: Callable[[], object]) -> object:
+        if not self.available:
+            return fn()
+        idle0, all0 = _machine()
+        threads0 = _threads(self.server_pid) if self.server_pid else {}
+        own0, wall0 = time.process_time(), time.perf_counter()
+        out = fn()
+        self.wall += time.perf_counter() - wall0
+        self.own += time.process_time() - own0
+        idle1, all1 = _machine()
+        self.idle, self.all = self.idle + idle1 - idle0, self.all + all1 - all0
+        for tid, (on_cpu, waiting) in (_threads(self.server_pid) if self.server_pid else {}).items():
+            before = threads0.get(tid, (0.0, 0.0))
+            acc = self.threads.setdefault(tid, [0.0, 0.0])
+            acc[0] += on_cpu - before[0]
+            acc[1] += waiting - before[1]
+        return out
+
+    def summary(self, queries: int) -> dict:
+        if not self.available or not self.wall:
+            return {}
+        busiest = sorted(self.threads.items(), key=lambda kv: -kv[1][0])[:3]
+        return {
+            "own_ms_per_query": 1000 * self.own / queries,
+            "server_ms_per_query": 1000 * sum(v[0] for v in self.threads.values()) / queries,
+            "idle": self.idle / self.all if self.all else 0.0,
+            "busiest_server_threads": [
+                {"main": tid == str(self.server_pid), "running": on / self.wall, "runnable": wait / self.wall,
+                 "blocked": max(0.0, 1 - (on + wait) / self.wall)}
+                for tid, (on, wait) in busiest
+            ],
+        }
+
+
 # -- report ----------------------------------------------------------------------------------------
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
@@ -241,6 +311,18 @@ def report(r: dict) -> str:
         f"{st.get('batch', 0):.1f} queries per batch on average)",
         f"  setup: collection and queries ready in {r['build_s']:.0f} s, server answering in {r['server_start_s']:.1f} s",
     ]
+    svc, inp = r.get("service_cpu", {}), r.get("in_process_cpu", {})
+    if svc and inp:
+        threads = ", ".join(
+            f"{t['running']:.0%} / {t['runnable']:.0%} / {t['blocked']:.0%}{' (event loop)' if t['main'] else ''}"
+            for t in svc["busiest_server_threads"]
+        )
+        lines[-1:-1] = [
+            f"  CPU per query (all rounds): server {svc['server_ms_per_query']:.2f} ms + clients "
+            f"{svc['own_ms_per_query']:.2f} ms, in-process {inp['own_ms_per_query']:.2f} ms; cores idle "
+            f"{svc['idle']:.0%} during the service rounds, {inp['idle']:.0%} in-process",
+            f"  busiest server threads, share of the time running / waiting for a core / blocked: {threads}",
+        ]
     if r["error_samples"]:
         lines.append(f"  first errors: {r['error_samples']}")
     return "\n".join(lines)
@@ -277,16 +359,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         server = start_server(coll.root, port, Path(tmp) / "server.log", args.max_batch)
         server_start_s = time.perf_counter() - t0
+        usage_in, usage_svc = Usage(), Usage(server.pid)
         try:
             warm = max(1, min(len(bodies), 4 * args.clients))
             run_clients(port, bodies[:warm], args.clients, args.k)  # untimed: kernels, connections
             run_in_process(coll, paths[:warm], args.k)
             best_in, best_svc, errors = None, None, []
             for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits both
-                rate, top1_in = run_in_process(coll, paths, args.k)
+                rate, top1_in = usage_in.measure(lambda: run_in_process(coll, paths, args.k))
                 if best_in is None or rate > best_in[0]:
                     best_in = (rate, top1_in)
-                svc = run_clients(port, bodies, args.clients, args.k)
+                svc = usage_svc.measure(lambda: run_clients(port, bodies, args.clients, args.k))
                 errors += svc["errors"]
                 if best_svc is None or svc["rate"] > best_svc["rate"]:
                     best_svc = svc
@@ -309,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "service_r1": float(np.mean(best_svc["top1"] == expected)),
             "top1_agreement": float(np.mean(best_svc["top1"] == best_in[1])),
             "server_stages": stages, "build_s": build_s, "server_start_s": server_start_s,
+            "in_process_cpu": usage_in.summary(args.repeats * len(paths)),
+            "service_cpu": usage_svc.summary(args.repeats * len(bodies)),
         }
         coll.close()
     results["pass_ratio"] = results["ratio"] >= TARGET_RATIO

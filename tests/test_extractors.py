@@ -67,7 +67,7 @@ def test_builtin_features_run_a_trace_that_equals_the_eager_model(name):
         eager = ex._forward(x01, ex.autocast_dtype).numpy()
     for b in (9, 1, 4, 9):  # traced on the first batch, then any batch size
         np.testing.assert_array_equal(ex.features(x[:b]), eager[:b])
-    assert isinstance(ex._traced[ex.autocast_dtype], torch.jit.ScriptModule)
+    assert isinstance(ex._traces[ex.autocast_dtype], torch.jit.ScriptModule)
 
 
 def test_features_rejects_wrong_layout(tiny_extractor):

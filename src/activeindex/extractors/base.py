@@ -21,6 +21,7 @@ import logging
 import threading
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -127,7 +128,7 @@ class Extractor:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def __post_init__(self) -> None:
-        self._traced: dict[torch.dtype, torch.nn.Module] = {}
+        self._traces: dict[torch.dtype, torch.nn.Module] = {}
         self._trace_lock = threading.Lock()
         self.model.eval().to(self.device)
         for p in self.model.parameters():
@@ -180,11 +181,11 @@ class Extractor:
         return f"{kind}:{self.spec.get('name') or self.spec.get('path')}"
 
     # -- forward -------------------------------------------------------------------------------
-    def _forward(self, x01: torch.Tensor, dtype: torch.dtype, *, traced: bool = False) -> torch.Tensor:
+    def _forward(self, x01: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = ((x01 - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
         enabled = dtype != torch.float32
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled):
-            out = (self._traced_model(x, dtype) if traced else self.model)(x)
+            out = self.model(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
         return F.normalize(out.float(), dim=-1)
@@ -194,28 +195,29 @@ class Extractor:
         ``dtype`` overrides the compute precision (``torch.float32`` or ``torch.bfloat16`` autocast)."""
         return self._forward(x01, dtype or self.autocast_dtype)
 
-    def _traced_model(self, example: torch.Tensor, dtype: torch.dtype) -> torch.nn.Module:
-        """The model for inference without gradients: for a built-in model, a TorchScript trace
-        (made once per compute dtype, under the same autocast: the same kernels, the same
-        numbers, for any batch size), which runs the whole network without taking Python's GIL
-        back between layers. Eager PyTorch needs the GIL at every module call: with other Python
-        threads busy (a service's event loop, decoding threads) each call can wait for it; a
-        batch took 3.7× longer beside one busy Python thread (1.6 s traced, 6.0 s eager, for 320
-        images). Other models run as they are (TorchScript files already do).
+    def _describe_uint8(self, batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """uint8 (B, S, S, 3) on the device → (B, dim) unit descriptors, eagerly."""
+        return self._forward(batch.permute(0, 3, 1, 2).float().div(255.0), dtype)
+
+    def _traced(self, example: torch.Tensor, dtype: torch.dtype) -> torch.nn.Module:
+        """:meth:`_describe_uint8` of a built-in model as a TorchScript trace, made on first use
+        for each compute dtype (under the same autocast: the same kernels and the same numbers, for
+        any batch size). The trace runs the whole call without taking Python's GIL back; eager
+        PyTorch takes it back after every op, and beside a busy Python thread (a service's event
+        loop, decoding threads) each time can be a wait: ``bench/extract.py`` prints both rates.
+        Other models run eagerly (TorchScript files are scripted already).
 
         ``torch.jit.trace`` is deprecated from torch 2.13 on; torch.compile would need a C++
         toolchain at run time and torch.export runs its graph node by node in Python. The pinned
         torch has it, and ``tests/test_extractors.py`` checks the trace against the eager model.
         """
-        if self.spec.get("kind") != "builtin":
-            return self.model
         with self._trace_lock:
-            if dtype not in self._traced:
+            if dtype not in self._traces:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", torch.jit.TracerWarning)
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    self._traced[dtype] = torch.jit.trace(self.model, example, check_trace=False)
-            return self._traced[dtype]
+                    self._traces[dtype] = torch.jit.trace(_Describe(self, dtype), example, check_trace=False)
+            return self._traces[dtype]
 
     @torch.no_grad()
     def features(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -224,8 +226,11 @@ class Extractor:
             batch = torch.from_numpy(batch)
         if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
             raise ValueError(f"expected uint8 (B, S, S, 3) images, got {batch.dtype} {tuple(batch.shape)}")
-        x01 = batch.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        return self._forward(x01, self.autocast_dtype, traced=True).cpu().numpy()
+        batch = batch.to(self.device)
+        dtype = self.autocast_dtype
+        if self.spec.get("kind") == "builtin":
+            return self._traced(batch, dtype)(batch).cpu().numpy()
+        return self._describe_uint8(batch, dtype).cpu().numpy()
 
     def describe(self) -> dict:
         """What a collection stores about this extractor."""
@@ -236,3 +241,16 @@ class Extractor:
             "trained": self.trained,
             "preprocessing": self.preprocessing.to_dict(),
         }
+
+
+class _Describe(torch.nn.Module):
+    """An extractor's uint8 → descriptor computation as a module, for ``torch.jit.trace`` (the
+    model is a submodule, so the trace shares its parameters)."""
+
+    def __init__(self, extractor: Extractor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = extractor.model
+        self.describe = partial(extractor._describe_uint8, dtype=dtype)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.describe(batch)
