@@ -185,10 +185,9 @@ def model_one_thread(batches: Sequence[np.ndarray], extractor: Extractor, *, tra
     stop = threading.Event()
     rate: list[float] = []
 
-    def eager(batch: np.ndarray) -> np.ndarray:  # what features() does, on the eager module
-        x01 = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+    def eager(batch: np.ndarray) -> np.ndarray:  # what features() computes, without the trace
         with torch.no_grad():
-            return extractor._forward(x01, extractor.autocast_dtype).numpy()
+            return extractor._describe_uint8(torch.from_numpy(batch), extractor.autocast_dtype).numpy()
 
     def describe_all() -> None:
         pin_torch_threads(1)
