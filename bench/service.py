@@ -123,18 +123,55 @@ def run_in_process(coll: Collection, paths: Sequence[Path], k: int) -> tuple[flo
     return len(paths) / seconds, np.array([m[0].id if m else -1 for m in matches])
 
 
-def run_clients(port: int, bodies: Sequence[bytes], clients: int, k: int) -> dict:
-    """Post every body once, from ``clients`` threads; → rate, latencies, errors, top-1 ids."""
-    n = len(bodies)
+def request_bytes(port: int, body: bytes, k: int) -> bytes:
+    """A whole ``POST /api/query`` request, keep-alive, ready to send as it is."""
+    head = (f"POST /api/query?k={k} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+def read_response(sock: socket.socket, buf: bytearray) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length from a keep-alive socket → (status, body);
+    ``buf`` carries bytes already received past it."""
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        buf += chunk
+    head = bytes(buf[:end]).decode("latin-1").split("\r\n")
+    status = int(head[0].split(" ", 2)[1])
+    lengths = [line.split(":", 1)[1] for line in head[1:] if line[:15].lower() == "content-length:"]
+    if not lengths:
+        raise ConnectionError(f"a response without Content-Length: {head[0]}")
+    size = end + 4 + int(lengths[0])
+    while len(buf) < size:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        buf += chunk
+    body = bytes(buf[end + 4:size])
+    del buf[:size]
+    return status, body
+
+
+def run_clients(port: int, requests: Sequence[bytes], clients: int) -> dict:
+    """Send every request once, from ``clients`` threads over keep-alive connections; → rate,
+    latencies, errors, top-1 ids. A plain socket client: what it costs runs on the server's cores
+    (http.client cost twice as much CPU per query)."""
+    n = len(requests)
     latency = np.zeros(n)
     top1 = np.full(n, -1)
     errors: list[str] = []
     next_index = iter(range(n))
     lock = threading.Lock()
-    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+    def connect() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
     def client() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        sock, buf = connect(), bytearray()
         while True:
             with lock:
                 i = next(next_index, None)
@@ -142,20 +179,19 @@ def run_clients(port: int, bodies: Sequence[bytes], clients: int, k: int) -> dic
                 break
             t0 = time.perf_counter()
             try:
-                conn.request("POST", f"/api/query?k={k}", body=bodies[i], headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                if resp.status == 200:
+                sock.sendall(requests[i])
+                status, data = read_response(sock, buf)
+                if status == 200:
                     matches = json.loads(data)["matches"]
                     top1[i] = matches[0]["id"] if matches else -1
                 else:
-                    errors.append(f"{resp.status}: {data[:200]!r}")
-            except (OSError, http.client.HTTPException) as exc:
+                    errors.append(f"{status}: {data[:200]!r}")
+            except (OSError, ValueError) as exc:
                 errors.append(repr(exc))
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                sock.close()
+                sock, buf = connect(), bytearray()
             latency[i] = time.perf_counter() - t0
-        conn.close()
+        sock.close()
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     t0 = time.perf_counter()
@@ -177,7 +213,7 @@ def free_port() -> int:
 def start_server(collection: Path, port: int, log: Path, max_batch: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "ACTIVEINDEX_TOKEN"}  # read-only: queries only
     cmd = [sys.executable, "-m", "activeindex.cli", "serve", str(collection), "--port", str(port),
-           "--max-batch", str(max_batch)]
+           "--max-batch", str(max_batch), *os.environ.get("SERVE_EXTRA", "").split()]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -226,21 +262,51 @@ def _machine() -> tuple[float, float]:
     return fields[3] / TICK, sum(fields) / TICK
 
 
+def _processes(pid: int) -> list[int]:
+    """``pid`` and its child processes (the server's model processes)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # a process that just ended
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the command's name
+                children.append(int(entry))
+    return [pid, *children]
+
+
 def _threads(pid: int) -> dict[str, tuple[float, float]]:
-    """Per thread of ``pid``: (seconds on a CPU, seconds runnable but waiting for one) so far."""
+    """Per thread of ``pid`` and of its child processes, keyed "pid/tid": (seconds on a CPU,
+    seconds runnable but waiting for one) so far."""
     out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    for proc in _processes(pid):
         try:
-            on_cpu, waiting, _ = (int(v) for v in Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split())
-        except (OSError, ValueError):
-            continue  # a thread that just ended
-        out[tid] = (on_cpu / 1e9, waiting / 1e9)
+            tids = os.listdir(f"/proc/{proc}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                on_cpu, waiting, _ = (int(v) for v in Path(f"/proc/{proc}/task/{tid}/schedstat").read_text().split())
+            except (OSError, ValueError):
+                continue  # a thread that just ended
+            out[f"{proc}/{tid}"] = (on_cpu / 1e9, waiting / 1e9)
     return out
+
+
+ROLES = ("event loop", "server thread", "model process")
+
+
+def _role(key: str, server_pid: int | None) -> str:
+    proc, tid = key.split("/")
+    if proc != str(server_pid):
+        return "model process"
+    return "event loop" if tid == proc else "server thread"
 
 
 class Usage:
     """CPU use summed over the timed rounds: of this process (the clients, or the in-process
-    run), of the server's threads, and the machine's idle share. ``measure(fn)`` runs ``fn`` and
+    run), of the server's threads (its model processes' included), and the machine's idle share. ``measure(fn)`` runs ``fn`` and
     adds what it used; without /proc it only runs ``fn``."""
 
     def __init__(self, server_pid: int | None = None) -> None:
@@ -270,15 +336,19 @@ class Usage:
     def summary(self, queries: int) -> dict:
         if not self.available or not self.wall:
             return {}
-        busiest = sorted(self.threads.items(), key=lambda kv: -kv[1][0])[:3]
+        busiest = sorted(self.threads.items(), key=lambda kv: -kv[1][0])[:4]
         return {
             "own_ms_per_query": 1000 * self.own / queries,
             "server_ms_per_query": 1000 * sum(v[0] for v in self.threads.values()) / queries,
+            "server_ms_per_query_by_role": {
+                role: 1000 * sum(v[0] for key, v in self.threads.items() if _role(key, self.server_pid) == role) / queries
+                for role in ROLES
+            },
             "idle": self.idle / self.all if self.all else 0.0,
             "busiest_server_threads": [
-                {"main": tid == str(self.server_pid), "running": on / self.wall, "runnable": wait / self.wall,
+                {"role": _role(key, self.server_pid), "running": on / self.wall, "runnable": wait / self.wall,
                  "blocked": max(0.0, 1 - (on + wait) / self.wall)}
-                for tid, (on, wait) in busiest
+                for key, (on, wait) in busiest
             ],
         }
 
@@ -314,11 +384,13 @@ def report(r: dict) -> str:
     svc, inp = r.get("service_cpu", {}), r.get("in_process_cpu", {})
     if svc and inp:
         threads = ", ".join(
-            f"{t['running']:.0%} / {t['runnable']:.0%} / {t['blocked']:.0%}{' (event loop)' if t['main'] else ''}"
+            f"{t['running']:.0%} / {t['runnable']:.0%} / {t['blocked']:.0%} ({t['role']})"
             for t in svc["busiest_server_threads"]
         )
         lines[-1:-1] = [
-            f"  CPU per query (all rounds): server {svc['server_ms_per_query']:.2f} ms + clients "
+            f"  CPU per query (all rounds): server {svc['server_ms_per_query']:.2f} ms ("
+            + ", ".join(f"{role}s {v:.2f}" for role, v in svc["server_ms_per_query_by_role"].items() if v)
+            + f") + clients "
             f"{svc['own_ms_per_query']:.2f} ms, in-process {inp['own_ms_per_query']:.2f} ms; cores idle "
             f"{svc['idle']:.0%} during the service rounds, {inp['idle']:.0%} in-process",
             f"  busiest server threads, share of the time running / waiting for a core / blocked: {threads}",
@@ -354,22 +426,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         coll, refs = build_collection(root, args)
         paths, expected = write_queries(refs, Path(tmp) / "queries", args.queries, args.query_size)
         build_s = time.perf_counter() - t0
-        bodies = [multipart(p) for p in paths]
         port = free_port()
         t0 = time.perf_counter()
         server = start_server(coll.root, port, Path(tmp) / "server.log", args.max_batch)
         server_start_s = time.perf_counter() - t0
+        requests = [request_bytes(port, multipart(p), args.k) for p in paths]
         usage_in, usage_svc = Usage(), Usage(server.pid)
         try:
-            warm = max(1, min(len(bodies), 4 * args.clients))
-            run_clients(port, bodies[:warm], args.clients, args.k)  # untimed: kernels, connections
+            warm = max(1, min(len(requests), 4 * args.clients))
+            run_clients(port, requests[:warm], args.clients)  # untimed: kernels, connections
             run_in_process(coll, paths[:warm], args.k)
             best_in, best_svc, errors = None, None, []
             for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits both
                 rate, top1_in = usage_in.measure(lambda: run_in_process(coll, paths, args.k))
                 if best_in is None or rate > best_in[0]:
                     best_in = (rate, top1_in)
-                svc = usage_svc.measure(lambda: run_clients(port, bodies, args.clients, args.k))
+                svc = usage_svc.measure(lambda: run_clients(port, requests, args.clients))
                 errors += svc["errors"]
                 if best_svc is None or svc["rate"] > best_svc["rate"]:
                     best_svc = svc
@@ -393,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "top1_agreement": float(np.mean(best_svc["top1"] == best_in[1])),
             "server_stages": stages, "build_s": build_s, "server_start_s": server_start_s,
             "in_process_cpu": usage_in.summary(args.repeats * len(paths)),
-            "service_cpu": usage_svc.summary(args.repeats * len(bodies)),
+            "service_cpu": usage_svc.summary(args.repeats * len(requests)),
         }
         coll.close()
     results["pass_ratio"] = results["ratio"] >= TARGET_RATIO

@@ -404,20 +404,15 @@ def test_batcher_batches_and_equals_one_at_a_time(tiny_extractor, image_dir):
     failing.close()
 
 
-def test_batcher_fails_one_job_alone_and_pins_each_worker_to_its_threads():
+def test_batcher_fails_one_job_alone_and_pins_each_slot_to_its_threads():
     threads_seen = []
-
-    def check(job):
-        if job < 0:
-            raise ValueError(f"bad {job}")
-        return job
 
     def fn(jobs):
         threads_seen.append(torch.get_num_threads())
-        return [2 * j for j in jobs]
+        return [ValueError(f"bad {j}") if j < 0 else 2 * j for j in jobs]
 
     before = torch.get_num_threads()
-    batcher = Batcher(fn, prepare=check, workers=2, threads_per_worker=1)
+    batcher = Batcher(fn, slots=2, threads_per_slot=1)
     assert torch.get_num_threads() == before  # the caller's count is left as it was
     torch.set_num_threads(2)  # what another thread sets later must not reach the workers either
     try:

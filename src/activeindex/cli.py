@@ -390,6 +390,10 @@ def serve(
     max_pixels: Annotated[int, typer.Option(help="largest upload in pixels (413 beyond)", min=1)] = 40_000_000,
     max_batch: Annotated[int, typer.Option(help="most queries described in one model call", min=1)] = 32,
     mmap: Annotated[bool, typer.Option("--mmap", help="memory-map the index, read-only (replicas sharing one file)")] = False,
+    model_processes: Annotated[Optional[int], typer.Option(
+        help="processes that decode and describe uploads (0: threads of the server; default: one per core, at most 4)",
+        min=0, show_default=False,
+    )] = None,
 ) -> None:
     """Serve a collection over HTTP: API (docs at /docs), web page at /, /metrics for Prometheus."""
     from activeindex.service import ServiceLimits, run
@@ -397,7 +401,7 @@ def serve(
     limits = ServiceLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_batch=max_batch)
     writes = "disabled: --mmap" if mmap else ("need the token" if token else "disabled: no token")
     _err(f"serving {collection} on http://{host}:{port}/ (writes {writes})")
-    run(collection, host=host, port=port, token=token, limits=limits, mmap=mmap)
+    run(collection, host=host, port=port, token=token, limits=limits, mmap=mmap, model_processes=model_processes)
 
 
 @app.command()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import os
+import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -36,14 +37,16 @@ from activeindex.collection import INDEX_FILE, Collection, Match, write_bytes_at
 from activeindex.errors import CollectionError
 from activeindex.extractors import Extractor
 from activeindex.service.batcher import Batcher
+from activeindex.service.describers import LocalDescriber, ProcessDescriber, start_processes
 from activeindex.service.locks import RWLock
 from activeindex.service.metrics import ServiceMetrics
 from activeindex.service.thumbnails import ThumbnailCache
-from activeindex.service.uploads import ServiceLimits, Upload, decode_upload
+from activeindex.service.uploads import ServiceLimits, Upload, UploadRejected, decode_upload
 
 
 UPLOADS_DIR = "uploads"  # inside the collection: files added through the service, named by SHA-256
 RELEASED_DIR = "released"  # inside the collection: activated files released through the service
+MAX_AUTO_PROCESSES = 4  # model processes by default, at most (each holds torch and the model)
 
 
 class ServedCollection(Collection):
@@ -114,7 +117,7 @@ class Job:
 
 
 @dataclass(frozen=True)
-class Described:
+class Outcome:
     """A job's outcome: the descriptor (d,), and the k best matches when it was a query."""
 
     descriptor: np.ndarray
@@ -134,60 +137,92 @@ class Service:
     """The loaded collection and extractor, the batcher, locks, metrics and limits."""
 
     def __init__(
-        self, collection_path: str | os.PathLike[str], limits: ServiceLimits, metrics: ServiceMetrics, *, mmap: bool = False
+        self,
+        collection_path: str | os.PathLike[str],
+        limits: ServiceLimits,
+        metrics: ServiceMetrics,
+        *,
+        mmap: bool = False,
+        model_processes: int | None = 0,
     ) -> None:
         self.limits = limits
         self.metrics = metrics
         self.collection = ServedCollection.open(collection_path, mmap=mmap)
+        self._describers: list[LocalDescriber | ProcessDescriber] = []
         try:
             self.extractor: Extractor = self.collection.extractor  # loaded (and checked) once, here
-            pre = self.extractor.preprocessing
-            # One forward pass now, so the first request does not pay for lazy initialisation.
-            self.extractor.features(np.zeros((1, pre.input_size, pre.input_size, 3), np.uint8))
             self.write_mutex = threading.Lock()
             root = self.collection.root.resolve()
             self.uploads_dir = root / UPLOADS_DIR
             self.released_dir = root / RELEASED_DIR
             self.thumbnails = ThumbnailCache(limits.image_limits)
-            # On a CPU, one model worker per torch thread ("batch streams", see .batcher).
-            workers = torch.get_num_threads() if self.extractor.device.type == "cpu" else 1
-            self.batcher: Batcher[Job, tuple[Job, np.ndarray], Described] = Batcher(
-                self._run_batch, prepare=self._decode, max_batch=limits.max_batch, workers=workers,
+            threads = torch.get_num_threads()
+            if model_processes is None:  # one per core torch uses, on a CPU (a GPU is one process's)
+                model_processes = min(threads, MAX_AUTO_PROCESSES) if self.extractor.device.type == "cpu" else 0
+            if model_processes > 0:
+                # Each process runs its share of torch's threads (see .describers).
+                self._describers = list(start_processes(
+                    self.extractor, limits.image_limits, model_processes, max(1, threads // model_processes)
+                ))
+            else:
+                # On a CPU, one worker thread per torch thread ("batch streams", see .batcher).
+                workers = threads if self.extractor.device.type == "cpu" else 1
+                self._describers = [LocalDescriber(self.extractor, limits.image_limits)] * workers
+            # One forward pass now, so the first request does not pay for lazy initialisation.
+            pre = self.extractor.preprocessing
+            self.extractor.features(np.zeros((1, pre.input_size, pre.input_size, 3), np.uint8))
+            self._idle: queue.SimpleQueue[LocalDescriber | ProcessDescriber] = queue.SimpleQueue()
+            for describer in self._describers:
+                self._idle.put(describer)
+            self.batcher: Batcher[Job, Outcome] = Batcher(
+                self._run_batch, max_batch=limits.max_batch, slots=len(self._describers),
                 on_batch=lambda size, _: metrics.batch_size.observe(size),
             )
         except BaseException:
+            self._close_describers()
             self.collection.close()
             raise
 
     def close(self) -> None:
         self.batcher.close()
+        self._close_describers()
         self.collection.close()
 
-    # -- the batch -----------------------------------------------------------------------------
-    def _decode(self, job: Job) -> tuple[Job, np.ndarray]:
-        """A job's upload decoded as the CLI decodes files (reduced-size JPEG decoding, the
-        extractor's preprocessing); a broken upload is a 400 for its own request."""
-        self.metrics.stage.labels("queue").observe(time.perf_counter() - job.submitted)
-        pre = self.extractor.preprocessing
-        with self.metrics.time("decode"):
-            return job, pre.prepare(decode_upload(job.upload, self.limits, min_side=pre.decode_min_side))
+    def _close_describers(self) -> None:
+        for describer in set(self._describers):
+            describer.close()
 
-    def _run_batch(self, batch: Sequence[tuple[Job, np.ndarray]]) -> list[Described]:
-        """One model call for the batch, one index search for its queries."""
-        jobs = [job for job, _ in batch]
-        with self.metrics.time("model"):
-            x = self.extractor.features(np.stack([pixels for _, pixels in batch]))
-        queries = [i for i, job in enumerate(jobs) if job.k is not None]
+    # -- the batch -----------------------------------------------------------------------------
+    def _run_batch(self, jobs: Sequence[Job]) -> list[Outcome | Exception]:
+        """Decode the batch's uploads as the CLI decodes files and describe them in one model call
+        (in a describer: this thread or a model process), then one index search for its queries.
+        An upload that fails to decode is a 400 for its own request."""
+        start = time.perf_counter()
+        for job in jobs:
+            self.metrics.stage.labels("queue").observe(start - job.submitted)
+        describer = self._idle.get()
+        try:
+            out = describer.describe([(job.upload.data, job.upload.name) for job in jobs])
+        finally:
+            self._idle.put(describer)
+        for seconds in out.decode_seconds:
+            self.metrics.stage.labels("decode").observe(seconds)
+        self.metrics.stage.labels("model").observe(out.model_seconds)
+        x = out.descriptors
+        queries = [i for i, job in enumerate(jobs) if job.k is not None and out.errors[i] is None]
         found: dict[int, list[Match]] = {}
         if queries:
             k = max(int(jobs[i].k or 0) for i in queries)
             with self.metrics.time("search"), self.collection.rw.read():
                 rows = self.collection.search(x[queries], k)
             found = {i: row[: jobs[i].k] for i, row in zip(queries, rows)}
-        return [Described(x[i], found.get(i)) for i in range(len(jobs))]
+        return [
+            Outcome(x[i], found.get(i)) if error is None else UploadRejected(400, error)
+            for i, error in enumerate(out.errors)
+        ]
 
     # -- reads ---------------------------------------------------------------------------------
-    def query(self, upload: Upload, k: int) -> Future[Described]:
+    def query(self, upload: Upload, k: int) -> Future[Outcome]:
         """The k best matches of an upload, batched with concurrent queries (a future)."""
         return self.batcher.submit(Job(upload, k))
 

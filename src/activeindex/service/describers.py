@@ -1,0 +1,220 @@
+"""Where the service turns uploads into descriptors: in its own threads, or in model processes.
+
+A describer takes a batch of uploads (their bytes) and gives back a :class:`DescribedBatch`:
+one descriptor per upload, or the reason it could not be decoded. :class:`LocalDescriber` does it
+in the calling thread; :class:`ProcessDescriber` in a child process of its own.
+
+Why processes. In one process the event loop (HTTP parsing, JSON), the decoding and the model
+share one GIL: Pillow and torch release it for their native work and take it back many times per
+image, and with as many busy threads as cores every hand-over can leave a core idle. With the
+work in threads, ``bench/service.py`` measured 11-13 % of the cores idle during a saturated run,
+against 3-5 % for the same work in a batch job. A model process decodes and describes with an
+interpreter of its own; the server keeps the HTTP front end, the index and the search. Through the
+pipe go the uploads' bytes (tens of kB each) one way and d floats per upload back.
+
+A model process that dies (killed, out of memory, a crash in a native decoder) fails only the
+batch it held, with :class:`DescriberLost`; the next batch starts a new process. Processes are
+started with ``spawn`` (a fork of a process running OpenMP and server threads is not safe), ignore
+SIGINT (the server stops them) and exit when the server's end of their pipe closes, so none
+outlives a killed server.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from activeindex.errors import ImageLoadError, ModelError
+from activeindex.extractors import Extractor, create_extractor
+from activeindex.features import pin_torch_threads
+from activeindex.images import ImageLimits, decode_image
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT = 300.0  # seconds for a model process to import torch, load the model and trace it
+
+
+@dataclass(frozen=True)
+class DescribedBatch:
+    """A batch described: ``descriptors`` (n, d), with a row of zeros where ``errors`` holds the
+    reason an upload could not be decoded (None where it could); seconds spent decoding each
+    upload and running the model."""
+
+    descriptors: np.ndarray
+    errors: list[str | None]
+    decode_seconds: list[float]
+    model_seconds: float
+
+
+class DescriberLost(RuntimeError):
+    """The model process died while describing a batch (the batch's requests fail; later batches
+    start a new process)."""
+
+
+def describe_batch(extractor: Extractor, items: Sequence[tuple[bytes, str]], limits: ImageLimits) -> DescribedBatch:
+    """Decode each upload (bytes, label) as the CLI decodes files and run the model once on those
+    that decoded."""
+    pre = extractor.preprocessing
+    pixels: list[np.ndarray] = []
+    errors: list[str | None] = []
+    decode_seconds = []
+    for data, label in items:
+        t0 = time.perf_counter()
+        try:
+            pixels.append(pre.prepare(decode_image(data, label, min_side=pre.decode_min_side, limits=limits)))
+            errors.append(None)
+        except ImageLoadError as exc:
+            errors.append(exc.reason)
+        decode_seconds.append(time.perf_counter() - t0)
+    out = np.zeros((len(items), extractor.dim), np.float32)
+    t0 = time.perf_counter()
+    if pixels:
+        out[[i for i, e in enumerate(errors) if e is None]] = extractor.features(np.stack(pixels))
+    return DescribedBatch(out, errors, decode_seconds, time.perf_counter() - t0)
+
+
+class LocalDescriber:
+    """Describes in the calling thread (a thread-safe extractor: several threads may share one)."""
+
+    def __init__(self, extractor: Extractor, limits: ImageLimits) -> None:
+        self.extractor = extractor
+        self.limits = limits
+
+    def describe(self, items: Sequence[tuple[bytes, str]]) -> DescribedBatch:
+        return describe_batch(self.extractor, items, self.limits)
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessDescriber:
+    """A child process with its own copy of ``extractor`` (rebuilt from its description and checked
+    against its weights digest), running torch on ``threads`` threads. One batch at a time: the
+    caller owns it while :meth:`describe` runs."""
+
+    def __init__(self, extractor: Extractor, limits: ImageLimits, threads: int = 1) -> None:
+        self._args = (extractor.describe(), extractor.precision.value, str(extractor.device), limits, threads)
+        self.dim = extractor.dim
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+        self.starts = 0
+        self.start()
+
+    def start(self) -> None:
+        """Start the child (without waiting for it: :meth:`wait_ready`)."""
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_child_main, args=(child, *self._args), name="activeindex-model", daemon=True)
+        self._proc.start()
+        child.close()  # the child's end lives in the child: EOF here once it exits
+        self._conn = parent
+        self._ready = False
+        self.starts += 1
+
+    def wait_ready(self) -> None:
+        """Block until the child has loaded the model; a child that fails says why (ModelError)."""
+        if self._ready:
+            return
+        assert self._conn is not None
+        if not self._conn.poll(START_TIMEOUT):
+            self._stop(kill=True)
+            raise ModelError(f"a model process did not start within {START_TIMEOUT:.0f} s")
+        try:
+            kind, detail = self._conn.recv()
+        except (EOFError, OSError):
+            code = self._stop(kill=True)
+            raise ModelError(f"a model process exited while starting (exit code {code})") from None
+        if kind != "ready":
+            self._stop(kill=True)
+            raise ModelError(f"a model process could not load the model: {detail}")
+        self._ready = True
+
+    def describe(self, items: Sequence[tuple[bytes, str]]) -> DescribedBatch:
+        with self._lock:
+            if self._conn is None:
+                self.start()
+            self.wait_ready()
+            assert self._conn is not None
+            try:
+                self._conn.send(list(items))
+                kind, out = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                code = self._stop(kill=True)
+                raise DescriberLost(
+                    f"the model process describing this batch of {len(items)} exited (exit code {code}); "
+                    "the next batch starts a new one"
+                ) from exc
+        if kind != "ok":
+            raise RuntimeError(f"the model process failed on this batch: {out}")
+        return out
+
+    def _stop(self, *, kill: bool) -> int | None:
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if conn is not None:
+            conn.close()  # EOF in the child: it exits
+        if proc is None:
+            return None
+        proc.join(None if not kill else 5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        return proc.exitcode
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop(kill=False)
+
+
+def start_processes(extractor: Extractor, limits: ImageLimits, processes: int, threads: int) -> list[ProcessDescriber]:
+    """``processes`` model processes, started side by side; returns once all have loaded the model."""
+    started: list[ProcessDescriber] = []
+    try:
+        for _ in range(processes):
+            started.append(ProcessDescriber(extractor, limits, threads))
+        for d in started:
+            d.wait_ready()
+    except BaseException:
+        for d in started:
+            d.close()
+        raise
+    return started
+
+
+def _child_main(conn: Connection, description: dict, precision: str, device: str, limits: ImageLimits,
+                threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
+    try:
+        pin_torch_threads(threads)
+        extractor = create_extractor(description, precision=precision, device=device)
+        if extractor.digest != description["digest"]:
+            raise ModelError(
+                f"{extractor.spec_string} has weights digest {extractor.digest[:12]}…, "
+                f"the server's has {description['digest'][:12]}… (was the file changed?)"
+            )
+        pre = extractor.preprocessing
+        extractor.features(np.zeros((1, pre.input_size, pre.input_size, 3), np.uint8))  # trace it now
+    except Exception as exc:  # noqa: BLE001 - reported to the server, which refuses to start
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            items = conn.recv()
+        except (EOFError, OSError):
+            return  # the server closed its end, or died
+        try:
+            reply: tuple[str, Any] = ("ok", describe_batch(extractor, items, limits))
+        except Exception as exc:  # noqa: BLE001 - this batch's failure, reported; the process goes on
+            reply = ("error", f"{type(exc).__name__}: {exc}")
+        conn.send(reply)
