@@ -36,6 +36,7 @@ from activeindex import __version__
 from activeindex.activation import ActivationConfig
 from activeindex.errors import ActiveIndexError, ImageLoadError
 from activeindex.service.auth import TokenCheck, bearer
+from activeindex.service.describers import DescriberLost
 from activeindex.service.metrics import MetricsMiddleware, ServiceMetrics
 from activeindex.service.schemas import AddOut, HealthOut, ImageOut, InfoOut, QueryOut, RemoveOut
 from activeindex.service.state import ActivationFailed, Service
@@ -109,6 +110,12 @@ def create_app(
     @app.exception_handler(ActivationFailed)
     async def _activation_failed(request: Request, exc: ActivationFailed) -> JSONResponse:
         return JSONResponse({"detail": f"activation failed: {exc}"}, status_code=422)
+
+    @app.exception_handler(DescriberLost)
+    async def _describer_lost(request: Request, exc: DescriberLost) -> JSONResponse:
+        # A model process died with this request's batch (killed, out of memory): the next batch
+        # starts a new one, so the request may be retried.
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(ActiveIndexError)
     async def _library_error(request: Request, exc: ActiveIndexError) -> JSONResponse:
