@@ -7,6 +7,7 @@ extractor, ``activation.add``). One module per concern:
 - :mod:`.state` what is loaded once at start-up (collection, extractor, batcher, locks);
 - :mod:`.locks` the readers-writer lock that keeps searches off an index being changed;
 - :mod:`.batcher` gathers concurrent queries into one model call;
+- :mod:`.describers` where uploads are decoded and described: model processes, or threads;
 - :mod:`.uploads` bounded, checked uploads (bytes, pixels, formats) and their decoding;
 - :mod:`.auth` the bearer token of write endpoints;
 - :mod:`.metrics` Prometheus counters and per-stage latency histograms;

@@ -8,11 +8,11 @@ Routes (OpenAPI schema at ``/openapi.json``, docs at ``/docs``, served offline):
 - ``GET /api/info``, ``GET /healthz``, ``GET /metrics`` (Prometheus);
 - ``GET /`` the web page (``static/``).
 
-Write routes need ``Authorization: Bearer <token>`` (see :mod:`.auth`). The query route runs on the
-event loop: it reads the upload, checks its header and awaits the batch its job went into
-(:mod:`.batcher`: decoding, the model and the search run there, for all queries waiting). The other
-routes are plain ``def``, run in FastAPI's thread pool; index changes are kept apart from searches
-(:mod:`.state`).
+Write routes need ``Authorization: Bearer <token>`` (see :mod:`.auth`). The upload routes run on
+the event loop: they read the multipart body, check the image's header, and await the batch the
+job went into (:mod:`.batcher`: decoding and the model run in a describer, the search after it, for
+all queries waiting), or the write in the thread pool. The other routes are plain ``def``, run in
+FastAPI's thread pool; index changes are kept apart from searches (:mod:`.state`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at run time, and they

@@ -142,6 +142,9 @@ class ProcessDescriber:
 
     def describe(self, items: Sequence[tuple[bytes, str]]) -> DescribedBatch:
         with self._lock:
+            if self._proc is not None and not self._proc.is_alive():
+                code = self._stop(kill=True)
+                logger.warning("a model process exited (exit code %s) between batches; starting a new one", code)
             if self._conn is None:
                 self.start()
             self.wait_ready()

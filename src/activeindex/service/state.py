@@ -1,10 +1,12 @@
 """What the service loads once at start-up, and the operations its routes call.
 
 Concurrency. A query is checked (size, format, pixels: the header only) where it arrives, then
-handed to the :class:`Batcher`: its workers decode queries as they take them, run the model once
-on a batch and search the index once for the batch, under the reader side of a readers-writer
-lock. That is what a batch job does with files (:func:`~activeindex.features.extract_paths`):
-the HTTP front end adds the requests' parsing, and nothing per query that the batch could share.
+handed to the :class:`Batcher`. Its dispatcher gathers the queries that arrive while its slots are
+busy, and each slot runs one batch at a time: the uploads decoded and described in one model call
+by a describer (:mod:`.describers`: a model process of its own by default with ``serve``, or this
+process's thread), then one index search for the batch, under the reader side of a readers-writer
+lock. That is what a batch job does with files (:func:`~activeindex.features.extract_paths`): the
+HTTP front end adds the requests' parsing, and nothing per query that the batch could share.
 Writes (add, remove) are serialised by ``write_mutex``; the index itself is changed only inside
 :meth:`ServedCollection.add_vectors` / :meth:`ServedCollection.remove`, under the writer side, so a
 search never walks an index being changed. Everything else a write does (describing, activating,
