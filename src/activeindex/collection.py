@@ -554,11 +554,11 @@ class Collection:
         thr = self.config.threshold
         return [
             [
-                Match(int(i), names[int(i)], float(s), None if thr is None else bool(s >= thr))
+                Match(i, names[i], s, None if thr is None else s >= thr)
                 for s, i in zip(srow, irow)
-                if int(i) in names
+                if i in names
             ]
-            for srow, irow in zip(S, I)
+            for srow, irow in zip(S.tolist(), I.tolist())  # Python floats and ints, row by row
         ]
 
     def query_images(

@@ -167,12 +167,13 @@ class Service:
                     self.extractor, limits.image_limits, model_processes, max(1, threads // model_processes)
                 ))
             else:
-                # On a CPU, one worker thread per torch thread ("batch streams", see .batcher).
-                workers = threads if self.extractor.device.type == "cpu" else 1
-                self._describers = [LocalDescriber(self.extractor, limits.image_limits)] * workers
-            # One forward pass now, so the first request does not pay for lazy initialisation.
-            pre = self.extractor.preprocessing
-            self.extractor.features(np.zeros((1, pre.input_size, pre.input_size, 3), np.uint8))
+                # On a CPU, one slot per torch thread ("batch streams", see .batcher).
+                slots = threads if self.extractor.device.type == "cpu" else 1
+                self._describers = [LocalDescriber(self.extractor, limits.image_limits)] * slots
+                # One forward pass now, so the first request does not pay for lazy initialisation
+                # (a model process makes its own before it says it is ready).
+                pre = self.extractor.preprocessing
+                self.extractor.features(np.zeros((1, pre.input_size, pre.input_size, 3), np.uint8))
             self._idle: queue.SimpleQueue[LocalDescriber | ProcessDescriber] = queue.SimpleQueue()
             for describer in self._describers:
                 self._idle.put(describer)
