@@ -24,14 +24,15 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture()
 def server(tmp_path, tiny_extractor, train_vectors, image_dir):
-    """A uvicorn server on a free loopback port, in a thread, over a small collection."""
+    """A uvicorn server on a free loopback port, in a thread, over a small collection, with its
+    model processes (the default of `activeindex serve`)."""
     import uvicorn
 
     from activeindex.service import create_app
 
     with Collection.create(tmp_path / "c", tiny_extractor, "IVF4,PQ16x4", train_vectors, nprobe=4) as c:
         c.add_images(sorted(image_dir.glob("*.png"))[:8])
-    app = create_app(tmp_path / "c", token=TOKEN)
+    app = create_app(tmp_path / "c", token=TOKEN, model_processes=None)  # as `activeindex serve` runs it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
@@ -292,4 +293,5 @@ def run(
     import uvicorn
 
     app = create_app(collection_path, token=token, limits=limits, mmap=mmap, model_processes=model_processes)
+    print(f"uploads are decoded and described by {app.state.service.describers_summary()}", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -104,7 +104,7 @@ class ProcessDescriber:
 
     def __init__(self, extractor: Extractor, limits: ImageLimits, threads: int = 1) -> None:
         self._args = (extractor.describe(), extractor.precision.value, str(extractor.device), limits, threads)
-        self.dim = extractor.dim
+        self.threads = threads
         self._proc: Any = None
         self._conn: Connection | None = None
         self._lock = threading.Lock()

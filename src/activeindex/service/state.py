@@ -191,6 +191,13 @@ class Service:
         self._close_describers()
         self.collection.close()
 
+    def describers_summary(self) -> str:
+        """Where uploads are decoded and described, in words."""
+        n = len(self._describers)
+        if isinstance(self._describers[0], ProcessDescriber):
+            return f"{n} model process{'es' if n > 1 else ''} ({self._describers[0].threads} torch thread{'s' if self._describers[0].threads > 1 else ''} each)"
+        return f"{n} thread{'s' if n > 1 else ''} of the server process"
+
     def _close_describers(self) -> None:
         for describer in set(self._describers):
             describer.close()
