@@ -425,7 +425,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
     ap.add_argument("--model-processes", type=int, help="the server's --model-processes (default: its own; 0: threads)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed rounds; the best counts")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds of each; the best counts")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return ap.parse_args(argv)
 
