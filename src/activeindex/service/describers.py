@@ -6,9 +6,9 @@ in the calling thread; :class:`ProcessDescriber` in a child process of its own.
 
 Why processes. In one process the event loop (HTTP parsing, JSON), the decoding and the model
 share one GIL: Pillow and torch release it for their native work and take it back many times per
-image, and with as many busy threads as cores every hand-over can leave a core idle. With the
-work in threads, ``bench/service.py`` measured 11-13 % of the cores idle during a saturated run,
-against 3-5 % for the same work in a batch job. A model process decodes and describes with an
+image, and with as many busy threads as cores every hand-over can leave a core idle
+(``bench/service.py --model-processes 0`` prints the share of idle cores during a saturated run:
+about twice what the same work leaves idle in a batch job). A model process decodes and describes with an
 interpreter of its own; the server keeps the HTTP front end, the index and the search. Through the
 pipe go the uploads' bytes (tens of kB each) one way and d floats per upload back.
 
@@ -169,7 +169,7 @@ class ProcessDescriber:
             conn.close()  # EOF in the child: it exits
         if proc is None:
             return None
-        proc.join(None if not kill else 5)
+        proc.join(5 if kill else 60)  # a batch in hand is finished first, unless killing
         if proc.is_alive():
             proc.kill()
             proc.join()
@@ -199,9 +199,10 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
 
     Every batch allocates the same large activations; by default glibc maps each one afresh and
-    unmaps it when freed, and every new page then costs a page fault: a few hundred per image
-    described, about a tenth of a model process's CPU (``bench/service.py`` prints the faults per
-    query). Only for a process of ours: a library must not change its host process's allocator.
+    unmaps it when freed, and every new page then costs a page fault, a few hundred per image
+    described (``bench/service.py`` prints the page faults per query of the server and of the
+    library in-process). Only for a process of ours: a library must not change its host process's
+    allocator.
     The process keeps its peak memory (one batch's activations) for its lifetime. Returns False
     where there is no glibc (nothing changed)."""
     try:
