@@ -100,6 +100,31 @@ def test_query_k_is_bounded(make_client, image_dir):
     assert client.post("/api/query", files={}).status_code == 422  # no file at all
 
 
+def test_upload_bodies_that_are_not_a_multipart_image_are_refused_with_a_reason(client, image_dir):
+    path = sorted(image_dir.glob("*.png"))[0]
+    # The image in a part with another name: no "file" part.
+    r = client.post("/api/query", files={"image": (path.name, path.read_bytes())})
+    assert r.status_code == 422 and "no part named 'file'" in r.json()["detail"]
+    # The bytes as the body itself, or as a URL-encoded form: not multipart.
+    r = client.post("/api/query", content=path.read_bytes(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 422 and "multipart/form-data" in r.json()["detail"]
+    r = client.post("/api/images", data={"file": "x"}, headers=AUTH)
+    assert r.status_code == 422 and "multipart/form-data" in r.json()["detail"]
+    # Broken framing: garbage, a part whose headers never end, a body cut inside the file part.
+    multipart = {"Content-Type": "multipart/form-data; boundary=x"}
+    r = client.post("/api/query", content=b"garbage", headers=multipart)
+    assert r.status_code == 400 and "malformed multipart body" in r.json()["detail"]
+    r = client.post("/api/query", content=b"--x\r\nContent-Disposition: form-data; name=file" + b"a" * 9000,
+                    headers=multipart)
+    assert r.status_code == 400 and "malformed multipart body" in r.json()["detail"]
+    r = client.post("/api/query", content=b'--x\r\nContent-Disposition: form-data; name="file"\r\n\r\n'
+                    + path.read_bytes()[:100], headers=multipart)
+    assert r.status_code == 400 and "ends inside the part 'file'" in r.json()["detail"]
+    # Other fields beside the file are ignored; the file's name is the label.
+    r = client.post("/api/query?k=1", files={"note": ("n.txt", b"hello"), "file": ("mine.png", path.read_bytes())})
+    assert r.status_code == 200 and r.json()["query"] == "mine.png"
+
+
 def test_health_info_and_image_record(client):
     assert client.get("/healthz").json() == {"status": "ok", "images": 8}
     info = client.get("/api/info").json()

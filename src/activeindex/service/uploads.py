@@ -125,6 +125,11 @@ class _FilePart:
             filename = options.get(b"filename")
             self.filename = None if filename is None else filename.decode("utf-8", "replace")
 
+    @property
+    def inside(self) -> bool:
+        """Whether the wanted part began and has not ended (so far)."""
+        return self._chunks is not None
+
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._chunks is not None:
             self._chunks.append(data[start:end])
@@ -154,6 +159,8 @@ async def read_form_file(request: Request, field: str = "file") -> tuple[bytes, 
     except FormParserError as exc:
         raise UploadRejected(400, f"malformed multipart body: {exc}") from None
     if part.data is None:
+        if part.inside:
+            raise UploadRejected(400, f"the multipart body ends inside the part {field!r} (a truncated upload?)")
         raise UploadRejected(422, f"the multipart body has no part named {field!r} (the image)")
     return part.data, part.filename
 
