@@ -100,7 +100,8 @@ def test_a_model_process_that_dies_fails_only_its_batch_and_is_replaced(tiny_ext
             np.stack([tiny_extractor.preprocessing.prepare(Image.open(p).convert("RGB")) for p in paths])), atol=1e-5)
 
         # Killed while describing: that batch fails with DescriberLost, the next gets a new process.
-        big = [(_slow_png(), f"big{i}.png") for i in range(20)]  # seconds of decoding
+        slow = _slow_png()
+        big = [(slow, f"big{i}.png") for i in range(40)]  # seconds of decoding: killed well before the end
         pid = describer._proc.pid
         threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
         t0 = time.perf_counter()
