@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-_STOP = object()  # a worker's signal to stop
-_FREED = object()  # a slot was freed: a worker holding a batch may run it
+_STOP = object()  # to the dispatcher (then to each slot): finish what is queued, then stop
+_FREED = object()  # to the dispatcher: a slot was freed, hand over the jobs it holds
 
 
 class Batcher(Generic[T, R]):

@@ -145,8 +145,8 @@ async def read_form_file(request: Request, field: str = "file") -> tuple[bytes, 
     as the body streams in (the body's size is bounded by :class:`BodyLimitMiddleware`).
 
     python-multipart's parser, which Starlette's form parsing runs too, without the spooled files
-    and form objects around it: for one image per request, they cost the event loop as much as a
-    third of its time per query (``bench/service.py``)."""
+    and form objects around it, which cost the event loop more per query than the parsing itself
+    (the event loop's CPU per query is a line of ``bench/service.py``)."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not params.get(b"boundary"):
         raise UploadRejected(422, f"expected a multipart/form-data body with the image in a part named {field!r}")
