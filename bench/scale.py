@@ -43,6 +43,7 @@ import torch
 from activeindex.collection import INDEX_FILE, Collection
 from activeindex.distributed import shards as sh
 from activeindex.extractors import create_extractor
+from activeindex.hardware import machine_summary
 
 CACHE = Path("bench/.cache/scale")
 
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-index", action="store_true", help="skip part (a)")
     p.add_argument("--skip-ray", action="store_true", help="skip part (b)")
     args = p.parse_args(argv)
+    print(f"machine: {machine_summary()}", flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not args.skip_index:

@@ -70,6 +70,7 @@ from activeindex.collection import Collection
 from activeindex.datasets.synthetic import make_images
 from activeindex.extractors import create_extractor
 from activeindex.features import extract_paths
+from activeindex.hardware import machine_summary
 from activeindex.service.describers import keep_freed_memory
 
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -432,6 +433,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    print(f"machine: {machine_summary()}", flush=True)
     root = CACHE / f"service-{args.refs}r-{args.train}t-{args.index.replace(',', '_')}-n{args.nprobe}-{args.model.replace(':', '_')}"
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
         t0 = time.perf_counter()

@@ -306,3 +306,12 @@ def test_cli_add_activate(tmp_path, image_dir, train_vectors):
     assert mode == [("activated",)]
     r = runner.invoke(app, ["add", str(coll), str(paths[0]), "--activate"])
     assert isinstance(r.exception, ActiveIndexError) and "--activate and --out go together" in str(r.exception)
+
+
+def test_bf16_activation_is_refused_without_native_bf16(monkeypatch, tiny_extractor):
+    import activeindex.activation.optimize as optimize
+
+    monkeypatch.setattr(optimize, "native_bf16", lambda device: False)  # an AVX2-only CPU
+    with pytest.raises(ActivationError, match="no native bf16"):
+        optimize.gradient_precision(tiny_extractor, "bf16")
+    assert optimize.gradient_precision(tiny_extractor, "fp32") == torch.float32

@@ -44,6 +44,7 @@ from activeindex.activation.targets import TargetKind
 from activeindex.errors import ActivationError
 from activeindex.extractors import Extractor
 from activeindex.extractors.base import calibration_batch
+from activeindex.hardware import cpu_model, native_bf16
 
 CHECK_EVERY = 5  # iterations between the (only) host syncs of the early-stop test
 # bf16 is used for the backward pass when input gradients keep this cosine to fp32 on every image.
@@ -102,11 +103,20 @@ class ActivatedBatch:
 
 def gradient_precision(extractor: Extractor, requested: str = "auto") -> torch.dtype:
     """The autocast dtype for activation's forward+backward: bf16 when the extractor runs in bf16
-    *and* input gradients under bf16 stay within cosine ``BF16_MIN_GRAD_COSINE`` of fp32."""
-    if requested == "fp32" or extractor.autocast_dtype == torch.float32:
+    (which needs native bf16) *and* input gradients under bf16 stay within cosine
+    ``BF16_MIN_GRAD_COSINE`` of fp32; fp32 otherwise. ``requested="bf16"`` on a device without
+    native bf16 is an :class:`ActivationError` (emulated bf16 is hundreds of times slower)."""
+    if requested == "fp32":
         return torch.float32
     if requested == "bf16":
+        if not native_bf16(extractor.device):
+            raise ActivationError(
+                f"bf16 activation was requested but this {extractor.device.type} has no native bf16 "
+                f"({cpu_model()}): it would be emulated, far slower than fp32; use precision fp32 or auto"
+            )
         return torch.bfloat16
+    if extractor.autocast_dtype == torch.float32:  # fp32 extractor: no native bf16, or it drifts
+        return torch.float32
     cached = getattr(extractor, "_activation_dtype", None)
     if cached is not None:
         return cached

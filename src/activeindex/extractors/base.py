@@ -5,8 +5,9 @@ An :class:`Extractor` maps images to L2-normalised float32 descriptors. It owns
 - its :class:`Preprocessing` (square input size, resize policy, mean/std), so that a collection can
   store it and every later query is prepared exactly like the references were;
 - a ``digest`` of its weights, so that a collection refuses descriptors from another model;
-- its compute precision: bf16 autocast on CPUs that support it *and* where the descriptors stay
-  within cosine 0.99 of fp32 on a calibration batch; fp32 otherwise.
+- its compute precision: bf16 autocast where the device runs bf16 natively
+  (:func:`activeindex.hardware.native_bf16`) *and* the descriptors stay within cosine 0.99 of fp32
+  on a calibration batch; fp32 otherwise (an AVX2-only CPU only emulates bf16, far slower).
 
 Two entry points: :meth:`Extractor.embed` is differentiable and takes float images in [0, 1] already at
 the input size (activation optimises pixels through it); :meth:`Extractor.features` takes a uint8
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from activeindex.errors import ModelError
+from activeindex.hardware import cpu_model, native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +156,13 @@ class Extractor:
         requested = Precision(self.precision)
         if requested is Precision.FP32:
             return Precision.FP32
-        supported = self.device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        if not supported:
+        if not native_bf16(self.device):
             if requested is Precision.BF16:
-                raise ModelError("bf16 was requested but this CPU has no native bf16 support")
+                raise ModelError(
+                    f"bf16 was requested but {self.device.type} has no native bf16 support "
+                    f"({cpu_model() if self.device.type == 'cpu' else self.device}): bf16 would be "
+                    "emulated, far slower than fp32; use precision fp32 or auto"
+                )
             return Precision.FP32
         with torch.no_grad():
             low = self._forward(probe, torch.bfloat16)

@@ -2,8 +2,8 @@
 
 Each step draws B images, makes two strong random edits of each (``augment.copy_edit_augmentation``),
 and trains the network so that the two views of an image are nearest neighbours among all 2B views
-(InfoNCE) while the descriptors spread over the sphere (KoLeo). bf16 autocast on CPU, CUDA when
-present. Checkpoints are written atomically every ``checkpoint_every`` steps and a rerun with the
+(InfoNCE) while the descriptors spread over the sphere (KoLeo). bf16 autocast where the device runs
+bf16 natively (fp32 elsewhere: an AVX2-only CPU emulates bf16 far slower), CUDA when present. Checkpoints are written atomically every ``checkpoint_every`` steps and a rerun with the
 same output folder resumes from the last one; the loss log is ``train_log.jsonl``.
 """
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from activeindex.errors import ImageLoadError
 from activeindex.extractors.base import Preprocessing
 from activeindex.extractors.builtin import BUILTIN_MODELS, build_builtin
+from activeindex.hardware import native_bf16
 from activeindex.images import load_image
 from activeindex.training.augment import copy_edit_augmentation
 from activeindex.training.losses import info_nce, koleo, positive_rank_accuracy
@@ -127,7 +128,7 @@ def train_descriptor(
     aug = copy_edit_augmentation(size, cfg.strength).to(device)
     mean = torch.tensor(entry.preprocessing.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(entry.preprocessing.std, device=device).view(1, 3, 1, 1)
-    amp_dtype = torch.bfloat16
+    amp_dtype = torch.bfloat16 if native_bf16(device) else torch.float32
     with open(out / LOG, "a") as log:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
@@ -138,7 +139,7 @@ def train_descriptor(
             with torch.no_grad():
                 views = torch.cat([aug(x), aug(x)]).clamp_(0, 1)
             views = ((views - mean) / std).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_dtype == torch.bfloat16):
                 z = model(views)
             z = F.normalize(z.float(), dim=-1)
             z1, z2 = z.chunk(2)
