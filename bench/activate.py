@@ -66,8 +66,8 @@ def build_collection(out: Path, extractor: Extractor, n_train: int, n_refs: int,
     fresh collection at ``out/collection`` holding the references' original codes."""
     import shutil
 
-    train = make_images(out / "images" / "train", n_train, seed=7, workers=1)
-    refs = make_images(out / "images" / "references", n_refs, seed=7, start=n_train, workers=1)
+    train = make_images(out / "images" / "train", n_train, seed=7)  # all cores: made once, then cached
+    refs = make_images(out / "images" / "references", n_refs, seed=7, start=n_train)
     shutil.rmtree(out / "collection", ignore_errors=True)
     coll = Collection.create(out / "collection", extractor, factory, extract_paths(train, extractor).features)
     coll.add_images(refs)

@@ -26,6 +26,7 @@ from activeindex.calibration import create_collection
 from activeindex.evaluation import EvalSettings, Method, evaluate_and_report, synthetic_source
 from activeindex.evaluation.outputs import format_table
 from activeindex.extractors import create_extractor
+from activeindex.hardware import machine_summary
 
 FACTORY = "IVF32,PQ8x8"
 
@@ -35,12 +36,14 @@ def run(out: Path, n_train: int = 1024, n_refs: int = 1024, n_active: int = 100,
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     say(f"activeindex demo → {out}")
     data = synthetic_source(out / "images", n_train=n_train, n_refs=n_refs, n_test=n_active, n_nonmatch=n_nonmatch)
+    stages = {"images": time.perf_counter() - t0}
     say(f"1. images: {n_train} training, {n_refs} references, {n_nonmatch} non-matching (synthetic, 256×256)")
 
     extractor = create_extractor("builtin")
     trained = "trained" if extractor.trained else "UNTRAINED (no packaged weights yet)"
     say(f"2. model: {extractor.spec_string}, {extractor.dim}-d, {extractor.preprocessing.input_size} px, "
         f"{extractor.precision.value}, {trained}")
+    say(f"   machine: {machine_summary()}")
 
     coll_dir, released_dir = out / "collection", out / "released"
     shutil.rmtree(coll_dir, ignore_errors=True)
@@ -52,6 +55,7 @@ def run(out: Path, n_train: int = 1024, n_refs: int = 1024, n_active: int = 100,
         say(f"   copy threshold {thr.threshold:.3f}: precision {thr.precision:.2f}, recall {thr.recall:.2f} "
             f"on {thr.n_matching} + {thr.n_nonmatching} edited training images")
 
+    stages["collection"] = time.perf_counter() - t0 - sum(stages.values())
     t_act = time.perf_counter()
     active = add_activated(coll, data.under_test, released_dir, ActivationConfig())
     t_act = time.perf_counter() - t_act
@@ -63,6 +67,7 @@ def run(out: Path, n_train: int = 1024, n_refs: int = 1024, n_active: int = 100,
         f"SSIM {q['ssim']['mean']:.3f}, L∞ {q['linf']['mean']:.1f}/255; "
         f"cosine to the stored code {q['cos_before']['mean']:.3f} → {q['cos_after']['mean']:.3f}")
 
+    stages["add"] = time.perf_counter() - t0 - sum(stages.values())
     copy_q, other_q = out / "query.jpg", out / "unrelated.jpg"
     released = Image.open(active.released[0].released)
     released.crop((0, 0, released.width * 9 // 10, released.height)).resize(
@@ -76,6 +81,7 @@ def run(out: Path, n_train: int = 1024, n_refs: int = 1024, n_active: int = 100,
             say(f"     id {m.id:4d}  score {m.score:6.3f}  {'COPY' if m.copy else 'no  '}  {m.name}")
     coll.close()
 
+    stages["queries"] = time.perf_counter() - t0 - sum(stages.values())
     say(f"6. evaluation (the paper's protocol on these images, {FACTORY}, nprobe 1): "
         f"{n_active} images under test × 14 edits, {n_active} + {n_nonmatch} copy-detection queries")
     settings = EvalSettings(factories=(FACTORY,), methods=(Method.PASSIVE, Method.PLAIN, Method.ROBUST))
@@ -86,7 +92,9 @@ def run(out: Path, n_train: int = 1024, n_refs: int = 1024, n_active: int = 100,
         say(f"   {edit:16s} " + "  ".join(f"{r['r@1'][edit]:.2f}" for r in runs))
     say(format_table(summary))
     say(f"report: {paths['report']}")
-    say(f"done in {time.perf_counter() - t0:.0f} s. Try: activeindex info {coll_dir}")
+    stages["evaluation"] = time.perf_counter() - t0 - sum(stages.values())
+    say(f"done in {time.perf_counter() - t0:.0f} s ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + f"). Try: activeindex info {coll_dir}")
     return summary
 
 
