@@ -56,6 +56,7 @@ from activeindex.errors import ActiveIndexError, ImageLoadError
 from activeindex.evaluation.sources import EvalData
 from activeindex.extractors import Extractor
 from activeindex.features import describe_images, extract_paths
+from activeindex.hardware import machine_summary
 from activeindex.images import load_image
 from activeindex.scoring import DEFAULT_PRECISION, Normalization
 
@@ -404,6 +405,8 @@ def run_evaluation(
         "results": {f"{r.factory} | {r.method.value}": {"factory": r.factory, "method": r.method.value, **r.summary}
                     for r in results},
         "seconds": time.perf_counter() - t0,
+        # which CPU kind the times and the precision belong to (bf16 only where it is native)
+        "machine": {**machine_summary().to_dict(), "extractor_precision": ex.precision.value},
     }
     return results, summary
 
