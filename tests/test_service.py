@@ -154,6 +154,26 @@ def test_unknown_ids_and_missing_files_are_404(client, url):
     assert r.status_code == 404 and r.json()["detail"]
 
 
+@pytest.mark.parametrize("image_id", [2**63 - 1, 2**63, 2**64, 10**30])
+def test_ids_beyond_int64_are_404_not_500(client, image_id):
+    for url in (f"/api/images/{image_id}", f"/api/images/{image_id}/thumbnail", f"/api/images/{image_id}/released"):
+        r = client.get(url)
+        assert r.status_code == 404 and f"no image with id {image_id}" in r.json()["detail"], (url, r.text)
+    r = client.delete(f"/api/images/{image_id}", headers=AUTH)
+    assert r.status_code == 404 and f"no image with id {image_id}" in r.json()["detail"]
+    assert client.get("/healthz").json()["images"] == 8
+
+
+def test_cli_remove_of_an_id_beyond_int64_is_a_clear_error(coll_path):
+    from activeindex.cli import app
+
+    r = CliRunner().invoke(app, ["remove", str(coll_path), str(2**63), "1"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.output, r.exception)  # not OverflowError
+    assert f"no image with id {2**63}" in r.output and "removed 1" in r.output
+    with Collection.open(coll_path) as c:
+        assert c.count() == 7
+
+
 def test_thumbnail_of_a_file_gone_from_disk_is_404(client, coll_path, tmp_path, image_dir):
     src = tmp_path / "gone.png"
     src.write_bytes(_png(20, 20))

@@ -35,7 +35,7 @@ import torch
 
 from activeindex.activation import ActivationConfig
 from activeindex.activation.add import add_activated
-from activeindex.collection import INDEX_FILE, Collection, Match, write_bytes_atomic
+from activeindex.collection import INDEX_FILE, Collection, Match, is_storable_id, write_bytes_atomic
 from activeindex.errors import CollectionError
 from activeindex.extractors import Extractor
 from activeindex.service.batcher import Batcher
@@ -99,7 +99,9 @@ class ServedCollection(Collection):
                 self._stamp = self._index_stamp()
 
     def record(self, image_id: int) -> dict[str, Any] | None:
-        """The database row of an indexed image, or None."""
+        """The database row of an indexed image, or None (also for an id beyond int64)."""
+        if not is_storable_id(image_id):
+            return None
         cur = self.db.execute(
             "SELECT id, name, path, sha256, added, mode, psnr, ssim, linf, released FROM images "
             "WHERE id = ? AND status = 'indexed'",
