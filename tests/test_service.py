@@ -185,6 +185,44 @@ def test_thumbnail_of_a_file_gone_from_disk_is_404(client, coll_path, tmp_path, 
     assert r.status_code == 404 and "not available" in r.json()["detail"]
 
 
+class _Net(torch.nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3)).repeat(1, 3)  # (B, 9): a model file small enough to make here
+
+
+def test_info_names_a_file_model_without_its_path(tmp_path):
+    from activeindex.extractors import create_extractor
+
+    model = tmp_path / "models" / "sscd-like.pt"
+    model.parent.mkdir()
+    torch.jit.script(_Net()).save(str(model))
+    extractor = create_extractor(f"torchscript:{model}", input_size=32)
+    xt = np.random.default_rng(0).standard_normal((64, extractor.dim)).astype(np.float32)
+    Collection.create(tmp_path / "c", extractor, "Flat", xt).close()
+    with TestClient(create_app(tmp_path / "c")) as client:
+        r = client.get("/api/info")
+    assert r.status_code == 200
+    assert r.json()["collection"]["extractor"]["path"] == "sscd-like.pt"
+    assert str(tmp_path) not in r.text  # neither the model's folder nor the collection's
+
+
+def test_thumbnail_errors_do_not_show_the_files_path(client, coll_path, monkeypatch):
+    import PIL.Image
+
+    stored = Path(client.app.state.service.record(3)["path"])
+    real_open = PIL.Image.open
+
+    def unreadable(fp, *args, **kwargs):  # what a file the server's user may not read raises
+        if str(fp) == str(stored):
+            raise PermissionError(13, "Permission denied", str(stored))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", unreadable)
+    r = client.get("/api/images/3/thumbnail")
+    assert r.status_code == 404 and "Permission denied" in r.json()["detail"]
+    assert str(stored.parent) not in r.text and stored.name in r.json()["detail"]
+
+
 def test_docs_openapi_and_page_work_offline(client):
     spec = client.get("/openapi.json").json()
     assert {"/api/query", "/api/images", "/api/images/{image_id}", "/api/info", "/healthz", "/metrics"} <= set(spec["paths"])
@@ -386,6 +424,8 @@ def test_an_index_changed_by_another_process_is_not_overwritten(client, coll_pat
         other.add_images(sorted(image_dir.glob("*.png"))[50:52])
     r = client.post("/api/images", files=_file(sorted(image_dir.glob("*.png"))[53]), headers=AUTH)
     assert r.status_code == 409 and "changed by another process" in r.json()["detail"]
+    # Without the server's file system in it: the index file is named, not where it lives.
+    assert str(coll_path.parent) not in r.text and "index.faiss" in r.json()["detail"]
     with Collection.open(coll_path) as again:
         assert again.count() == 10 and again.index.ntotal == 10  # the other process's adds survive
 

@@ -39,6 +39,7 @@ from activeindex.errors import ActiveIndexError, ImageLoadError
 from activeindex.service.auth import TokenCheck, bearer
 from activeindex.service.describers import DescriberLost
 from activeindex.service.metrics import MetricsMiddleware, ServiceMetrics
+from activeindex.service.redact import redact, redact_paths
 from activeindex.service.schemas import AddOut, HealthOut, ImageOut, InfoOut, QueryOut, RemoveOut
 from activeindex.service.state import ActivationFailed, Service
 from activeindex.service.uploads import (
@@ -102,6 +103,14 @@ def create_app(
         tokens.verify(credentials)
 
     writer = [Depends(require_writer)]
+    roots = sorted({str(service.collection.root), str(service.collection.root.resolve())}, key=len, reverse=True)
+
+    def public(text: str) -> str:
+        """A message for clients: the collection folder named "the collection", other absolute
+        paths cut to their file names (:mod:`.redact`)."""
+        for root in roots:
+            text = text.replace(root + os.sep, "").replace(root, "the collection")
+        return redact_paths(text)
 
     @app.exception_handler(UploadRejected)
     async def _rejected(request: Request, exc: UploadRejected) -> JSONResponse:
@@ -110,7 +119,7 @@ def create_app(
 
     @app.exception_handler(ActivationFailed)
     async def _activation_failed(request: Request, exc: ActivationFailed) -> JSONResponse:
-        return JSONResponse({"detail": f"activation failed: {exc}"}, status_code=422)
+        return JSONResponse({"detail": f"activation failed: {public(str(exc))}"}, status_code=422)
 
     @app.exception_handler(DescriberLost)
     async def _describer_lost(request: Request, exc: DescriberLost) -> JSONResponse:
@@ -122,7 +131,8 @@ def create_app(
     async def _library_error(request: Request, exc: ActiveIndexError) -> JSONResponse:
         # What the library refuses for this collection (an index that cannot give activation
         # targets, an index file changed under the service): the request cannot succeed as it is.
-        return JSONResponse({"detail": str(exc)}, status_code=409)
+        logger.warning("409 for %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": public(str(exc))}, status_code=409)
 
     async def image_upload(request: Request) -> Upload:
         """The request's image (the multipart part ``file``, documented by ``IMAGE_BODY``), checked
@@ -210,7 +220,9 @@ def create_app(
             with metrics.time("thumbnail"):
                 data = service.thumbnails.get(image_id, path, size)
         except ImageLoadError as exc:
-            raise HTTPException(404, f"the file of image {image_id} cannot be read: {exc.reason}") from None
+            logger.warning("thumbnail of image %d: %s", image_id, exc)
+            reason = public(exc.reason.replace(str(path), path.name))
+            raise HTTPException(404, f"the file of image {image_id} cannot be read: {reason}") from None
         # Ids are never reused: a thumbnail never changes.
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
 
@@ -229,7 +241,7 @@ def create_app(
     def info() -> Any:
         """The collection's settings and size, and this service's limits."""
         return {
-            "collection": service.info(),
+            "collection": redact(service.info()),  # a model file's path: its name only
             "service": {
                 "version": __version__,
                 "writes_enabled": tokens.enabled,
