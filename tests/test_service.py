@@ -52,7 +52,7 @@ def make_client(coll_path):
     clients = []
 
     def make(token: str | None = TOKEN, limits: ServiceLimits = ServiceLimits()) -> TestClient:
-        client = TestClient(create_app(coll_path, token=token, limits=limits))
+        client = TestClient(create_app(coll_path, token=token, limits=limits), base_url="http://localhost")
         client.__enter__()
         clients.append(client)
         return client
@@ -199,7 +199,7 @@ def test_info_names_a_file_model_without_its_path(tmp_path):
     extractor = create_extractor(f"torchscript:{model}", input_size=32)
     xt = np.random.default_rng(0).standard_normal((64, extractor.dim)).astype(np.float32)
     Collection.create(tmp_path / "c", extractor, "Flat", xt).close()
-    with TestClient(create_app(tmp_path / "c")) as client:
+    with TestClient(create_app(tmp_path / "c"), base_url="http://localhost") as client:
         r = client.get("/api/info")
     assert r.status_code == 200
     assert r.json()["collection"]["extractor"]["path"] == "sscd-like.pt"
@@ -221,6 +221,34 @@ def test_thumbnail_errors_do_not_show_the_files_path(client, coll_path, monkeypa
     r = client.get("/api/images/3/thumbnail")
     assert r.status_code == 404 and "Permission denied" in r.json()["detail"]
     assert str(stored.parent) not in r.text and stored.name in r.json()["detail"]
+
+
+def test_only_the_allowed_host_names_are_answered(make_client, coll_path):
+    client = make_client()  # the default: localhost, and any IP address
+    for host in ("evil.example:8000", "evil.example", "localhost.evil.example", "127.0.0.1.nip.io:8000"):
+        for url in ("/api/info", "/api/images/1/thumbnail", "/", "/healthz"):
+            r = client.get(url, headers={"Host": host})  # what a DNS-rebinding page sends
+            assert r.status_code == 400 and "does not answer to the host name" in r.json()["detail"], (host, url)
+    for host in ("localhost:8000", "LOCALHOST.", "127.0.0.1:8000", "[::1]:8000", "10.1.2.3"):
+        assert client.get("/api/images/1/thumbnail", headers={"Host": host}).status_code == 200, host
+    named = TestClient(create_app(coll_path, allowed_hosts=["photos.example.com", "*.internal"]),
+                       base_url="http://photos.example.com")
+    with named:
+        assert named.get("/healthz").status_code == 200
+        assert named.get("/healthz", headers={"Host": "api.internal:80"}).status_code == 200
+        assert named.get("/healthz", headers={"Host": "localhost"}).status_code == 400  # the list replaces it
+        assert named.get("/healthz", headers={"Host": "internal.evil"}).status_code == 400
+
+
+def test_default_allowed_hosts_follow_the_bound_host():
+    import socket
+
+    from activeindex.service.hosts import default_allowed_hosts
+
+    assert default_allowed_hosts("127.0.0.1") == ("localhost",)
+    assert default_allowed_hosts("::1") == ("localhost",)
+    assert default_allowed_hosts("photos.lan") == ("localhost", "photos.lan")
+    assert default_allowed_hosts("0.0.0.0") == ("localhost", socket.gethostname().lower())
 
 
 def test_docs_openapi_and_page_work_offline(client):
@@ -412,7 +440,7 @@ def test_the_token_is_never_logged(coll_path, image_dir, caplog):
     import logging
 
     caplog.set_level(logging.DEBUG)
-    with TestClient(create_app(coll_path, token=TOKEN)) as client:
+    with TestClient(create_app(coll_path, token=TOKEN), base_url="http://localhost") as client:
         client.post("/api/images", files=_file(sorted(image_dir.glob("*.png"))[41]), headers=AUTH)
         client.post("/api/images", files={"file": ("x.png", b"junk")}, headers={"Authorization": "Bearer nope"})
     assert TOKEN not in caplog.text and "nope" not in caplog.text
@@ -581,12 +609,14 @@ def test_cli_serve_passes_settings_and_the_token_from_the_environment(coll_path,
     r = CliRunner().invoke(app, ["serve", str(coll_path)], env={"ACTIVEINDEX_TOKEN": ""})
     assert seen["token"] in (None, "") and "writes disabled" in r.output and seen["mmap"] is False
     r = CliRunner().invoke(app, ["serve", str(coll_path), "--mmap"], env={"ACTIVEINDEX_TOKEN": TOKEN})
-    assert seen["mmap"] is True and "disabled: --mmap" in r.output
+    assert seen["mmap"] is True and "disabled: --mmap" in r.output and seen["allowed_hosts"] is None
+    r = CliRunner().invoke(app, ["serve", str(coll_path), "--allowed-hosts", "photos.lan, *.internal"])
+    assert r.exit_code == 0 and seen["allowed_hosts"] == ["photos.lan", "*.internal"]
 
 
 def test_a_memory_mapped_service_answers_queries_and_refuses_writes(coll_path, image_dir):
     path = sorted(image_dir.glob("*.png"))[4]
-    with TestClient(create_app(coll_path, token=TOKEN, mmap=True)) as client:
+    with TestClient(create_app(coll_path, token=TOKEN, mmap=True), base_url="http://localhost") as client:
         best = client.post("/api/query?k=1", files=_file(path)).json()["matches"][0]
         assert best["name"] == path.name
         for method, url, kwargs in _writes(image_dir):

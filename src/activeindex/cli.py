@@ -394,14 +394,24 @@ def serve(
         help="processes that decode and describe uploads (0: threads of the server; default: one per core, at most 4)",
         min=0, show_default=False,
     )] = None,
+    allowed_hosts: Annotated[Optional[str], typer.Option(
+        help="comma-separated host names clients may reach the service by, besides IP addresses "
+             "(*.example.com: its subdomains; *: any); default: localhost and --host, or this "
+             "machine's name with --host 0.0.0.0", show_default=False,
+    )] = None,
 ) -> None:
-    """Serve a collection over HTTP: API (docs at /docs), web page at /, /metrics for Prometheus."""
+    """Serve a collection over HTTP: API (docs at /docs), web page at /, /metrics for Prometheus.
+    Prints the URL once the port accepts connections."""
     from activeindex.service import ServiceLimits, run
 
     limits = ServiceLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_batch=max_batch)
+    hosts = None if allowed_hosts is None else [h.strip() for h in allowed_hosts.split(",") if h.strip()]
+    if hosts == []:
+        raise ActiveIndexError("--allowed-hosts takes comma-separated host names (or * for any)")
     writes = "disabled: --mmap" if mmap else ("need the token" if token else "disabled: no token")
-    _err(f"serving {collection} on http://{host}:{port}/ (writes {writes})")
-    run(collection, host=host, port=port, token=token, limits=limits, mmap=mmap, model_processes=model_processes)
+    _err(f"starting the service of {collection} on {host}:{port} (writes {writes})")
+    run(collection, host=host, port=port, token=token, limits=limits, mmap=mmap, model_processes=model_processes,
+        allowed_hosts=hosts)
 
 
 @app.command()

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,6 +38,7 @@ from activeindex.activation import ActivationConfig
 from activeindex.errors import ActiveIndexError, ImageLoadError
 from activeindex.service.auth import TokenCheck, bearer
 from activeindex.service.describers import DescriberLost
+from activeindex.service.hosts import LOCAL_NAMES, HostCheckMiddleware, default_allowed_hosts
 from activeindex.service.metrics import MetricsMiddleware, ServiceMetrics
 from activeindex.service.redact import redact, redact_paths
 from activeindex.service.schemas import AddOut, HealthOut, ImageOut, InfoOut, QueryOut, RemoveOut
@@ -65,15 +66,18 @@ def create_app(
     limits: ServiceLimits = ServiceLimits(),
     mmap: bool = False,
     model_processes: int | None = 0,
+    allowed_hosts: Sequence[str] = LOCAL_NAMES,
+    progress: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """Load the collection and its extractor (once, now) and build the app. ``token``: the bearer
     token of write routes; None makes the service read-only. ``mmap``: map the index file instead
     of reading it (read-only: replicas of a service can share one index file this way).
     ``model_processes``: decode and describe uploads in that many child processes (None: one per
     CPU core torch uses, at most 4, on a CPU model; 0: in threads of this process; see
-    :mod:`.describers`)."""
+    :mod:`.describers`). ``allowed_hosts``: the host names requests may name in ``Host`` besides
+    IP addresses (``*``: any; see :mod:`.hosts`). ``progress``: told each start-up step, in words."""
     metrics = ServiceMetrics()
-    service = Service(collection_path, limits, metrics, mmap=mmap, model_processes=model_processes)
+    service = Service(collection_path, limits, metrics, mmap=mmap, model_processes=model_processes, progress=progress)
     tokens = TokenCheck(token, disabled_reason="the index is memory-mapped (--mmap): read-only" if mmap else None)
     logger.info("serving %s (%d images); writes %s", service.collection.root, service.count(),
                 "need the bearer token" if tokens.enabled else "disabled (no token configured)")
@@ -97,6 +101,7 @@ def create_app(
     )
     app.state.service = service
     app.add_middleware(BodyLimitMiddleware, max_body=limits.max_bytes + MULTIPART_SLACK)
+    app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts)  # outside the body limit: refused unread
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, sees every answer
 
     def require_writer(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
@@ -299,11 +304,36 @@ def run(
     limits: ServiceLimits = ServiceLimits(),
     mmap: bool = False,
     model_processes: int | None = None,
+    allowed_hosts: Sequence[str] | None = None,
     log_level: str = "info",
+    say: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve a collection with uvicorn until interrupted."""
+    """Serve a collection with uvicorn until interrupted. ``say`` (default: a line on stderr) is
+    told each start-up step, and the URL once the port accepts connections: loading the model
+    processes takes seconds, and a URL printed before would be refused. ``allowed_hosts``: None
+    answers :func:`~.hosts.default_allowed_hosts` of ``host``."""
     import uvicorn
 
-    app = create_app(collection_path, token=token, limits=limits, mmap=mmap, model_processes=model_processes)
-    print(f"uploads are decoded and described by {app.state.service.describers_summary()}", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    hosts = tuple(allowed_hosts) if allowed_hosts is not None else default_allowed_hosts(host)
+    app = create_app(collection_path, token=token, limits=limits, mmap=mmap, model_processes=model_processes,
+                     allowed_hosts=hosts, progress=say)
+    say(f"uploads are decoded and described by {app.state.service.describers_summary()}")
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started and not self.should_exit:  # listening (a port in use ends the run instead)
+                bound = self.servers[0].sockets[0].getsockname()[1] if self.servers else port
+                say(f"ready: {_url(host, bound)} (web page; API docs at /docs; answers the host names "
+                    f"{', '.join(hosts)} and IP addresses)")
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+
+
+def _url(host: str, port: int) -> str:
+    """The URL to open for a service listening on ``host``: this machine's name for every interface."""
+    import socket
+
+    name = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    return f"http://[{name}]:{port}/" if ":" in name else f"http://{name}:{port}/"

@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,13 +148,17 @@ class Service:
         *,
         mmap: bool = False,
         model_processes: int | None = 0,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
+        say = progress or (lambda line: None)
         self.limits = limits
         self.metrics = metrics
         self.collection = ServedCollection.open(collection_path, mmap=mmap)
         self._describers: list[LocalDescriber | ProcessDescriber] = []
         try:
             self.extractor: Extractor = self.collection.extractor  # loaded (and checked) once, here
+            say(f"loaded {self.collection.root.name}: {self.collection.count()} images, "
+                f"{self.collection.config.factory}, model {self.extractor.spec_string}")
             self.write_mutex = threading.Lock()
             root = self.collection.root.resolve()
             self.uploads_dir = root / UPLOADS_DIR
@@ -165,8 +169,11 @@ class Service:
                 model_processes = min(threads, MAX_AUTO_PROCESSES) if self.extractor.device.type == "cpu" else 0
             if model_processes > 0:
                 # Each process runs its share of torch's threads (see .describers).
+                n = model_processes
+                say(f"starting {n} model process{'es' if n > 1 else ''} (each loads torch and the model)…")
                 self._describers = list(start_processes(
-                    self.extractor, limits.image_limits, model_processes, max(1, threads // model_processes)
+                    self.extractor, limits.image_limits, n, max(1, threads // n),
+                    progress=lambda i: say(f"model process {i}/{n} ready"),
                 ))
             else:
                 # On a CPU, one slot per torch thread ("batch streams", see .batcher).
