@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import shutil
 import sqlite3
@@ -317,6 +318,92 @@ def test_uploads_over_the_byte_limit_are_413(make_client, image_dir):
     assert r.status_code == 413
     r = client.post("/api/images", content=chunks(), headers={**AUTH, "Content-Type": "multipart/form-data; boundary=x"})
     assert r.status_code == 413
+
+
+@contextlib.contextmanager
+def _served(app):
+    """A real uvicorn server (h11 or httptools, as `activeindex serve` picks) on a free loopback port."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(400):
+        if srv.started:
+            break
+        thread.join(0.05)
+    assert srv.started, "uvicorn did not start"
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def _multipart(*parts: tuple[str, bytes], boundary: str = "b0undary") -> tuple[bytes, dict]:
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n\r\n'
+                    .encode() + data + b"\r\n" for name, data in parts) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_multipart_parts_part_headers_and_parsing_time_are_bounded(make_client, image_dir):
+    png = sorted(image_dir.glob("*.png"))[3].read_bytes()
+    client = make_client()
+    # Thousands of tiny parts (each costs the event loop parser work): refused at the 17th.
+    body, headers = _multipart(("file", png), *[("f", b"x")] * 5000)
+    r = client.post("/api/query", content=body, headers=headers)
+    assert r.status_code == 400 and "more than 16 parts" in r.json()["detail"]
+    assert r.headers["connection"] == "close"
+    body, headers = _multipart(("file", png), *[("f", b"x")] * 15)  # 16 parts: fine
+    assert client.post("/api/query?k=1", content=body, headers=headers).status_code == 200
+    # Part headers are parsed a byte at a time: bounded in bytes in all (python-multipart bounds
+    # each one alone).
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            + (b"X-Pad: " + b"p" * 4000 + b"\r\n") * 5 + b"\r\n" + png + b"\r\n--b--\r\n")
+    r = client.post("/api/query", content=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 400 and "bytes of part headers" in r.json()["detail"]
+    # And the parsing time itself (a bound no real upload comes near, made tiny here).
+    strict = make_client(limits=ServiceLimits(parse_seconds=1e-9))
+    r = strict.post("/api/query", files=_file(sorted(image_dir.glob("*.png"))[3]))
+    assert r.status_code == 400 and "to parse" in r.json()["detail"]
+
+
+def test_a_body_that_stops_arriving_is_408_and_closed(coll_path):
+    import socket
+
+    with _served(create_app(coll_path, limits=ServiceLimits(body_seconds=1.0))) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            head = _multipart(("file", b"\x89PNG" + b"\0" * 100))[0][:80]
+            sock.sendall(b"POST /api/query HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: multipart/form-data; boundary=b0undary\r\n"
+                         b"Content-Length: 100000\r\n\r\n" + head)  # and then nothing
+            answer = b""
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"did not arrive within 1 s" in answer
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_clients_that_send_the_whole_oversized_body_first_still_read_the_413(coll_path, announced):
+    import json
+    import urllib.error
+    import urllib.request
+
+    body, headers = _multipart(("file", b"\0" * (32 * 1024 * 1024)))  # larger than the socket buffers
+    data = body if announced else (body[i:i + 65536] for i in range(0, len(body), 65536))  # chunked
+    with _served(create_app(coll_path, limits=ServiceLimits(max_bytes=100_000))) as port:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/query", data=data, headers=headers)
+        if not announced:
+            req.add_header("Transfer-Encoding", "chunked")
+        with pytest.raises(urllib.error.HTTPError) as err:  # not ConnectionResetError / BrokenPipeError
+            urllib.request.urlopen(req, timeout=60)
+    assert err.value.code == 413 and "exceeds the limit" in json.loads(err.value.read())["detail"]
 
 
 def test_uploads_over_the_pixel_limit_are_413(make_client):

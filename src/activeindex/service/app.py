@@ -100,7 +100,8 @@ def create_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service = service
-    app.add_middleware(BodyLimitMiddleware, max_body=limits.max_bytes + MULTIPART_SLACK)
+    app.add_middleware(BodyLimitMiddleware, max_body=limits.max_bytes + MULTIPART_SLACK,
+                       drain_bytes=limits.drain_bytes, body_seconds=limits.body_seconds)
     app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts)  # outside the body limit: refused unread
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, sees every answer
 
@@ -120,7 +121,7 @@ def create_app(
     @app.exception_handler(UploadRejected)
     async def _rejected(request: Request, exc: UploadRejected) -> JSONResponse:
         metrics.rejected.labels(str(exc.status_code)).inc()
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ActivationFailed)
     async def _activation_failed(request: Request, exc: ActivationFailed) -> JSONResponse:
@@ -143,7 +144,7 @@ def create_app(
         """The request's image (the multipart part ``file``, documented by ``IMAGE_BODY``), checked
         from its header: cheap on the event loop, and a 413/415 before any decoding."""
         with metrics.time("read"):
-            data, filename = await read_form_file(request, "file")
+            data, filename = await read_form_file(request, "file", limits)
         return inspect_upload(data, filename, limits)
 
     def known(image_id: int) -> dict[str, Any]:
