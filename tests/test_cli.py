@@ -109,3 +109,31 @@ def test_errors_exit_nonzero_with_a_message(tmp_path):
     )
     assert proc.returncode == 2 and "error:" in proc.stderr and "not a collection" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture()
+def small_collection(tmp_path, tiny_extractor, train_vectors, image_dir):
+    from activeindex.collection import Collection
+
+    with Collection.create(tmp_path / "c", tiny_extractor, "Flat", train_vectors) as c:
+        c.add_images(sorted(image_dir.glob("*.png"))[:4])
+    return tmp_path / "c"
+
+
+def test_query_json_lists_unreadable_inputs_and_fails_when_none_is_readable(small_collection, image_dir, tmp_path):
+    good = sorted(image_dir.glob("*.png"))[2]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:100])  # truncated
+    res = invoke("query", small_collection, broken, good, "-k", "2", "--json")
+    out = json.loads(res.stdout)
+    assert [e["query"] for e in out] == [str(broken), str(good)]  # every input, in order
+    assert out[0]["matches"] == [] and "truncated" in out[0]["error"]
+    assert "error" not in out[1] and out[1]["matches"][0]["name"] == good.name
+
+    for extra in ([], ["--json"]):  # a query whose only input is unreadable is an error
+        res = runner.invoke(app, ["query", str(small_collection), str(broken), *extra])
+        assert res.exit_code != 0 and "none of the 1 query image could be read" in str(res.exception)
+    proc = subprocess.run([sys.executable, "-m", "activeindex.cli", "query", str(small_collection), str(broken),
+                           "--json"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "error: none of the 1 query image could be read" in proc.stderr
+    assert json.loads(proc.stdout)[0]["error"]

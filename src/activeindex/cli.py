@@ -313,7 +313,8 @@ def query(
     mmap: Annotated[bool, typer.Option(
         "--mmap", help="memory-map the index read-only (shared by processes, loaded on demand)")] = False,
 ) -> None:
-    """Find the nearest stored images of each query image."""
+    """Find the nearest stored images of each query image. An unreadable image is reported (with
+    --json: an entry with its "error"); when no query image could be read, the exit code is 2."""
     with Collection.open(collection, mmap=mmap) as coll:
         _warn_untrained(coll.extractor)
         paths = _expand(images)
@@ -322,7 +323,13 @@ def query(
     _report_failures(failures)
     if as_json:
         out = [{"query": r.query, "matches": [m.__dict__ for m in r.matches]} for r in results]
+        out += [{"query": str(f.path), "error": f.reason, "matches": []} for f in failures]
+        order = {str(p): i for i, p in enumerate(paths)}
+        out.sort(key=lambda entry: order.get(entry["query"], len(order)))  # as the inputs came
         typer.echo(json.dumps(out, indent=2))
+    if failures and not results:
+        raise ActiveIndexError(f"none of the {len(failures)} query image{'s' if len(failures) > 1 else ''} could be read")
+    if as_json:
         return
     for r in results:
         typer.echo(r.query)
