@@ -137,3 +137,19 @@ def test_query_json_lists_unreadable_inputs_and_fails_when_none_is_readable(smal
                            "--json"], capture_output=True, text=True)
     assert proc.returncode == 2 and "error: none of the 1 query image could be read" in proc.stderr
     assert json.loads(proc.stdout)[0]["error"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--index", "IVF32 PQ8"], "separate the components with commas, without spaces ('IVF32,PQ8'?)"),
+    (["--index", "Flat", "--index", "ivf32,pq8"], "a FAISS factory string is components separated by commas"),
+    (["--psnr", "5"], "PSNR budget 5.0 dB is outside [10, 80]"),
+    (["--nprobe", "0"], "nprobe must be >= 1"),
+    (["--n-test", "50", "--n-refs", "10"], "need 0 < n_test <= n_refs"),
+])
+def test_evaluate_refuses_bad_settings_before_any_work(tmp_path, args, message):
+    out = tmp_path / "eval"
+    res = runner.invoke(app, ["evaluate", "--out", str(out), "--model", "builtin:tiny", "--n-train", "64",
+                              "--n-refs", "32", "--n-test", "8", *args])
+    assert res.exit_code != 0 and message in str(res.exception), (res.output, res.exception)
+    assert "Error in" not in str(res.exception)  # FAISS's C++ location is not the user's business
+    assert not (out / "images").exists()  # refused before the first image was made

@@ -457,7 +457,9 @@ def evaluate(
     """The paper's experiment: passive vs activated images, retrieval under the 14 edits and copy
     detection, for one or more indexes. Writes retr_df.csv, icd_df.csv, ISC-format predictions,
     summary.json (with the resolved settings) and a self-contained report.html."""
-    from activeindex.evaluation import EvalSettings, Method, disc21_source, evaluate_and_report, synthetic_source
+    from activeindex.evaluation import (
+        EvalSettings, Method, check_settings, disc21_source, evaluate_and_report, synthetic_source,
+    )
     from activeindex.evaluation.outputs import format_edit_table, format_table
 
     try:
@@ -467,6 +469,7 @@ def evaluate(
     settings = EvalSettings(factories=tuple(index or ["IVF256,PQ8x8"]), methods=chosen, nprobe=nprobe, psnr=psnr,
                             iterations=iterations, views=views, target=target, precision=target_precision, seed=seed)
     extractor = _build_extractor(model, input_size, resize, Precision.AUTO)
+    check_settings(settings, extractor)  # every factory string and option, before any image is made
     if disc21 is not None:
         data = disc21_source(disc21, ground_truth=ground_truth, n_train=n_train, n_distractors=n_distractors,
                              n_test=n_test, n_nonmatch=n_nonmatch)
