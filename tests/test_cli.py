@@ -153,3 +153,30 @@ def test_evaluate_refuses_bad_settings_before_any_work(tmp_path, args, message):
     assert res.exit_code != 0 and message in str(res.exception), (res.output, res.exception)
     assert "Error in" not in str(res.exception)  # FAISS's C++ location is not the user's business
     assert not (out / "images").exists()  # refused before the first image was made
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["add", "--help"], 0), (["evaluate", "--help"], 0),
+                                        (["query"], 2), (["add", "c", "x", "--psnr", "many"], 2)])
+def test_help_and_usage_errors_load_neither_torch_nor_faiss(args, code):
+    # -X importtime lists every module imported (on stderr): torch and FAISS take seconds to load.
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "activeindex", *args],
+                          capture_output=True, text=True)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert "Usage: " in proc.stdout + proc.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert imported and "activeindex.cli" in imported
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "faiss", "numpy", "PIL", "kornia"))
+    assert heavy == []
+
+
+def test_help_shows_text_as_written_and_usage_lines_as_click_writes_them():
+    out = invoke("--help").output
+    assert "<bool>" not in out
+    for name in ("extract", "create", "add", "query", "remove", "serve", "evaluate", "train-descriptor"):
+        out = invoke(name, "--help").output
+        text = " ".join(out.split())
+        assert "<bool>" not in out and "{" not in out.splitlines()[0], out
+        if name in ("extract", "add"):
+            assert "(needs activeindex[ray])" in text  # not eaten as Rich markup
+    assert invoke("add", "--help").output.splitlines()[0].endswith("add [OPTIONS] COLLECTION IMAGES...")
+    assert invoke("serve", "--help").output.splitlines()[0].endswith("serve [OPTIONS] COLLECTION")

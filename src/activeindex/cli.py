@@ -8,28 +8,30 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-import numpy as np
 import typer
+import typer.core
 from tqdm import tqdm
 
 from activeindex import __version__
-from activeindex.activation import ActivationConfig, FeatureLoss, OutputFormat, TargetKind
-from activeindex.activation.add import add_activated
-from activeindex.calibration import calibrate_from_images, create_collection, split_training
-from activeindex.collection import AddReport, Collection
 from activeindex.errors import ActiveIndexError
-from activeindex.extractors import BUILTIN_MODELS, Extractor, Precision, ResizePolicy, create_extractor
-from activeindex.features import Failure, extract_paths
-from activeindex.images import list_images
-from activeindex.index import Metric
-from activeindex.scoring import DEFAULT_PRECISION, Normalization
+
+# Only what the options need is imported here; the library (torch, FAISS: seconds to load) is
+# imported in each command's body, so that --help and usage errors answer at once
+# (tests/test_cli.py checks that --help loads neither).
+from activeindex.settings import DEFAULT_PRECISION, FeatureLoss, Metric, OutputFormat, Precision, ResizePolicy, TargetKind
+
+if TYPE_CHECKING:
+    from activeindex.collection import AddReport, Collection
+    from activeindex.extractors import Extractor
+    from activeindex.features import Failure
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="Find edited copies of images: descriptors, FAISS collections, active indexing.",
 )
 
@@ -77,6 +79,8 @@ def _ray_options(workers: int | None, ray_address: str | None, shard_size: int) 
 
 
 def _build_extractor(model: str, input_size: int | None, resize: ResizePolicy | None, precision: Precision) -> Extractor:
+    from activeindex.extractors import create_extractor
+
     extractor = create_extractor(model, input_size=input_size, resize=resize, precision=precision)
     _warn_untrained(extractor)
     return extractor
@@ -91,6 +95,8 @@ def _warn_untrained(extractor: Extractor) -> None:
 
 
 def _expand(inputs: list[Path]) -> list[Path]:
+    from activeindex.images import list_images
+
     listing = list_images(inputs)
     for p in listing.ignored:
         _err(f"skipped {p}: not an image file (extension)")
@@ -118,6 +124,7 @@ def _report_failures(failures: list[Failure]) -> None:
 @app.command()
 def models() -> None:
     """List the built-in models."""
+    from activeindex.extractors import BUILTIN_MODELS
     from activeindex.extractors.builtin import weights_resource
 
     for name, entry in BUILTIN_MODELS.items():
@@ -140,6 +147,8 @@ def extract(
     shard_size: ShardSizeOpt = 256,
 ) -> None:
     """Describe images: writes OUT/features.npy (float32, n×d) and OUT/names.txt."""
+    from activeindex.features import extract_paths
+
     extractor = _build_extractor(model, input_size, resize, precision)
     paths = _expand(images)
     ray_options = _ray_options(workers, ray_address, shard_size)
@@ -181,6 +190,12 @@ def create(
     Training images must not be images you will add: they stand for "other images" (a .npy of
     descriptors trains the index and the background, but cannot calibrate: no images to edit).
     """
+    import numpy as np
+
+    from activeindex.calibration import create_collection, split_training
+    from activeindex.collection import Collection
+    from activeindex.scoring import Normalization
+
     extractor = _build_extractor(model, input_size, resize, precision)
     if len(train) == 1 and train[0].suffix == ".npy":
         xt = np.load(train[0], allow_pickle=False)
@@ -219,6 +234,9 @@ def calibrate(
     target_precision: Annotated[float, typer.Option("--target-precision", help="precision the copy threshold is calibrated for", min=0.01, max=1.0)] = DEFAULT_PRECISION,
 ) -> None:
     """Set the copy threshold for a target precision (from new images, or the stored scores)."""
+    from activeindex.calibration import calibrate_from_images
+    from activeindex.collection import Collection
+
     with Collection.open(collection) as coll:
         if images:
             paths = _expand(images)
@@ -276,6 +294,10 @@ def add(
     With --activate, each image is also released to --out: imperceptibly changed (PSNR >= --psnr)
     so that its edited copies are found more often. The collection keeps the original's code.
     """
+    from activeindex.activation import ActivationConfig
+    from activeindex.activation.add import add_activated
+    from activeindex.collection import Collection
+
     if activate != (out is not None):
         raise ActiveIndexError("--activate and --out go together: --activate --out DIR")
     ray_options = _ray_options(workers, ray_address, shard_size)
@@ -315,6 +337,8 @@ def query(
 ) -> None:
     """Find the nearest stored images of each query image. An unreadable image is reported (with
     --json: an entry with its "error"); when no query image could be read, the exit code is 2."""
+    from activeindex.collection import Collection
+
     with Collection.open(collection, mmap=mmap) as coll:
         _warn_untrained(coll.extractor)
         paths = _expand(images)
@@ -344,6 +368,8 @@ def remove(
     ids: Annotated[list[int], typer.Argument(help="ids to remove")],
 ) -> None:
     """Remove images by id from the index and the database."""
+    from activeindex.collection import Collection
+
     with Collection.open(collection) as coll:
         removed, unknown = coll.remove(ids)
     for i in unknown:
@@ -359,6 +385,8 @@ def info(
     as_json: JsonOpt = False,
 ) -> None:
     """Describe a collection."""
+    from activeindex.collection import Collection
+
     with Collection.open(collection) as coll:
         data = coll.info()
     if as_json:
@@ -527,6 +555,7 @@ def train_descriptor_cmd(
 
     import torch
 
+    from activeindex.extractors import BUILTIN_MODELS
     from activeindex.training.trainer import TrainConfig, export_weights, load_pool, train_descriptor
 
     if arch not in BUILTIN_MODELS:
@@ -574,6 +603,23 @@ def _root(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines as click writes them (``COLLECTION IMAGES...``; typer writes ``{collection}``)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = (param.metavar or param.name or "").upper() + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+for _info in app.registered_commands:  # every command above, whoever added it
+    if _info.cls in (None, typer.core.TyperCommand):
+        _info.cls = _Command
 
 
 def main() -> None:

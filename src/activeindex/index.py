@@ -14,7 +14,6 @@ Scores are similarities, higher = more similar: the inner product for ``ip``, an
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import os
 import re
@@ -27,17 +26,9 @@ import faiss
 import numpy as np
 
 from activeindex.errors import CollectionError, DimensionError
+from activeindex.settings import Metric  # re-exported (defined there: no torch/FAISS needed)
 
 logger = logging.getLogger(__name__)
-
-
-class Metric(str, enum.Enum):
-    L2 = "l2"
-    IP = "ip"
-
-    @property
-    def faiss_metric(self) -> int:
-        return faiss.METRIC_L2 if self is Metric.L2 else faiss.METRIC_INNER_PRODUCT
 
 
 def build_index(factory: str, d: int, metric: Metric | str = Metric.L2) -> faiss.Index:
