@@ -709,3 +709,35 @@ def test_a_memory_mapped_service_answers_queries_and_refuses_writes(coll_path, i
         for method, url, kwargs in _writes(image_dir):
             r = getattr(client, method)(url, headers=AUTH, **kwargs)
             assert r.status_code == 403 and "memory-mapped" in r.json()["detail"]
+
+
+def test_serve_prints_its_url_once_the_port_accepts_connections(coll_path):
+    import re
+    import subprocess
+    import sys
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "activeindex", "serve", str(coll_path), "--port", "0",
+                             "--model-processes", "1"], stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(180, proc.kill)  # a server that never says "ready" fails, not hangs
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stderr:  # start-up progress, then the URL
+            lines.append(line)
+            if line.startswith("ready: "):
+                break
+        assert lines and lines[-1].startswith("ready: "), "".join(lines)
+        url = re.search(r"http://127\.0\.0\.1:\d+/", lines[-1]).group(0)
+        # At once: the port must already accept connections when the URL is shown.
+        with urllib.request.urlopen(url + "healthz", timeout=10) as r:
+            assert r.status == 200
+        text = "".join(lines)
+        assert "loaded c: 8 images, IVF4,PQ16x4" in text and "starting 1 model process" in text
+        assert "model process 1/1 ready" in text
+        assert text.index("model process 1/1 ready") < text.index("ready: http")
+    finally:
+        watchdog.cancel()
+        proc.terminate()
+        proc.wait(30)
+        proc.stderr.close()
