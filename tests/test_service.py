@@ -697,8 +697,10 @@ def test_cli_serve_passes_settings_and_the_token_from_the_environment(coll_path,
     assert seen["token"] in (None, "") and "writes disabled" in r.output and seen["mmap"] is False
     r = CliRunner().invoke(app, ["serve", str(coll_path), "--mmap"], env={"ACTIVEINDEX_TOKEN": TOKEN})
     assert seen["mmap"] is True and "disabled: --mmap" in r.output and seen["allowed_hosts"] is None
-    r = CliRunner().invoke(app, ["serve", str(coll_path), "--allowed-hosts", "photos.lan, *.internal"])
+    r = CliRunner().invoke(app, ["serve", str(coll_path), "--allowed-hosts", "photos.lan, *.internal",
+                                 "--body-timeout", "5"])
     assert r.exit_code == 0 and seen["allowed_hosts"] == ["photos.lan", "*.internal"]
+    assert seen["limits"].body_seconds == 5.0 and seen["limits"].max_parts == 16
 
 
 def test_a_memory_mapped_service_answers_queries_and_refuses_writes(coll_path, image_dir):

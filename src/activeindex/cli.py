@@ -424,6 +424,8 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="largest upload, MB (413 beyond)", min=0.001)] = 20.0,
     max_pixels: Annotated[int, typer.Option(help="largest upload in pixels (413 beyond)", min=1)] = 40_000_000,
     max_batch: Annotated[int, typer.Option(help="most queries described in one model call", min=1)] = 32,
+    body_timeout: Annotated[float, typer.Option(
+        help="seconds an upload's body may take to arrive (408 beyond)", min=0.1)] = 60.0,
     mmap: Annotated[bool, typer.Option("--mmap", help="memory-map the index, read-only (replicas sharing one file)")] = False,
     model_processes: Annotated[Optional[int], typer.Option(
         help="processes that decode and describe uploads (0: threads of the server; default: one per core, at most 4)",
@@ -439,7 +441,8 @@ def serve(
     Prints the URL once the port accepts connections."""
     from activeindex.service import ServiceLimits, run
 
-    limits = ServiceLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_batch=max_batch)
+    limits = ServiceLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_batch=max_batch,
+                           body_seconds=body_timeout)
     hosts = None if allowed_hosts is None else [h.strip() for h in allowed_hosts.split(",") if h.strip()]
     if hosts == []:
         raise ActiveIndexError("--allowed-hosts takes comma-separated host names (or * for any)")
