@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 import typer.core
-from tqdm import tqdm
 
 from activeindex import __version__
 from activeindex.errors import ActiveIndexError
@@ -65,6 +64,8 @@ def _err(msg: str) -> None:
 @contextmanager
 def _progress(total: int, desc: str) -> Iterator[Any]:
     """A progress bar on a terminal (stderr), silent when piped."""
+    from tqdm import tqdm
+
     with tqdm(total=total, desc=desc, unit="img", disable=None, file=sys.stderr, leave=False) as bar:
         yield bar.update
 
@@ -566,6 +567,8 @@ def train_descriptor_cmd(
     cfg = TrainConfig(arch=arch, steps=steps, batch_size=batch_size, train_size=train_size, lr=lr,
                       koleo_weight=koleo_weight, temperature=temperature, strength=strength, seed=seed,
                       warmup_steps=warmup, init=None if init is None else str(init))
+    from tqdm import tqdm
+
     paths = _expand(images)
     _err(f"loading {len(paths)} training images at {cfg.load_size} px")
     pool = load_pool(paths, cfg.load_size)
