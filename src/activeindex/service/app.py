@@ -13,6 +13,9 @@ the event loop: they read the multipart body, check the image's header, and awai
 job went into (:mod:`.batcher`: decoding and the model run in a describer, the search after it, for
 all queries waiting), or the write in the thread pool. The other routes are plain ``def``, run in
 FastAPI's thread pool; index changes are kept apart from searches (:mod:`.state`).
+
+Every request first passes the ``Host`` check (:mod:`.hosts`: DNS rebinding) and the body bounds
+(:mod:`.uploads`); no answer carries a path of the server's file system (:mod:`.redact`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at run time, and they
