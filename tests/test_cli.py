@@ -109,3 +109,74 @@ def test_errors_exit_nonzero_with_a_message(tmp_path):
     )
     assert proc.returncode == 2 and "error:" in proc.stderr and "not a collection" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture()
+def small_collection(tmp_path, tiny_extractor, train_vectors, image_dir):
+    from activeindex.collection import Collection
+
+    with Collection.create(tmp_path / "c", tiny_extractor, "Flat", train_vectors) as c:
+        c.add_images(sorted(image_dir.glob("*.png"))[:4])
+    return tmp_path / "c"
+
+
+def test_query_json_lists_unreadable_inputs_and_fails_when_none_is_readable(small_collection, image_dir, tmp_path):
+    good = sorted(image_dir.glob("*.png"))[2]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:100])  # truncated
+    res = invoke("query", small_collection, broken, good, "-k", "2", "--json")
+    out = json.loads(res.stdout)
+    assert [e["query"] for e in out] == [str(broken), str(good)]  # every input, in order
+    assert out[0]["matches"] == [] and "truncated" in out[0]["error"]
+    assert "error" not in out[1] and out[1]["matches"][0]["name"] == good.name
+
+    for extra in ([], ["--json"]):  # a query whose only input is unreadable is an error
+        res = runner.invoke(app, ["query", str(small_collection), str(broken), *extra])
+        assert res.exit_code != 0 and "none of the 1 query image could be read" in str(res.exception)
+    proc = subprocess.run([sys.executable, "-m", "activeindex.cli", "query", str(small_collection), str(broken),
+                           "--json"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "error: none of the 1 query image could be read" in proc.stderr
+    assert json.loads(proc.stdout)[0]["error"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--index", "IVF32 PQ8"], "separate the components with commas, without spaces ('IVF32,PQ8'?)"),
+    (["--index", "Flat", "--index", "ivf32,pq8"], "a FAISS factory string is components separated by commas"),
+    (["--psnr", "5"], "PSNR budget 5.0 dB is outside [10, 80]"),
+    (["--nprobe", "0"], "nprobe must be >= 1"),
+    (["--n-test", "50", "--n-refs", "10"], "need 0 < n_test <= n_refs"),
+])
+def test_evaluate_refuses_bad_settings_before_any_work(tmp_path, args, message):
+    out = tmp_path / "eval"
+    res = runner.invoke(app, ["evaluate", "--out", str(out), "--model", "builtin:tiny", "--n-train", "64",
+                              "--n-refs", "32", "--n-test", "8", *args])
+    assert res.exit_code != 0 and message in str(res.exception), (res.output, res.exception)
+    assert "Error in" not in str(res.exception)  # FAISS's C++ location is not the user's business
+    assert not (out / "images").exists()  # refused before the first image was made
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["add", "--help"], 0), (["evaluate", "--help"], 0),
+                                        (["query"], 2), (["add", "c", "x", "--psnr", "many"], 2)])
+def test_help_and_usage_errors_load_neither_torch_nor_faiss(args, code):
+    # -X importtime lists every module imported (on stderr): torch and FAISS take seconds to load.
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "activeindex", *args],
+                          capture_output=True, text=True)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert "Usage: " in proc.stdout + proc.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert imported and "activeindex.cli" in imported
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "faiss", "numpy", "PIL", "kornia"))
+    assert heavy == []
+
+
+def test_help_shows_text_as_written_and_usage_lines_as_click_writes_them():
+    out = invoke("--help").output
+    assert "<bool>" not in out
+    for name in ("extract", "create", "add", "query", "remove", "serve", "evaluate", "train-descriptor"):
+        out = invoke(name, "--help").output
+        text = " ".join(out.split())
+        assert "<bool>" not in out and "{" not in out.splitlines()[0], out
+        if name in ("extract", "add"):
+            assert "(needs activeindex[ray])" in text  # not eaten as Rich markup
+    assert invoke("add", "--help").output.splitlines()[0].endswith("add [OPTIONS] COLLECTION IMAGES...")
+    assert invoke("serve", "--help").output.splitlines()[0].endswith("serve [OPTIONS] COLLECTION")

@@ -57,7 +57,7 @@ def test_model_processes_answer_as_the_server_threads_do(coll_path, image_dir, t
     answers = {}
     for processes in (0, 2):
         root = Path(shutil.copytree(coll_path, tmp_path / f"c{processes}"))
-        with TestClient(create_app(root, model_processes=processes)) as client:
+        with TestClient(create_app(root, model_processes=processes), base_url="http://localhost") as client:
             service = client.app.state.service
             kinds = {type(d) for d in service._describers}
             assert kinds == ({ProcessDescriber} if processes else {LocalDescriber})
@@ -123,7 +123,7 @@ def test_a_model_process_that_dies_fails_only_its_batch_and_is_replaced(tiny_ext
 
 def test_a_lost_model_process_is_a_503_for_the_requests_of_its_batch(coll_path, image_dir, monkeypatch):
     path = sorted(image_dir.glob("*.png"))[0]
-    with TestClient(create_app(coll_path, model_processes=1)) as client:
+    with TestClient(create_app(coll_path, model_processes=1), base_url="http://localhost") as client:
         (describer,) = client.app.state.service._describers
 
         def lost(items):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import shutil
 import sqlite3
@@ -52,7 +53,7 @@ def make_client(coll_path):
     clients = []
 
     def make(token: str | None = TOKEN, limits: ServiceLimits = ServiceLimits()) -> TestClient:
-        client = TestClient(create_app(coll_path, token=token, limits=limits))
+        client = TestClient(create_app(coll_path, token=token, limits=limits), base_url="http://localhost")
         client.__enter__()
         clients.append(client)
         return client
@@ -154,6 +155,26 @@ def test_unknown_ids_and_missing_files_are_404(client, url):
     assert r.status_code == 404 and r.json()["detail"]
 
 
+@pytest.mark.parametrize("image_id", [2**63 - 1, 2**63, 2**64, 10**30])
+def test_ids_beyond_int64_are_404_not_500(client, image_id):
+    for url in (f"/api/images/{image_id}", f"/api/images/{image_id}/thumbnail", f"/api/images/{image_id}/released"):
+        r = client.get(url)
+        assert r.status_code == 404 and f"no image with id {image_id}" in r.json()["detail"], (url, r.text)
+    r = client.delete(f"/api/images/{image_id}", headers=AUTH)
+    assert r.status_code == 404 and f"no image with id {image_id}" in r.json()["detail"]
+    assert client.get("/healthz").json()["images"] == 8
+
+
+def test_cli_remove_of_an_id_beyond_int64_is_a_clear_error(coll_path):
+    from activeindex.cli import app
+
+    r = CliRunner().invoke(app, ["remove", str(coll_path), str(2**63), "1"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.output, r.exception)  # not OverflowError
+    assert f"no image with id {2**63}" in r.output and "removed 1" in r.output
+    with Collection.open(coll_path) as c:
+        assert c.count() == 7
+
+
 def test_thumbnail_of_a_file_gone_from_disk_is_404(client, coll_path, tmp_path, image_dir):
     src = tmp_path / "gone.png"
     src.write_bytes(_png(20, 20))
@@ -163,6 +184,72 @@ def test_thumbnail_of_a_file_gone_from_disk_is_404(client, coll_path, tmp_path, 
     stored.unlink()
     r = client.get(f"/api/images/{image_id}/thumbnail")
     assert r.status_code == 404 and "not available" in r.json()["detail"]
+
+
+class _Net(torch.nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3)).repeat(1, 3)  # (B, 9): a model file small enough to make here
+
+
+def test_info_names_a_file_model_without_its_path(tmp_path):
+    from activeindex.extractors import create_extractor
+
+    model = tmp_path / "models" / "sscd-like.pt"
+    model.parent.mkdir()
+    torch.jit.script(_Net()).save(str(model))
+    extractor = create_extractor(f"torchscript:{model}", input_size=32)
+    xt = np.random.default_rng(0).standard_normal((64, extractor.dim)).astype(np.float32)
+    Collection.create(tmp_path / "c", extractor, "Flat", xt).close()
+    with TestClient(create_app(tmp_path / "c"), base_url="http://localhost") as client:
+        r = client.get("/api/info")
+    assert r.status_code == 200
+    assert r.json()["collection"]["extractor"]["path"] == "sscd-like.pt"
+    assert str(tmp_path) not in r.text  # neither the model's folder nor the collection's
+
+
+def test_thumbnail_errors_do_not_show_the_files_path(client, coll_path, monkeypatch):
+    import PIL.Image
+
+    stored = Path(client.app.state.service.record(3)["path"])
+    real_open = PIL.Image.open
+
+    def unreadable(fp, *args, **kwargs):  # what a file the server's user may not read raises
+        if str(fp) == str(stored):
+            raise PermissionError(13, "Permission denied", str(stored))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", unreadable)
+    r = client.get("/api/images/3/thumbnail")
+    assert r.status_code == 404 and "Permission denied" in r.json()["detail"]
+    assert str(stored.parent) not in r.text and stored.name in r.json()["detail"]
+
+
+def test_only_the_allowed_host_names_are_answered(make_client, coll_path):
+    client = make_client()  # the default: localhost, and any IP address
+    for host in ("evil.example:8000", "evil.example", "localhost.evil.example", "127.0.0.1.nip.io:8000"):
+        for url in ("/api/info", "/api/images/1/thumbnail", "/", "/healthz"):
+            r = client.get(url, headers={"Host": host})  # what a DNS-rebinding page sends
+            assert r.status_code == 400 and "does not answer to the host name" in r.json()["detail"], (host, url)
+    for host in ("localhost:8000", "LOCALHOST.", "127.0.0.1:8000", "[::1]:8000", "10.1.2.3"):
+        assert client.get("/api/images/1/thumbnail", headers={"Host": host}).status_code == 200, host
+    named = TestClient(create_app(coll_path, allowed_hosts=["photos.example.com", "*.internal"]),
+                       base_url="http://photos.example.com")
+    with named:
+        assert named.get("/healthz").status_code == 200
+        assert named.get("/healthz", headers={"Host": "api.internal:80"}).status_code == 200
+        assert named.get("/healthz", headers={"Host": "localhost"}).status_code == 400  # the list replaces it
+        assert named.get("/healthz", headers={"Host": "internal.evil"}).status_code == 400
+
+
+def test_default_allowed_hosts_follow_the_bound_host():
+    import socket
+
+    from activeindex.service.hosts import default_allowed_hosts
+
+    assert default_allowed_hosts("127.0.0.1") == ("localhost",)
+    assert default_allowed_hosts("::1") == ("localhost",)
+    assert default_allowed_hosts("photos.lan") == ("localhost", "photos.lan")
+    assert default_allowed_hosts("0.0.0.0") == ("localhost", socket.gethostname().lower())
 
 
 def test_docs_openapi_and_page_work_offline(client):
@@ -231,6 +318,92 @@ def test_uploads_over_the_byte_limit_are_413(make_client, image_dir):
     assert r.status_code == 413
     r = client.post("/api/images", content=chunks(), headers={**AUTH, "Content-Type": "multipart/form-data; boundary=x"})
     assert r.status_code == 413
+
+
+@contextlib.contextmanager
+def _served(app):
+    """A real uvicorn server (h11 or httptools, as `activeindex serve` picks) on a free loopback port."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(400):
+        if srv.started:
+            break
+        thread.join(0.05)
+    assert srv.started, "uvicorn did not start"
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def _multipart(*parts: tuple[str, bytes], boundary: str = "b0undary") -> tuple[bytes, dict]:
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n\r\n'
+                    .encode() + data + b"\r\n" for name, data in parts) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_multipart_parts_part_headers_and_parsing_time_are_bounded(make_client, image_dir):
+    png = sorted(image_dir.glob("*.png"))[3].read_bytes()
+    client = make_client()
+    # Thousands of tiny parts (each costs the event loop parser work): refused at the 17th.
+    body, headers = _multipart(("file", png), *[("f", b"x")] * 5000)
+    r = client.post("/api/query", content=body, headers=headers)
+    assert r.status_code == 400 and "more than 16 parts" in r.json()["detail"]
+    assert r.headers["connection"] == "close"
+    body, headers = _multipart(("file", png), *[("f", b"x")] * 15)  # 16 parts: fine
+    assert client.post("/api/query?k=1", content=body, headers=headers).status_code == 200
+    # Part headers are parsed a byte at a time: bounded in bytes in all (python-multipart bounds
+    # each one alone).
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            + (b"X-Pad: " + b"p" * 4000 + b"\r\n") * 5 + b"\r\n" + png + b"\r\n--b--\r\n")
+    r = client.post("/api/query", content=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 400 and "bytes of part headers" in r.json()["detail"]
+    # And the parsing time itself (a bound no real upload comes near, made tiny here).
+    strict = make_client(limits=ServiceLimits(parse_seconds=1e-9))
+    r = strict.post("/api/query", files=_file(sorted(image_dir.glob("*.png"))[3]))
+    assert r.status_code == 400 and "to parse" in r.json()["detail"]
+
+
+def test_a_body_that_stops_arriving_is_408_and_closed(coll_path):
+    import socket
+
+    with _served(create_app(coll_path, limits=ServiceLimits(body_seconds=1.0))) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            head = _multipart(("file", b"\x89PNG" + b"\0" * 100))[0][:80]
+            sock.sendall(b"POST /api/query HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: multipart/form-data; boundary=b0undary\r\n"
+                         b"Content-Length: 100000\r\n\r\n" + head)  # and then nothing
+            answer = b""
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"did not arrive within 1 s" in answer
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_clients_that_send_the_whole_oversized_body_first_still_read_the_413(coll_path, announced):
+    import json
+    import urllib.error
+    import urllib.request
+
+    body, headers = _multipart(("file", b"\0" * (32 * 1024 * 1024)))  # larger than the socket buffers
+    data = body if announced else (body[i:i + 65536] for i in range(0, len(body), 65536))  # chunked
+    with _served(create_app(coll_path, limits=ServiceLimits(max_bytes=100_000))) as port:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/query", data=data, headers=headers)
+        if not announced:
+            req.add_header("Transfer-Encoding", "chunked")
+        with pytest.raises(urllib.error.HTTPError) as err:  # not ConnectionResetError / BrokenPipeError
+            urllib.request.urlopen(req, timeout=60)
+    assert err.value.code == 413 and "exceeds the limit" in json.loads(err.value.read())["detail"]
 
 
 def test_uploads_over_the_pixel_limit_are_413(make_client):
@@ -354,7 +527,7 @@ def test_the_token_is_never_logged(coll_path, image_dir, caplog):
     import logging
 
     caplog.set_level(logging.DEBUG)
-    with TestClient(create_app(coll_path, token=TOKEN)) as client:
+    with TestClient(create_app(coll_path, token=TOKEN), base_url="http://localhost") as client:
         client.post("/api/images", files=_file(sorted(image_dir.glob("*.png"))[41]), headers=AUTH)
         client.post("/api/images", files={"file": ("x.png", b"junk")}, headers={"Authorization": "Bearer nope"})
     assert TOKEN not in caplog.text and "nope" not in caplog.text
@@ -366,6 +539,8 @@ def test_an_index_changed_by_another_process_is_not_overwritten(client, coll_pat
         other.add_images(sorted(image_dir.glob("*.png"))[50:52])
     r = client.post("/api/images", files=_file(sorted(image_dir.glob("*.png"))[53]), headers=AUTH)
     assert r.status_code == 409 and "changed by another process" in r.json()["detail"]
+    # Without the server's file system in it: the index file is named, not where it lives.
+    assert str(coll_path.parent) not in r.text and "index.faiss" in r.json()["detail"]
     with Collection.open(coll_path) as again:
         assert again.count() == 10 and again.index.ntotal == 10  # the other process's adds survive
 
@@ -521,14 +696,50 @@ def test_cli_serve_passes_settings_and_the_token_from_the_environment(coll_path,
     r = CliRunner().invoke(app, ["serve", str(coll_path)], env={"ACTIVEINDEX_TOKEN": ""})
     assert seen["token"] in (None, "") and "writes disabled" in r.output and seen["mmap"] is False
     r = CliRunner().invoke(app, ["serve", str(coll_path), "--mmap"], env={"ACTIVEINDEX_TOKEN": TOKEN})
-    assert seen["mmap"] is True and "disabled: --mmap" in r.output
+    assert seen["mmap"] is True and "disabled: --mmap" in r.output and seen["allowed_hosts"] is None
+    r = CliRunner().invoke(app, ["serve", str(coll_path), "--allowed-hosts", "photos.lan, *.internal",
+                                 "--body-timeout", "5"])
+    assert r.exit_code == 0 and seen["allowed_hosts"] == ["photos.lan", "*.internal"]
+    assert seen["limits"].body_seconds == 5.0 and seen["limits"].max_parts == 16
 
 
 def test_a_memory_mapped_service_answers_queries_and_refuses_writes(coll_path, image_dir):
     path = sorted(image_dir.glob("*.png"))[4]
-    with TestClient(create_app(coll_path, token=TOKEN, mmap=True)) as client:
+    with TestClient(create_app(coll_path, token=TOKEN, mmap=True), base_url="http://localhost") as client:
         best = client.post("/api/query?k=1", files=_file(path)).json()["matches"][0]
         assert best["name"] == path.name
         for method, url, kwargs in _writes(image_dir):
             r = getattr(client, method)(url, headers=AUTH, **kwargs)
             assert r.status_code == 403 and "memory-mapped" in r.json()["detail"]
+
+
+def test_serve_prints_its_url_once_the_port_accepts_connections(coll_path):
+    import re
+    import subprocess
+    import sys
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "activeindex", "serve", str(coll_path), "--port", "0",
+                             "--model-processes", "1"], stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(180, proc.kill)  # a server that never says "ready" fails, not hangs
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stderr:  # start-up progress, then the URL
+            lines.append(line)
+            if line.startswith("ready: "):
+                break
+        assert lines and lines[-1].startswith("ready: "), "".join(lines)
+        url = re.search(r"http://127\.0\.0\.1:\d+/", lines[-1]).group(0)
+        # At once: the port must already accept connections when the URL is shown.
+        with urllib.request.urlopen(url + "healthz", timeout=10) as r:
+            assert r.status == 200
+        text = "".join(lines)
+        assert "loaded c: 8 images, IVF4,PQ16x4" in text and "starting 1 model process" in text
+        assert "model process 1/1 ready" in text
+        assert text.index("model process 1/1 ready") < text.index("ready: http")
+    finally:
+        watchdog.cancel()
+        proc.terminate()
+        proc.wait(30)
+        proc.stderr.close()

@@ -113,3 +113,68 @@ def test_page_finds_an_uploaded_image_and_compares_an_activated_one(server, brow
         "for (let i = 0; i < d.length; i += 4) if (d[i] + d[i+1] + d[i+2] > 0) n++; return n;"
     )
     assert lit > 0
+
+
+def test_page_error_paths_leave_nothing_stale_and_resend_the_same_file(server, browser, image_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.set_window_size(390, 844)  # a phone
+    browser.get(server + "/")
+    wait.until(lambda d: "images" in d.find_element(By.ID, "collection-info").text)
+    status = browser.find_element(By.ID, "query-status")
+    # First load: no result box, so no empty (broken) preview image.
+    assert not browser.find_element(By.ID, "query-result").is_displayed()
+
+    query = sorted(image_dir.glob("*.png"))[5]
+    browser.find_element(By.ID, "query-file").send_keys(str(query))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#matches li")) == 8)
+    # The same file again, with another k: it is sent again (the input was reset).
+    k = browser.find_element(By.ID, "query-k")
+    k.clear()
+    k.send_keys("3")
+    browser.find_element(By.ID, "query-file").send_keys(str(query))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#matches li")) == 3)
+    assert "3 matches" in status.text
+
+    # A failed upload: the reason, and none of the previous query's matches under the new name.
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    browser.find_element(By.ID, "query-file").send_keys(str(not_image))
+    wait.until(lambda d: "415" in status.text)
+    assert "notes.png" in status.text and "not an image file" in status.text
+    assert "error" in status.get_attribute("class")
+    assert not browser.find_element(By.ID, "query-result").is_displayed()
+    assert browser.find_elements(By.CSS_SELECTOR, "#matches li") == []
+
+    # Activate: a wrong token is refused; fixed, the same file is sent again and compared.
+    browser.find_element(By.CSS_SELECTOR, '.tab[data-tab="activate"]').click()
+    astatus = browser.find_element(By.ID, "activate-status")
+    token = browser.find_element(By.ID, "token")
+    token.send_keys("wrong")
+    original = sorted(image_dir.glob("*.png"))[20]
+    browser.find_element(By.ID, "activate-file").send_keys(str(original))
+    wait.until(lambda d: "403" in astatus.text or "401" in astatus.text)
+    token.clear()
+    token.send_keys(TOKEN)
+    browser.find_element(By.ID, "activate-file").send_keys(str(original))
+    wait.until(EC.visibility_of_element_located((By.ID, "compare")))
+    # At phone width the three pictures are stacked, each about the page's width, and their
+    # labels do not break mid-word.
+    widths = browser.execute_script(
+        "return ['cv-original','cv-activated','cv-diff'].map(id => document.getElementById(id).clientWidth)")
+    assert min(widths) > 300, widths
+    caption = browser.find_element(By.CSS_SELECTOR, "#cv-original + figcaption")
+    assert caption.size["height"] < 30  # "original" on one line
+
+    # A PSNR floor out of range: a sentence from the page, no request, no raw 422 JSON.
+    psnr = browser.find_element(By.ID, "psnr")
+    psnr.clear()
+    psnr.send_keys("5")
+    browser.find_element(By.ID, "activate-file").send_keys(str(sorted(image_dir.glob("*.png"))[21]))
+    wait.until(lambda d: "PSNR" in astatus.text)
+    assert "from 10 to 80" in astatus.text and "[{" not in astatus.text and "error" in astatus.get_attribute("class")
+    assert not browser.find_element(By.ID, "compare").is_displayed()
+    assert "9 images" in browser.find_element(By.ID, "collection-info").text  # only the activated one added

@@ -8,28 +8,29 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-import numpy as np
 import typer
-from tqdm import tqdm
+import typer.core
 
 from activeindex import __version__
-from activeindex.activation import ActivationConfig, FeatureLoss, OutputFormat, TargetKind
-from activeindex.activation.add import add_activated
-from activeindex.calibration import calibrate_from_images, create_collection, split_training
-from activeindex.collection import AddReport, Collection
 from activeindex.errors import ActiveIndexError
-from activeindex.extractors import BUILTIN_MODELS, Extractor, Precision, ResizePolicy, create_extractor
-from activeindex.features import Failure, extract_paths
-from activeindex.images import list_images
-from activeindex.index import Metric
-from activeindex.scoring import DEFAULT_PRECISION, Normalization
+
+# Only what the options need is imported here; the library (torch, FAISS: seconds to load) is
+# imported in each command's body, so that --help and usage errors answer at once
+# (tests/test_cli.py checks that --help loads neither).
+from activeindex.settings import DEFAULT_PRECISION, FeatureLoss, Metric, OutputFormat, Precision, ResizePolicy, TargetKind
+
+if TYPE_CHECKING:
+    from activeindex.collection import AddReport, Collection
+    from activeindex.extractors import Extractor
+    from activeindex.features import Failure
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="Find edited copies of images: descriptors, FAISS collections, active indexing.",
 )
 
@@ -63,6 +64,8 @@ def _err(msg: str) -> None:
 @contextmanager
 def _progress(total: int, desc: str) -> Iterator[Any]:
     """A progress bar on a terminal (stderr), silent when piped."""
+    from tqdm import tqdm
+
     with tqdm(total=total, desc=desc, unit="img", disable=None, file=sys.stderr, leave=False) as bar:
         yield bar.update
 
@@ -77,6 +80,8 @@ def _ray_options(workers: int | None, ray_address: str | None, shard_size: int) 
 
 
 def _build_extractor(model: str, input_size: int | None, resize: ResizePolicy | None, precision: Precision) -> Extractor:
+    from activeindex.extractors import create_extractor
+
     extractor = create_extractor(model, input_size=input_size, resize=resize, precision=precision)
     _warn_untrained(extractor)
     return extractor
@@ -91,6 +96,8 @@ def _warn_untrained(extractor: Extractor) -> None:
 
 
 def _expand(inputs: list[Path]) -> list[Path]:
+    from activeindex.images import list_images
+
     listing = list_images(inputs)
     for p in listing.ignored:
         _err(f"skipped {p}: not an image file (extension)")
@@ -118,6 +125,7 @@ def _report_failures(failures: list[Failure]) -> None:
 @app.command()
 def models() -> None:
     """List the built-in models."""
+    from activeindex.extractors import BUILTIN_MODELS
     from activeindex.extractors.builtin import weights_resource
 
     for name, entry in BUILTIN_MODELS.items():
@@ -140,6 +148,8 @@ def extract(
     shard_size: ShardSizeOpt = 256,
 ) -> None:
     """Describe images: writes OUT/features.npy (float32, n×d) and OUT/names.txt."""
+    from activeindex.features import extract_paths
+
     extractor = _build_extractor(model, input_size, resize, precision)
     paths = _expand(images)
     ray_options = _ray_options(workers, ray_address, shard_size)
@@ -181,6 +191,12 @@ def create(
     Training images must not be images you will add: they stand for "other images" (a .npy of
     descriptors trains the index and the background, but cannot calibrate: no images to edit).
     """
+    import numpy as np
+
+    from activeindex.calibration import create_collection, split_training
+    from activeindex.collection import Collection
+    from activeindex.scoring import Normalization
+
     extractor = _build_extractor(model, input_size, resize, precision)
     if len(train) == 1 and train[0].suffix == ".npy":
         xt = np.load(train[0], allow_pickle=False)
@@ -219,6 +235,9 @@ def calibrate(
     target_precision: Annotated[float, typer.Option("--target-precision", help="precision the copy threshold is calibrated for", min=0.01, max=1.0)] = DEFAULT_PRECISION,
 ) -> None:
     """Set the copy threshold for a target precision (from new images, or the stored scores)."""
+    from activeindex.calibration import calibrate_from_images
+    from activeindex.collection import Collection
+
     with Collection.open(collection) as coll:
         if images:
             paths = _expand(images)
@@ -276,6 +295,10 @@ def add(
     With --activate, each image is also released to --out: imperceptibly changed (PSNR >= --psnr)
     so that its edited copies are found more often. The collection keeps the original's code.
     """
+    from activeindex.activation import ActivationConfig
+    from activeindex.activation.add import add_activated
+    from activeindex.collection import Collection
+
     if activate != (out is not None):
         raise ActiveIndexError("--activate and --out go together: --activate --out DIR")
     ray_options = _ray_options(workers, ray_address, shard_size)
@@ -313,7 +336,10 @@ def query(
     mmap: Annotated[bool, typer.Option(
         "--mmap", help="memory-map the index read-only (shared by processes, loaded on demand)")] = False,
 ) -> None:
-    """Find the nearest stored images of each query image."""
+    """Find the nearest stored images of each query image. An unreadable image is reported (with
+    --json: an entry with its "error"); when no query image could be read, the exit code is 2."""
+    from activeindex.collection import Collection
+
     with Collection.open(collection, mmap=mmap) as coll:
         _warn_untrained(coll.extractor)
         paths = _expand(images)
@@ -322,7 +348,13 @@ def query(
     _report_failures(failures)
     if as_json:
         out = [{"query": r.query, "matches": [m.__dict__ for m in r.matches]} for r in results]
+        out += [{"query": str(f.path), "error": f.reason, "matches": []} for f in failures]
+        order = {str(p): i for i, p in enumerate(paths)}
+        out.sort(key=lambda entry: order.get(entry["query"], len(order)))  # as the inputs came
         typer.echo(json.dumps(out, indent=2))
+    if failures and not results:
+        raise ActiveIndexError(f"none of the {len(failures)} query image{'s' if len(failures) > 1 else ''} could be read")
+    if as_json:
         return
     for r in results:
         typer.echo(r.query)
@@ -337,6 +369,8 @@ def remove(
     ids: Annotated[list[int], typer.Argument(help="ids to remove")],
 ) -> None:
     """Remove images by id from the index and the database."""
+    from activeindex.collection import Collection
+
     with Collection.open(collection) as coll:
         removed, unknown = coll.remove(ids)
     for i in unknown:
@@ -352,6 +386,8 @@ def info(
     as_json: JsonOpt = False,
 ) -> None:
     """Describe a collection."""
+    from activeindex.collection import Collection
+
     with Collection.open(collection) as coll:
         data = coll.info()
     if as_json:
@@ -389,19 +425,32 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="largest upload, MB (413 beyond)", min=0.001)] = 20.0,
     max_pixels: Annotated[int, typer.Option(help="largest upload in pixels (413 beyond)", min=1)] = 40_000_000,
     max_batch: Annotated[int, typer.Option(help="most queries described in one model call", min=1)] = 32,
+    body_timeout: Annotated[float, typer.Option(
+        help="seconds an upload's body may take to arrive (408 beyond)", min=0.1)] = 60.0,
     mmap: Annotated[bool, typer.Option("--mmap", help="memory-map the index, read-only (replicas sharing one file)")] = False,
     model_processes: Annotated[Optional[int], typer.Option(
         help="processes that decode and describe uploads (0: threads of the server; default: one per core, at most 4)",
         min=0, show_default=False,
     )] = None,
+    allowed_hosts: Annotated[Optional[str], typer.Option(
+        help="comma-separated host names clients may reach the service by, besides IP addresses "
+             "(*.example.com: its subdomains; *: any); default: localhost and --host, or this "
+             "machine's name with --host 0.0.0.0", show_default=False,
+    )] = None,
 ) -> None:
-    """Serve a collection over HTTP: API (docs at /docs), web page at /, /metrics for Prometheus."""
+    """Serve a collection over HTTP: API (docs at /docs), web page at /, /metrics for Prometheus.
+    Prints the URL once the port accepts connections."""
     from activeindex.service import ServiceLimits, run
 
-    limits = ServiceLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_batch=max_batch)
+    limits = ServiceLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_batch=max_batch,
+                           body_seconds=body_timeout)
+    hosts = None if allowed_hosts is None else [h.strip() for h in allowed_hosts.split(",") if h.strip()]
+    if hosts == []:
+        raise ActiveIndexError("--allowed-hosts takes comma-separated host names (or * for any)")
     writes = "disabled: --mmap" if mmap else ("need the token" if token else "disabled: no token")
-    _err(f"serving {collection} on http://{host}:{port}/ (writes {writes})")
-    run(collection, host=host, port=port, token=token, limits=limits, mmap=mmap, model_processes=model_processes)
+    _err(f"starting the service of {collection} on {host}:{port} (writes {writes})")
+    run(collection, host=host, port=port, token=token, limits=limits, mmap=mmap, model_processes=model_processes,
+        allowed_hosts=hosts)
 
 
 @app.command()
@@ -440,7 +489,9 @@ def evaluate(
     """The paper's experiment: passive vs activated images, retrieval under the 14 edits and copy
     detection, for one or more indexes. Writes retr_df.csv, icd_df.csv, ISC-format predictions,
     summary.json (with the resolved settings) and a self-contained report.html."""
-    from activeindex.evaluation import EvalSettings, Method, disc21_source, evaluate_and_report, synthetic_source
+    from activeindex.evaluation import (
+        EvalSettings, Method, check_settings, disc21_source, evaluate_and_report, synthetic_source,
+    )
     from activeindex.evaluation.outputs import format_edit_table, format_table
 
     try:
@@ -450,6 +501,7 @@ def evaluate(
     settings = EvalSettings(factories=tuple(index or ["IVF256,PQ8x8"]), methods=chosen, nprobe=nprobe, psnr=psnr,
                             iterations=iterations, views=views, target=target, precision=target_precision, seed=seed)
     extractor = _build_extractor(model, input_size, resize, Precision.AUTO)
+    check_settings(settings, extractor)  # every factory string and option, before any image is made
     if disc21 is not None:
         data = disc21_source(disc21, ground_truth=ground_truth, n_train=n_train, n_distractors=n_distractors,
                              n_test=n_test, n_nonmatch=n_nonmatch)
@@ -507,6 +559,7 @@ def train_descriptor_cmd(
 
     import torch
 
+    from activeindex.extractors import BUILTIN_MODELS
     from activeindex.training.trainer import TrainConfig, export_weights, load_pool, train_descriptor
 
     if arch not in BUILTIN_MODELS:
@@ -514,6 +567,8 @@ def train_descriptor_cmd(
     cfg = TrainConfig(arch=arch, steps=steps, batch_size=batch_size, train_size=train_size, lr=lr,
                       koleo_weight=koleo_weight, temperature=temperature, strength=strength, seed=seed,
                       warmup_steps=warmup, init=None if init is None else str(init))
+    from tqdm import tqdm
+
     paths = _expand(images)
     _err(f"loading {len(paths)} training images at {cfg.load_size} px")
     pool = load_pool(paths, cfg.load_size)
@@ -554,6 +609,23 @@ def _root(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines as click writes them (``COLLECTION IMAGES...``; typer writes ``{collection}``)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = (param.metavar or param.name or "").upper() + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+for _info in app.registered_commands:  # every command above, whoever added it
+    if _info.cls in (None, typer.core.TyperCommand):
+        _info.cls = _Command
 
 
 def main() -> None:

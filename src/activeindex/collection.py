@@ -150,6 +150,15 @@ class QueryResult:
     matches: list[Match]
 
 
+ID_RANGE = (-(2**63), 2**63 - 1)  # FAISS ids and SQLite integers are int64
+
+
+def is_storable_id(image_id: int) -> bool:
+    """Whether ``image_id`` fits the int64 of FAISS and SQLite (a larger one names no image;
+    SQLite and NumPy raise OverflowError on it rather than find nothing)."""
+    return ID_RANGE[0] <= image_id <= ID_RANGE[1]
+
+
 class Collection:
     """Open with :meth:`open`, make with :meth:`create`. Use as a context manager to close the DB."""
 
@@ -495,15 +504,17 @@ class Collection:
                 report.duplicates.append((name, existing))
 
     def remove(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
-        """Remove images by id from index and database → (removed ids, unknown ids)."""
+        """Remove images by id from index and database → (removed ids, unknown ids). An id outside
+        the int64 range of FAISS and SQLite ids is unknown."""
         ids = sorted({int(i) for i in ids})
+        storable = [i for i in ids if is_storable_id(i)]
         with self._write_lock():
             known = {
                 r[0]
                 for r in self.db.execute(
-                    f"SELECT id FROM images WHERE id IN ({','.join('?' * len(ids))})", ids
+                    f"SELECT id FROM images WHERE id IN ({','.join('?' * len(storable))})", storable
                 )
-            } if ids else set()
+            } if storable else set()
             removed = sorted(known)
             if removed:
                 ix.remove_ids(self.index, np.array(removed))

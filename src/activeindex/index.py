@@ -14,9 +14,9 @@ Scores are similarities, higher = more similar: the inner product for ``ip``, an
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -26,17 +26,9 @@ import faiss
 import numpy as np
 
 from activeindex.errors import CollectionError, DimensionError
+from activeindex.settings import Metric  # re-exported (defined there: no torch/FAISS needed)
 
 logger = logging.getLogger(__name__)
-
-
-class Metric(str, enum.Enum):
-    L2 = "l2"
-    IP = "ip"
-
-    @property
-    def faiss_metric(self) -> int:
-        return faiss.METRIC_L2 if self is Metric.L2 else faiss.METRIC_INNER_PRODUCT
 
 
 def build_index(factory: str, d: int, metric: Metric | str = Metric.L2) -> faiss.Index:
@@ -56,12 +48,24 @@ def build_index(factory: str, d: int, metric: Metric | str = Metric.L2) -> faiss
     return _factory("IDMap2," + factory, d, metric)
 
 
+FACTORY_HINT = (
+    "a FAISS factory string is components separated by commas, without spaces, the coarse "
+    "quantiser first, e.g. Flat, IVF256,Flat, IVF256,PQ8x8, OPQ8,IVF256,PQ8, HNSW32 or LSH (case matters)"
+)
+
+
 def _factory(factory: str, d: int, metric: Metric) -> faiss.Index:
     try:
         return faiss.index_factory(d, factory, metric.faiss_metric)
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        raise CollectionError(f"FAISS cannot build index {factory!r} for d={d}: {msg}") from exc
+        # FAISS's text starts with the C++ function and source line: of no use to the user.
+        msg = re.sub(r"^Error in .*? at \S+:\d+: (Error: '.*?' failed: )?", "", msg)
+        hint = f"; {FACTORY_HINT}" if "parse" in msg else ""
+        if re.search(r"[\s;]", factory):
+            guess = re.sub(r"[\s;,]+", ",", factory.strip(" ;"))
+            hint = f"; separate the components with commas, without spaces ({guess!r}?){hint}"
+        raise CollectionError(f"FAISS cannot build index {factory!r} for d={d}: {msg}{hint}") from exc
 
 
 def train_index(index: faiss.Index, xt: np.ndarray) -> None:

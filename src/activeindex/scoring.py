@@ -27,8 +27,7 @@ import numpy as np
 from activeindex import index as ix
 from activeindex.errors import ActiveIndexError
 from activeindex.metrics import recall_at_precision
-
-DEFAULT_PRECISION = 0.9
+from activeindex.settings import DEFAULT_PRECISION  # re-exported (defined there: no torch/FAISS needed)
 
 
 class CalibrationError(ActiveIndexError):

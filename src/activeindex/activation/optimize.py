@@ -30,7 +30,6 @@ Conventions and choices, all in the [0, 1] pixel space (not the ImageNet-normali
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 
@@ -45,17 +44,13 @@ from activeindex.errors import ActivationError
 from activeindex.extractors import Extractor
 from activeindex.extractors.base import calibration_batch
 from activeindex.hardware import cpu_model, native_bf16
+from activeindex.settings import FeatureLoss  # re-exported (defined there: no torch/FAISS needed)
 
 CHECK_EVERY = 5  # iterations between the (only) host syncs of the early-stop test
 # bf16 is used for the backward pass when input gradients keep this cosine to fp32 on every image.
 BF16_MIN_GRAD_COSINE = 0.9
 # Aim this far inside the PSNR budget while optimising; the written file is checked exactly.
 BUDGET_MARGIN_DB = 0.1
-
-
-class FeatureLoss(str, enum.Enum):
-    COSINE = "cosine"  # 1 - cos(f, t): the paper's default
-    MSE = "mse"  # ||f - t||²
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ A lossy codec that alone breaks the budget is an error for that image — never 
 
 from __future__ import annotations
 
-import enum
 import io
 import math
 from dataclasses import dataclass
@@ -18,22 +17,10 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from activeindex.errors import ActivationError
+from activeindex.settings import OutputFormat  # re-exported (defined there: no torch/FAISS needed)
 
 MAX_PSNR = 100.0  # reported for a file identical to its original (the PSNR is infinite)
 _MAX_TRIES = 12
-
-
-class OutputFormat(str, enum.Enum):
-    PNG = "png"  # lossless (default)
-    JPEG = "jpeg"
-    WEBP = "webp"
-
-    @property
-    def extension(self) -> str:
-        return {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}[self.value]
-
-    def lossy(self, quality: int) -> bool:
-        return self is OutputFormat.JPEG or (self is OutputFormat.WEBP and quality < 100)
 
 
 @dataclass

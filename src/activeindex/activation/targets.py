@@ -15,19 +15,13 @@ no quantisation error to undo, and plain activation has nothing to do (robust ac
 
 from __future__ import annotations
 
-import enum
-
 import faiss
 import numpy as np
 
 from activeindex.errors import ActivationError
+from activeindex.settings import TargetKind  # re-exported (defined there: no torch/FAISS needed)
 
 SUPPORTED = "Flat, PQ, IVF-Flat, IVF-PQ (incl. fast-scan), IVF-SQ, OPQ/PCA + any of these, HNSW"
-
-
-class TargetKind(str, enum.Enum):
-    RECONSTRUCTION = "reconstruction"  # the decoded stored code (default, the paper's)
-    CENTROID = "centroid"  # the centre of the original's IVF cell
 
 
 def _codec(index: faiss.Index) -> faiss.Index:

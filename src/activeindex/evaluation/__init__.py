@@ -6,11 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from activeindex.evaluation.protocol import EvalSettings, Method, RunResult, run_evaluation
+from activeindex.evaluation.protocol import EvalSettings, Method, RunResult, check_settings, run_evaluation
 from activeindex.evaluation.sources import EvalData, disc21_source, synthetic_source
 from activeindex.extractors import Extractor
 
-__all__ = ["EvalData", "EvalSettings", "Method", "RunResult", "disc21_source", "evaluate_and_report",
+__all__ = ["EvalData", "EvalSettings", "Method", "RunResult", "check_settings", "disc21_source", "evaluate_and_report",
            "run_evaluation", "synthetic_source"]
 
 

@@ -94,6 +94,22 @@ class EvalSettings:
     seed: int = 0
     examples: int = 4  # released images kept for the report
 
+    def __post_init__(self) -> None:
+        # Checked here, when the settings are made, so that a bad value fails before any work
+        # (an evaluation first makes or reads thousands of images).
+        object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))
+        object.__setattr__(self, "target", TargetKind(self.target))
+        if not self.factories or not self.methods:
+            raise ActiveIndexError("an evaluation needs at least one index factory and one method")
+        for name in ("nprobe", "k", "k_icd", "n_background", "batch_size", "views"):
+            if getattr(self, name) < 1:
+                raise ActiveIndexError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.precision <= 1.0:
+            raise ActiveIndexError(f"the target precision must be in (0, 1], got {self.precision}")
+        for method in self.methods:
+            if method is not Method.PASSIVE:
+                self.activation(method)  # its own checks: the PSNR budget, iterations
+
     def activation(self, method: Method) -> ActivationConfig:
         return ActivationConfig(psnr=self.psnr, iterations=self.iterations, target=self.target,
                                 robust=method is Method.ROBUST, views=self.views)
@@ -361,7 +377,7 @@ def run_evaluation(
     with the CSVs and predictions, by :func:`activeindex.evaluation.outputs.write_outputs`)."""
     out = Path(out)
     t0 = time.perf_counter()
-    _precheck(settings, ex)
+    check_settings(settings, ex)
     _say(log, f"   sets: {data.counts()}")
     key = run_key(data, ex, settings)
     done = {(f, m): load_checkpoint(out, f, m, key) for f in settings.factories for m in settings.methods}
@@ -445,8 +461,9 @@ def load_checkpoint(out: Path, factory: str, method: Method, key: str) -> tuple[
     return (data["run"], data["factory"]) if data.get("key") == key else None
 
 
-def _precheck(settings: EvalSettings, ex: Extractor) -> None:
-    """Refuse factories that cannot run (bad strings, no target for activation) before any work."""
+def check_settings(settings: EvalSettings, ex: Extractor) -> None:
+    """Refuse factories that cannot run with ``ex`` (bad strings, no target for activation): cheap,
+    to be called before any work."""
     import faiss
 
     from activeindex.index import build_index

@@ -78,6 +78,8 @@ def synthetic_source(
     ranges, so no two sets share content. The first ``n_test`` references are under test."""
     if not 0 < n_test <= n_refs:
         raise SourceError(f"need 0 < n_test <= n_refs, got n_test={n_test}, n_refs={n_refs}")
+    if n_train < 1 or n_nonmatch < 1:
+        raise SourceError(f"need n_train >= 1 and n_nonmatch >= 1, got {n_train} and {n_nonmatch}")
     root = Path(root)
 
     def make(folder: str, n: int, start: int) -> list[Path]:

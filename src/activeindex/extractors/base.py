@@ -16,7 +16,6 @@ batch and returns numpy descriptors without building a graph.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import logging
 import threading
@@ -31,6 +30,7 @@ from PIL import Image
 
 from activeindex.errors import ModelError
 from activeindex.hardware import cpu_model, native_bf16
+from activeindex.settings import Precision, ResizePolicy  # re-exported (defined there: no torch/FAISS needed)
 
 logger = logging.getLogger(__name__)
 
@@ -39,19 +39,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Minimum cosine between bf16 and fp32 descriptors for bf16 autocast to be used.
 BF16_MIN_COSINE = 0.99
-
-
-class ResizePolicy(str, enum.Enum):
-    """How an image of any shape becomes the square network input."""
-
-    SQUARE = "square"  # resize both sides to the input size (aspect not kept, nothing cut off)
-    CENTER_CROP = "center-crop"  # resize the shorter side to the input size, cut the centre square
-
-
-class Precision(str, enum.Enum):
-    AUTO = "auto"  # bf16 where supported and faithful (cosine >= 0.99 to fp32), else fp32
-    FP32 = "fp32"
-    BF16 = "bf16"
 
 
 @dataclass(frozen=True)

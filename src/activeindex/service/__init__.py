@@ -8,8 +8,11 @@ extractor, ``activation.add``). One module per concern:
 - :mod:`.locks` the readers-writer lock that keeps searches off an index being changed;
 - :mod:`.batcher` gathers concurrent queries into one model call;
 - :mod:`.describers` where uploads are decoded and described: model processes, or threads;
-- :mod:`.uploads` bounded, checked uploads (bytes, pixels, formats) and their decoding;
+- :mod:`.uploads` bounded, checked uploads (bytes, pixels, formats, multipart parts, arrival time)
+  and their decoding;
 - :mod:`.auth` the bearer token of write endpoints;
+- :mod:`.hosts` the ``Host`` names the service answers (a defence against DNS rebinding);
+- :mod:`.redact` absolute paths cut from what clients are told;
 - :mod:`.metrics` Prometheus counters and per-stage latency histograms;
 - :mod:`.thumbnails` small JPEG renderings of indexed images, looked up by id;
 - ``static/`` the web page (plain HTML/JS/CSS, works offline).

@@ -13,6 +13,9 @@ the event loop: they read the multipart body, check the image's header, and awai
 job went into (:mod:`.batcher`: decoding and the model run in a describer, the search after it, for
 all queries waiting), or the write in the thread pool. The other routes are plain ``def``, run in
 FastAPI's thread pool; index changes are kept apart from searches (:mod:`.state`).
+
+Every request first passes the ``Host`` check (:mod:`.hosts`: DNS rebinding) and the body bounds
+(:mod:`.uploads`); no answer carries a path of the server's file system (:mod:`.redact`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at run time, and they
@@ -22,7 +25,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,7 +41,9 @@ from activeindex.activation import ActivationConfig
 from activeindex.errors import ActiveIndexError, ImageLoadError
 from activeindex.service.auth import TokenCheck, bearer
 from activeindex.service.describers import DescriberLost
+from activeindex.service.hosts import LOCAL_NAMES, HostCheckMiddleware, default_allowed_hosts
 from activeindex.service.metrics import MetricsMiddleware, ServiceMetrics
+from activeindex.service.redact import redact, redact_paths
 from activeindex.service.schemas import AddOut, HealthOut, ImageOut, InfoOut, QueryOut, RemoveOut
 from activeindex.service.state import ActivationFailed, Service
 from activeindex.service.uploads import (
@@ -64,15 +69,18 @@ def create_app(
     limits: ServiceLimits = ServiceLimits(),
     mmap: bool = False,
     model_processes: int | None = 0,
+    allowed_hosts: Sequence[str] = LOCAL_NAMES,
+    progress: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """Load the collection and its extractor (once, now) and build the app. ``token``: the bearer
     token of write routes; None makes the service read-only. ``mmap``: map the index file instead
     of reading it (read-only: replicas of a service can share one index file this way).
     ``model_processes``: decode and describe uploads in that many child processes (None: one per
     CPU core torch uses, at most 4, on a CPU model; 0: in threads of this process; see
-    :mod:`.describers`)."""
+    :mod:`.describers`). ``allowed_hosts``: the host names requests may name in ``Host`` besides
+    IP addresses (``*``: any; see :mod:`.hosts`). ``progress``: told each start-up step, in words."""
     metrics = ServiceMetrics()
-    service = Service(collection_path, limits, metrics, mmap=mmap, model_processes=model_processes)
+    service = Service(collection_path, limits, metrics, mmap=mmap, model_processes=model_processes, progress=progress)
     tokens = TokenCheck(token, disabled_reason="the index is memory-mapped (--mmap): read-only" if mmap else None)
     logger.info("serving %s (%d images); writes %s", service.collection.root, service.count(),
                 "need the bearer token" if tokens.enabled else "disabled (no token configured)")
@@ -95,22 +103,32 @@ def create_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service = service
-    app.add_middleware(BodyLimitMiddleware, max_body=limits.max_bytes + MULTIPART_SLACK)
+    app.add_middleware(BodyLimitMiddleware, max_body=limits.max_bytes + MULTIPART_SLACK,
+                       drain_bytes=limits.drain_bytes, body_seconds=limits.body_seconds)
+    app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts)  # outside the body limit: refused unread
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, sees every answer
 
     def require_writer(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         tokens.verify(credentials)
 
     writer = [Depends(require_writer)]
+    roots = sorted({str(service.collection.root), str(service.collection.root.resolve())}, key=len, reverse=True)
+
+    def public(text: str) -> str:
+        """A message for clients: the collection folder named "the collection", other absolute
+        paths cut to their file names (:mod:`.redact`)."""
+        for root in roots:
+            text = text.replace(root + os.sep, "").replace(root, "the collection")
+        return redact_paths(text)
 
     @app.exception_handler(UploadRejected)
     async def _rejected(request: Request, exc: UploadRejected) -> JSONResponse:
         metrics.rejected.labels(str(exc.status_code)).inc()
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ActivationFailed)
     async def _activation_failed(request: Request, exc: ActivationFailed) -> JSONResponse:
-        return JSONResponse({"detail": f"activation failed: {exc}"}, status_code=422)
+        return JSONResponse({"detail": f"activation failed: {public(str(exc))}"}, status_code=422)
 
     @app.exception_handler(DescriberLost)
     async def _describer_lost(request: Request, exc: DescriberLost) -> JSONResponse:
@@ -122,13 +140,14 @@ def create_app(
     async def _library_error(request: Request, exc: ActiveIndexError) -> JSONResponse:
         # What the library refuses for this collection (an index that cannot give activation
         # targets, an index file changed under the service): the request cannot succeed as it is.
-        return JSONResponse({"detail": str(exc)}, status_code=409)
+        logger.warning("409 for %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": public(str(exc))}, status_code=409)
 
     async def image_upload(request: Request) -> Upload:
         """The request's image (the multipart part ``file``, documented by ``IMAGE_BODY``), checked
         from its header: cheap on the event loop, and a 413/415 before any decoding."""
         with metrics.time("read"):
-            data, filename = await read_form_file(request, "file")
+            data, filename = await read_form_file(request, "file", limits)
         return inspect_upload(data, filename, limits)
 
     def known(image_id: int) -> dict[str, Any]:
@@ -210,7 +229,9 @@ def create_app(
             with metrics.time("thumbnail"):
                 data = service.thumbnails.get(image_id, path, size)
         except ImageLoadError as exc:
-            raise HTTPException(404, f"the file of image {image_id} cannot be read: {exc.reason}") from None
+            logger.warning("thumbnail of image %d: %s", image_id, exc)
+            reason = public(exc.reason.replace(str(path), path.name))
+            raise HTTPException(404, f"the file of image {image_id} cannot be read: {reason}") from None
         # Ids are never reused: a thumbnail never changes.
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
 
@@ -229,7 +250,7 @@ def create_app(
     def info() -> Any:
         """The collection's settings and size, and this service's limits."""
         return {
-            "collection": service.info(),
+            "collection": redact(service.info()),  # a model file's path: its name only
             "service": {
                 "version": __version__,
                 "writes_enabled": tokens.enabled,
@@ -287,11 +308,36 @@ def run(
     limits: ServiceLimits = ServiceLimits(),
     mmap: bool = False,
     model_processes: int | None = None,
+    allowed_hosts: Sequence[str] | None = None,
     log_level: str = "info",
+    say: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve a collection with uvicorn until interrupted."""
+    """Serve a collection with uvicorn until interrupted. ``say`` (default: a line on stderr) is
+    told each start-up step, and the URL once the port accepts connections: loading the model
+    processes takes seconds, and a URL printed before would be refused. ``allowed_hosts``: None
+    answers :func:`~.hosts.default_allowed_hosts` of ``host``."""
     import uvicorn
 
-    app = create_app(collection_path, token=token, limits=limits, mmap=mmap, model_processes=model_processes)
-    print(f"uploads are decoded and described by {app.state.service.describers_summary()}", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    hosts = tuple(allowed_hosts) if allowed_hosts is not None else default_allowed_hosts(host)
+    app = create_app(collection_path, token=token, limits=limits, mmap=mmap, model_processes=model_processes,
+                     allowed_hosts=hosts, progress=say)
+    say(f"uploads are decoded and described by {app.state.service.describers_summary()}")
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started and not self.should_exit:  # listening (a port in use ends the run instead)
+                bound = self.servers[0].sockets[0].getsockname()[1] if self.servers else port
+                say(f"ready: {_url(host, bound)} (web page; API docs at /docs; answers the host names "
+                    f"{', '.join(hosts)} and IP addresses)")
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+
+
+def _url(host: str, port: int) -> str:
+    """The URL to open for a service listening on ``host``: this machine's name for every interface."""
+    import socket
+
+    name = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    return f"http://[{name}]:{port}/" if ":" in name else f"http://{name}:{port}/"

@@ -27,7 +27,7 @@ import multiprocessing as mp
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -180,14 +180,20 @@ class ProcessDescriber:
             self._stop(kill=False)
 
 
-def start_processes(extractor: Extractor, limits: ImageLimits, processes: int, threads: int) -> list[ProcessDescriber]:
-    """``processes`` model processes, started side by side; returns once all have loaded the model."""
+def start_processes(
+    extractor: Extractor, limits: ImageLimits, processes: int, threads: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[ProcessDescriber]:
+    """``processes`` model processes, started side by side; returns once all have loaded the model.
+    ``progress(n)`` is called as the n-th has loaded it (start-up takes seconds per process)."""
     started: list[ProcessDescriber] = []
     try:
         for _ in range(processes):
             started.append(ProcessDescriber(extractor, limits, threads))
-        for d in started:
+        for n, d in enumerate(started, 1):
             d.wait_ready()
+            if progress is not None:
+                progress(n)
     except BaseException:
         for d in started:
             d.close()

@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ import torch
 
 from activeindex.activation import ActivationConfig
 from activeindex.activation.add import add_activated
-from activeindex.collection import INDEX_FILE, Collection, Match, write_bytes_atomic
+from activeindex.collection import INDEX_FILE, Collection, Match, is_storable_id, write_bytes_atomic
 from activeindex.errors import CollectionError
 from activeindex.extractors import Extractor
 from activeindex.service.batcher import Batcher
@@ -99,7 +99,9 @@ class ServedCollection(Collection):
                 self._stamp = self._index_stamp()
 
     def record(self, image_id: int) -> dict[str, Any] | None:
-        """The database row of an indexed image, or None."""
+        """The database row of an indexed image, or None (also for an id beyond int64)."""
+        if not is_storable_id(image_id):
+            return None
         cur = self.db.execute(
             "SELECT id, name, path, sha256, added, mode, psnr, ssim, linf, released FROM images "
             "WHERE id = ? AND status = 'indexed'",
@@ -146,13 +148,17 @@ class Service:
         *,
         mmap: bool = False,
         model_processes: int | None = 0,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
+        say = progress or (lambda line: None)
         self.limits = limits
         self.metrics = metrics
         self.collection = ServedCollection.open(collection_path, mmap=mmap)
         self._describers: list[LocalDescriber | ProcessDescriber] = []
         try:
             self.extractor: Extractor = self.collection.extractor  # loaded (and checked) once, here
+            say(f"loaded {self.collection.root.name}: {self.collection.count()} images, "
+                f"{self.collection.config.factory}, model {self.extractor.spec_string}")
             self.write_mutex = threading.Lock()
             root = self.collection.root.resolve()
             self.uploads_dir = root / UPLOADS_DIR
@@ -163,8 +169,11 @@ class Service:
                 model_processes = min(threads, MAX_AUTO_PROCESSES) if self.extractor.device.type == "cpu" else 0
             if model_processes > 0:
                 # Each process runs its share of torch's threads (see .describers).
+                n = model_processes
+                say(f"starting {n} model process{'es' if n > 1 else ''} (each loads torch and the model)…")
                 self._describers = list(start_processes(
-                    self.extractor, limits.image_limits, model_processes, max(1, threads // model_processes)
+                    self.extractor, limits.image_limits, n, max(1, threads // n),
+                    progress=lambda i: say(f"model process {i}/{n} ready"),
                 ))
             else:
                 # On a CPU, one slot per torch thread ("batch streams", see .batcher).

@@ -8,13 +8,25 @@ function setStatus(el, text, isError = false) {
   el.classList.toggle("error", isError);
 }
 
+// A refusal in words: the service's reason, or, for a 422 of a parameter out of range, one
+// sentence per parameter ("psnr: Input should be greater than or equal to 10").
 async function errorText(resp) {
   try {
     const body = await resp.json();
-    return `${resp.status}: ${typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)}`;
+    const detail = Array.isArray(body.detail)
+      ? body.detail.map((d) => `${(d.loc || []).slice(1).join(".") || "request"}: ${d.msg}`).join("; ")
+      : typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    return `${resp.status}: ${detail}`;
   } catch (e) {
     return `${resp.status} ${resp.statusText}`;
   }
+}
+
+// A number field's value within [min, max] as the field declares them, or null.
+function numberIn(input) {
+  const v = Number(input.value);
+  const min = Number(input.min), max = Number(input.max);
+  return input.value.trim() !== "" && Number.isFinite(v) && v >= min && v <= max ? v : null;
 }
 
 // -- tabs ------------------------------------------------------------------------------------
@@ -28,7 +40,13 @@ document.querySelectorAll(".tab").forEach((tab) => {
 // -- drop zones ------------------------------------------------------------------------------
 function dropZone(zoneId, inputId, onFile) {
   const zone = $(zoneId), input = $(inputId);
-  input.addEventListener("change", () => { if (input.files.length) onFile(input.files[0]); });
+  input.addEventListener("change", () => {
+    const file = input.files[0];
+    // Cleared, so that choosing the same file again (after fixing the token, k or the PSNR)
+    // is a change too and is sent again.
+    input.value = "";
+    if (file) onFile(file);
+  });
   zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
   zone.addEventListener("dragleave", () => zone.classList.remove("over"));
   zone.addEventListener("drop", (e) => {
@@ -44,6 +62,7 @@ async function loadInfo() {
     const resp = await fetch("/api/info");
     if (!resp.ok) throw new Error(await errorText(resp));
     const { collection: c, service: s } = await resp.json();
+    $("query-k").max = s.max_k;
     const model = c.extractor.name || c.extractor.path || c.extractor.kind;
     const thr = c.threshold == null ? "no calibrated copy threshold" : `copy threshold ${c.threshold.toFixed(3)}`;
     $("collection-info").textContent =
@@ -64,24 +83,40 @@ function decision(copy) {
   return b;
 }
 
+let previewUrl = null;
+
+function clearQueryResult() {
+  // The previous query's matches never stay on screen under another file's name.
+  $("query-result").hidden = true;
+  $("matches").replaceChildren();
+  $("query-name").textContent = "";
+  $("query-preview").removeAttribute("src");
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = null;
+}
+
 async function runQuery(file) {
   const status = $("query-status");
+  clearQueryResult();
+  const k = numberIn($("query-k"));
+  if (k === null || !Number.isInteger(k)) {
+    setStatus(status, `matches must be a whole number from ${$("query-k").min} to ${$("query-k").max}`, true);
+    return;
+  }
   setStatus(status, `searching for ${file.name}…`);
-  $("query-preview").src = URL.createObjectURL(file);
-  $("query-name").textContent = file.name;
   const form = new FormData();
   form.append("file", file, file.name);
-  const k = Math.max(1, Math.min(100, parseInt($("query-k").value, 10) || 8));
   const t0 = performance.now();
   const resp = await fetch(`/api/query?k=${k}`, { method: "POST", body: form });
   if (!resp.ok) {
-    $("query-result").hidden = true;
-    setStatus(status, await errorText(resp), true);
+    setStatus(status, `${file.name}: ${await errorText(resp)}`, true);
     return;
   }
   const result = await resp.json();
+  previewUrl = URL.createObjectURL(file);
+  $("query-preview").src = previewUrl;
+  $("query-name").textContent = file.name;
   const list = $("matches");
-  list.replaceChildren();
   for (const m of result.matches) {
     const li = document.createElement("li");
     li.className = "match" + (m.copy === true ? " copy" : "");
@@ -146,16 +181,20 @@ async function runActivate(file) {
   const status = $("activate-status");
   const token = $("token").value.trim();
   sessionStorage.setItem("activeindex-token", token);
-  if (!token) { setStatus(status, "enter the service's token first", true); return; }
-  setStatus(status, `activating ${file.name}…`);
   $("compare").hidden = true;
+  if (!token) { setStatus(status, "enter the service's token first", true); return; }
+  const psnr = numberIn($("psnr"));
+  if (psnr === null) {
+    setStatus(status, `the PSNR floor must be a number of dB from ${$("psnr").min} to ${$("psnr").max}`, true);
+    return;
+  }
+  setStatus(status, `activating ${file.name}…`);
   const form = new FormData();
   form.append("file", file, file.name);
-  const psnr = parseFloat($("psnr").value) || 42;
   const resp = await fetch(`/api/images?activate=true&psnr=${psnr}`, {
     method: "POST", body: form, headers: { Authorization: `Bearer ${token}` },
   });
-  if (!resp.ok) { setStatus(status, await errorText(resp), true); return; }
+  if (!resp.ok) { setStatus(status, `${file.name}: ${await errorText(resp)}`, true); return; }
   const out = await resp.json();
   const r = out.released;
   if (!r || !r.data_base64) {
@@ -185,6 +224,11 @@ async function runActivate(file) {
 }
 
 $("amp").addEventListener("input", drawDiff);
+// A compare picture opens at its own size (scrollable) on a click: on a phone the three are
+// stacked and fit the width, and a click shows the pixels.
+document.querySelectorAll(".compare figure").forEach((fig) => {
+  fig.addEventListener("click", (e) => { if (!e.target.closest("a")) fig.classList.toggle("zoomed"); });
+});
 $("token").value = sessionStorage.getItem("activeindex-token") || "";
 dropZone("query-drop", "query-file", (f) => runQuery(f).catch((e) => setStatus($("query-status"), e.message, true)));
 dropZone("activate-drop", "activate-file", (f) => runActivate(f).catch((e) => setStatus($("activate-status"), e.message, true)));

@@ -1,0 +1,61 @@
+"""The closed sets of settings (enums) and the defaults that the command line names, importable
+without torch or FAISS.
+
+The modules that use them (:mod:`.extractors.base`, :mod:`.index`, :mod:`.activation`,
+:mod:`.scoring`) re-export them, and that is where they are documented in use; they live here so
+that ``activeindex --help`` and a mistyped option answer in a fraction of a second instead of
+after torch and FAISS have loaded (seconds).
+"""
+
+from __future__ import annotations
+
+import enum
+
+DEFAULT_PRECISION = 0.9  # precision the copy threshold is calibrated for, by default
+
+
+class ResizePolicy(str, enum.Enum):
+    """How an image of any shape becomes the square network input."""
+
+    SQUARE = "square"  # resize both sides to the input size (aspect not kept, nothing cut off)
+    CENTER_CROP = "center-crop"  # resize the shorter side to the input size, cut the centre square
+
+
+class Precision(str, enum.Enum):
+    AUTO = "auto"  # bf16 where supported and faithful (cosine >= 0.99 to fp32), else fp32
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class Metric(str, enum.Enum):
+    L2 = "l2"
+    IP = "ip"
+
+    @property
+    def faiss_metric(self) -> int:
+        import faiss  # here, not at import: see the module's docstring
+
+        return faiss.METRIC_L2 if self is Metric.L2 else faiss.METRIC_INNER_PRODUCT
+
+
+class OutputFormat(str, enum.Enum):
+    PNG = "png"  # lossless (default)
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    @property
+    def extension(self) -> str:
+        return {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}[self.value]
+
+    def lossy(self, quality: int) -> bool:
+        return self is OutputFormat.JPEG or (self is OutputFormat.WEBP and quality < 100)
+
+
+class TargetKind(str, enum.Enum):
+    RECONSTRUCTION = "reconstruction"  # the decoded stored code (default, the paper's)
+    CENTROID = "centroid"  # the centre of the original's IVF cell
+
+
+class FeatureLoss(str, enum.Enum):
+    COSINE = "cosine"  # 1 - cos(f, t): the paper's default
+    MSE = "mse"  # ||f - t||²
