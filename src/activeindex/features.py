@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from activeindex.atomic import atomic_path
 from activeindex.errors import ImageLoadError
 from activeindex.extractors import Extractor
 from activeindex.images import DEFAULT_LIMITS, ImageLimits, load_image
@@ -231,9 +232,8 @@ def save_features(
         raise ValueError(f"names cannot contain newlines: {bad[0]!r}")
 
     def write(name: str, save: Callable[[Path], None]) -> None:
-        tmp = out / f".{name}.tmp"
-        save(tmp)
-        os.replace(tmp, out / name)
+        with atomic_path(out / name) as tmp:
+            save(tmp)
 
     feats = np.ascontiguousarray(features, dtype=np.float32)
     def save_npy(p: Path) -> None:

@@ -30,7 +30,8 @@ from PIL import Image
 from activeindex.activation.optimize import ActivatedBatch, ActivationConfig, activate_batch
 from activeindex.activation.release import OutputFormat, Released, finalize
 from activeindex.activation.targets import check_target_support, compute_targets, effective_target
-from activeindex.collection import AddReport, Collection, write_bytes_atomic
+from activeindex.atomic import write_bytes_atomic
+from activeindex.collection import AddReport, Collection
 from activeindex.errors import ActivationError, ActiveIndexError, ImageLoadError
 from activeindex.features import Failure
 from activeindex.images import load_image
@@ -194,12 +195,10 @@ def _check_not_released(coll: Collection, todo: list[tuple[Path, str, str]], out
     a file recorded for another row belongs to another image)."""
     for path, name, _ in todo:
         dest = release_path(out_dir, name, fmt)
-        row = coll.db.execute(
-            "SELECT name FROM images WHERE released = ? AND status = 'indexed'", (str(dest.resolve()),)
-        ).fetchone()
-        if row is not None:
+        holder = coll.released_by(str(dest.resolve()))
+        if holder is not None:
             raise ActivationError(
-                f"{dest} already holds the released version of another image ({row[0]}); "
+                f"{dest} already holds the released version of another image ({holder}); "
                 f"releasing {path} there would replace it: choose another --out"
             )
 

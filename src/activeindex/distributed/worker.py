@@ -190,7 +190,7 @@ def activate_shard(
     descriptors with their ids → the shard index, the released files' records, the failures."""
     from activeindex.activation.add import release_batch, release_path
     from activeindex.activation.release import OutputFormat
-    from activeindex.collection import write_bytes_atomic
+    from activeindex.atomic import write_bytes_atomic
     from activeindex.errors import ActiveIndexError
     from activeindex.images import load_image
 

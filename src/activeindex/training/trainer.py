@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from activeindex.atomic import atomic_path, write_text_atomic
 from activeindex.errors import ImageLoadError
 from activeindex.extractors.base import Preprocessing
 from activeindex.extractors.builtin import BUILTIN_MODELS, build_builtin
@@ -81,9 +82,8 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def _save_atomic(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def train_descriptor(
@@ -193,7 +193,5 @@ def export_weights(model: torch.nn.Module, path: str | os.PathLike[str], meta: d
     reloaded.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     digest = state_dict_digest(reloaded)
     sidecar = path.with_suffix(".json")
-    tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(json.dumps({**(meta or {}), "digest": digest}, indent=2) + "\n")
-    os.replace(tmp, sidecar)
+    write_text_atomic(sidecar, json.dumps({**(meta or {}), "digest": digest}, indent=2) + "\n")
     return digest
