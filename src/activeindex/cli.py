@@ -18,11 +18,11 @@ from activeindex import __version__
 from activeindex.activation import ActivationConfig, FeatureLoss, OutputFormat, TargetKind
 from activeindex.activation.add import add_activated
 from activeindex.calibration import calibrate_from_images, create_collection, split_training
-from activeindex.collection import AddReport, Collection
+from activeindex.collection import AddReport, Collection, check_collection
 from activeindex.errors import ActiveIndexError
 from activeindex.extractors import BUILTIN_MODELS, Extractor, Precision, ResizePolicy, create_extractor
 from activeindex.features import Failure, extract_paths
-from activeindex.images import list_images
+from activeindex.images import list_images, printable_name, storable_text
 from activeindex.index import Metric
 from activeindex.scoring import DEFAULT_PRECISION, Normalization
 
@@ -93,7 +93,9 @@ def _warn_untrained(extractor: Extractor) -> None:
 def _expand(inputs: list[Path]) -> list[Path]:
     listing = list_images(inputs)
     for p in listing.ignored:
-        _err(f"skipped {p}: not an image file (extension)")
+        _err(f"skipped {printable_name(str(p))}: not an image file (extension)")
+    for p, reason in listing.skipped:
+        _err(f"skipped {printable_name(str(p))}: {reason}")
     if not listing.images:
         raise ActiveIndexError(f"no image files found in {', '.join(map(str, inputs))}")
     return listing.images
@@ -106,13 +108,20 @@ def _names_for(paths: list[Path], inputs: list[Path]) -> list[str]:
     for p in paths:
         rp = p.resolve()
         root = next((r for r in roots if rp.is_relative_to(r)), None)
-        names.append(str(rp.relative_to(root)) if root else p.name)
+        # A name that is not UTF-8 is stored with its bytes escaped (SQLite and JSON take text only).
+        names.append(storable_text(str(rp.relative_to(root)) if root else p.name))
     return names
 
 
 def _report_failures(failures: list[Failure]) -> None:
     for f in failures:
-        _err(f"skipped {f.path}: {f.reason}")
+        _err(f"skipped {printable_name(str(f.path))}: {f.reason}")
+
+
+def _fail_if_nothing_done(done: int, failures: list[Failure]) -> None:
+    """A run whose every input failed is an error (exit 2), not a success that did nothing."""
+    if done == 0 and failures:
+        raise ActiveIndexError(f"every input failed ({len(failures)} skipped)")
 
 
 @app.command()
@@ -151,6 +160,7 @@ def extract(
         else:
             result = extract_paths(paths, extractor, batch_size=batch_size, progress=update)
     _report_failures(result.failures)
+    _fail_if_nothing_done(len(result.paths), result.failures)
     from activeindex.features import save_features
 
     save_features(out, result.features, _names_for(result.paths, images), torch_tensor=torch_out)
@@ -246,9 +256,10 @@ def _print_add(report: AddReport, as_json: bool) -> None:
             _err(f"{key:10s} min {stats['min']:7.3f}  median {stats['median']:7.3f}  "
                  f"mean {stats['mean']:7.3f}  max {stats['max']:7.3f}")
     for name, i in report.duplicates:
-        _err(f"already in the collection: {name} (id {i})")
+        _err(f"already in the collection: {printable_name(name)} (id {i})")
     _report_failures(report.failures)
     _err(f"added {len(report.added)}, duplicates {len(report.duplicates)}, skipped {len(report.failures)}")
+    _fail_if_nothing_done(len(report.added) + len(report.duplicates), report.failures)
 
 
 @app.command()
@@ -320,15 +331,17 @@ def query(
         with _progress(len(paths), "query") as update:
             results, failures = coll.query_images(paths, k=k, progress=update)
     _report_failures(failures)
+    _fail_if_nothing_done(len(results), failures)
     if as_json:
-        out = [{"query": r.query, "matches": [m.__dict__ for m in r.matches]} for r in results]
+        out = [{"query": storable_text(r.query), "matches": [m.__dict__ for m in r.matches]} for r in results]
         typer.echo(json.dumps(out, indent=2))
         return
     for r in results:
-        typer.echo(r.query)
+        # Names are escaped: a file name with a newline must not forge a line of the output.
+        typer.echo(printable_name(r.query))
         for rank, m in enumerate(r.matches, 1):
             decision = "" if m.copy is None else ("  COPY" if m.copy else "")
-            typer.echo(f"  {rank:3d}. id {m.id:<8d} {m.score:7.4f}  {m.name}{decision}")
+            typer.echo(f"  {rank:3d}. id {m.id:<8d} {m.score:7.4f}  {printable_name(m.name)}{decision}")
 
 
 @app.command()
@@ -375,6 +388,30 @@ def info(
     typer.echo("copy thresh. " + ("not calibrated" if ti is None else
                f"{ti['threshold']:.4f} (precision {ti['precision']:.3f} for target {ti['precision_target']}, "
                f"recall {ti['recall']:.3f})"))
+
+
+@app.command()
+def check(
+    collection: Annotated[Path, typer.Argument(help="collection folder")],
+    repair: Annotated[bool, typer.Option("--repair", help="fix what can be fixed (see below)")] = False,
+) -> None:
+    """Compare a collection's database, index and files id by id; exit 1 if they disagree.
+
+    --repair rolls back interrupted adds, removes index vectors that have no row, deletes rows
+    whose vector is gone (listed, to be added again) and recreates a deleted database (emptying
+    the index: its names are lost). A database of another collection is reported, never repaired.
+    """
+    report = check_collection(collection, repair=repair)
+    for text in report.problems:
+        typer.echo(f"problem: {text}")
+    for text in report.repaired:
+        typer.echo(f"repaired: {text}")
+    for i, name, path in report.lost:
+        typer.echo(f"lost: id {i} {printable_name(name)} ({printable_name(path or '')}): add them again")
+    if not report.ok:
+        typer.echo(f"{len(report.unresolved)} problem(s) left" + ("" if repair else "; --repair fixes what it can"))
+        raise typer.Exit(1)
+    typer.echo("consistent" if not report.repaired else "consistent after repair")
 
 
 @app.command()

@@ -832,8 +832,12 @@ class Collection:
         return S, I, raw
 
     def search(self, xq: np.ndarray, k: int = 10) -> list[list[Match]]:
-        """k nearest stored images per query descriptor (nq, d), with scores and copy decisions."""
-        S, I, _ = self.search_arrays(xq, k)
+        """k nearest stored images per query descriptor (nq, d), with scores and copy decisions.
+        Any ``k`` >= 1 is accepted: there are never more matches than stored vectors, so no more
+        room is allocated (``k=10**11`` must not try to allocate terabytes)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        S, I, _ = self.search_arrays(xq, min(int(k), max(1, int(self.index.ntotal))))
         names = self.names(np.unique(I[I >= 0]).tolist())
         thr = self.config.threshold
         return [
