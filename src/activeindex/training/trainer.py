@@ -113,11 +113,16 @@ def train_descriptor(
     start = 0
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        try:
+            # weights_only: tensors and plain containers only, never arbitrary pickled objects (a
+            # file planted in the output folder must not run code); the generator states are tensors.
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError
+            raise ValueError(f"cannot resume from {ckpt_path}: {exc}; delete it or use a new output folder") from exc
         if ckpt["config"] != asdict(cfg):
             raise ValueError(f"{ckpt_path} was made with another config; use a new output folder")
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        opt.load_state_dict(ckpt["optimizer"])  # moves the state to the parameters' device
         gen.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
         start = ckpt["step"]
