@@ -306,3 +306,17 @@ def test_cli_add_activate(tmp_path, image_dir, train_vectors):
     assert mode == [("activated",)]
     r = runner.invoke(app, ["add", str(coll), str(paths[0]), "--activate"])
     assert isinstance(r.exception, ActiveIndexError) and "--activate and --out go together" in str(r.exception)
+
+
+def test_images_over_the_activation_pixel_limit_are_refused_not_decoded(pq_coll, image_dir, tmp_path):
+    from PIL import Image
+
+    small, _ = _images(image_dir, 1)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (100, 80), (10, 200, 30)).save(big)
+    report = add_activated(pq_coll, [small[0], big], tmp_path / "out", ActivationConfig(iterations=1),
+                           max_pixels=64 * 48)
+    assert [n for _, n in report.added] == [small[0].name]
+    assert len(report.failures) == 1 and report.failures[0].path == big
+    assert "8000 pixels exceeds the limit of 3072" in report.failures[0].reason
+    assert not (tmp_path / "out" / "big.png").exists()

@@ -543,3 +543,11 @@ def test_a_memory_mapped_service_answers_queries_and_refuses_writes(coll_path, i
         for method, url, kwargs in _writes(image_dir):
             r = getattr(client, method)(url, headers=AUTH, **kwargs)
             assert r.status_code == 403 and "memory-mapped" in r.json()["detail"]
+
+
+def test_an_upload_too_large_to_activate_is_a_413(make_client, image_dir):
+    client = make_client(limits=ServiceLimits(max_activation_pixels=1000))
+    path = sorted(image_dir.glob("*.png"))[40]  # 64×48 = 3072 pixels
+    r = client.post("/api/images?activate=true&iterations=1", files=_file(path), headers=AUTH)
+    assert r.status_code == 413 and "too large to activate" in r.json()["detail"]
+    assert client.post("/api/images", files=_file(path), headers=AUTH).status_code == 201  # passive: fine

@@ -22,7 +22,7 @@ from activeindex.collection import AddReport, Collection, check_collection
 from activeindex.errors import ActiveIndexError
 from activeindex.extractors import BUILTIN_MODELS, Extractor, Precision, ResizePolicy, create_extractor
 from activeindex.features import Failure, extract_paths
-from activeindex.images import list_images, printable_name, storable_text
+from activeindex.images import MAX_ACTIVATION_PIXELS, list_images, printable_name, storable_text
 from activeindex.index import Metric
 from activeindex.scoring import DEFAULT_PRECISION, Normalization
 
@@ -277,6 +277,9 @@ def add(
     target: Annotated[TargetKind, typer.Option(help="reconstruction of the stored code, or its IVF centroid")] = TargetKind.RECONSTRUCTION,
     loss: Annotated[FeatureLoss, typer.Option(help="feature loss towards the target")] = FeatureLoss.COSINE,
     batch_size: Annotated[int, typer.Option(help="images activated together", min=1)] = 16,
+    max_pixels: Annotated[int, typer.Option(
+        help="largest image to activate (about 180 bytes of memory per pixel); larger ones are skipped", min=1,
+    )] = MAX_ACTIVATION_PIXELS,
     as_json: JsonOpt = False,
     workers: WorkersOpt = None,
     ray_address: RayAddressOpt = None,
@@ -302,10 +305,11 @@ def add(
                     from activeindex.distributed import add_activated_ray
 
                     report = add_activated_ray(coll, paths, out, config, names=names, fmt=fmt, quality=quality,
-                                               batch_size=batch_size, options=ray_options, progress=update)
+                                               batch_size=batch_size, max_pixels=max_pixels, options=ray_options,
+                                               progress=update)
                 else:
                     report = add_activated(coll, paths, out, config, names=names, fmt=fmt, quality=quality,
-                                           batch_size=batch_size, progress=update)
+                                           batch_size=batch_size, max_pixels=max_pixels, progress=update)
             elif ray_options is not None:
                 from activeindex.distributed import add_images_ray
 

@@ -34,7 +34,7 @@ from activeindex.atomic import write_bytes_atomic
 from activeindex.collection import AddReport, Collection
 from activeindex.errors import ActivationError, ActiveIndexError, ImageLoadError
 from activeindex.features import Failure
-from activeindex.images import load_image
+from activeindex.images import DEFAULT_LIMITS, MAX_ACTIVATION_PIXELS, ImageLimits, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,13 @@ def _batches(items: list, sizes: list[int], max_count: int, max_pixels: int) -> 
     return batches
 
 
+def activation_limits(max_pixels: int = MAX_ACTIVATION_PIXELS) -> ImageLimits:
+    """The decoding limits of an image to activate: at most ``max_pixels``, checked on the header."""
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    return dataclasses.replace(DEFAULT_LIMITS, max_pixels=min(max_pixels, DEFAULT_LIMITS.max_pixels))
+
+
 def release_path(out_dir: Path, name: str, fmt: OutputFormat) -> Path:
     """Where the released version of an image named ``name`` (a file name, or a path relative to
     the folder it was found in) is written: the same relative path and stem, the format's extension
@@ -114,14 +121,17 @@ def add_activated(
     quality: int = 95,
     batch_size: int = DEFAULT_BATCH,
     max_batch_pixels: int = DEFAULT_BATCH_PIXELS,
+    max_pixels: int = MAX_ACTIVATION_PIXELS,
     progress: Callable[[int], None] | None = None,
 ) -> ActivationReport:
     """Activate ``paths`` against ``coll``, write the released files to ``out_dir``, add the
-    originals' codes. See the module docstring for the protocol."""
+    originals' codes. See the module docstring for the protocol. Images over ``max_pixels`` are
+    refused (reported in ``failures``, from their header: never decoded), since activation memory
+    grows with the pixel count."""
     plan = plan_activation(coll, paths, out_dir, config, names=names, fmt=fmt, quality=quality,
                            batch_size=batch_size, max_batch_pixels=max_batch_pixels, progress=progress)
     for batch in plan.batches:
-        _activate_and_add(coll, batch, plan.out_dir, plan.config, plan.fmt, quality, plan.report)
+        _activate_and_add(coll, batch, plan.out_dir, plan.config, plan.fmt, quality, plan.report, max_pixels)
         if progress:
             progress(len(batch))
     coll.resolve_repeats(plan.repeats, plan.report)
@@ -233,11 +243,13 @@ def _activate_and_add(
     fmt: OutputFormat,
     quality: int,
     report: ActivationReport,
+    max_pixels: int = MAX_ACTIVATION_PIXELS,
 ) -> None:
+    limits = activation_limits(max_pixels)
     loaded: list[tuple[Path, str, str, np.ndarray]] = []
     for path, name, sha in batch:
         try:
-            loaded.append((path, name, sha, np.asarray(load_image(path))))
+            loaded.append((path, name, sha, np.asarray(load_image(path, limits=limits))))
         except ImageLoadError as exc:
             report.failures.append(Failure(path, exc.reason))
     if not loaded:

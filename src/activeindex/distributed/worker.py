@@ -184,11 +184,12 @@ def activate_shard(
     config: Any,  # ActivationConfig
     fmt: str,
     quality: int,
+    max_pixels: int | None = None,
 ) -> ShardResult:
     """Activate the shard's batches of (path, name, id) against the empty index (its codebooks give
     the targets), write each released file atomically to ``out_dir``, and encode the originals'
     descriptors with their ids → the shard index, the released files' records, the failures."""
-    from activeindex.activation.add import release_batch, release_path
+    from activeindex.activation.add import activation_limits, release_batch, release_path
     from activeindex.activation.release import OutputFormat
     from activeindex.atomic import write_bytes_atomic
     from activeindex.errors import ActiveIndexError
@@ -211,7 +212,7 @@ def activate_shard(
         loaded = []
         for path, name, id_ in batch:
             try:
-                loaded.append((pos, path, name, id_, np.asarray(load_image(path))))
+                loaded.append((pos, path, name, id_, np.asarray(load_image(path, limits=activation_limits(*([max_pixels] if max_pixels else []))))))
             except ImageLoadError as exc:
                 failures.append(Failure(Path(path), exc.reason))
             pos += 1

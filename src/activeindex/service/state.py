@@ -249,6 +249,12 @@ class Service:
         """Activate an upload, keep its released file under ``released/``, add the original's code.
         Raises :class:`ActivationFailed` when no file within the budget could be made."""
         # Fail a broken file with its reason before taking the write mutex.
+        pixels = upload.width * upload.height
+        if pixels > self.limits.max_activation_pixels:
+            raise UploadRejected(
+                413, f"{upload.width}×{upload.height} = {pixels} pixels is too large to activate (the limit is "
+                f"{self.limits.max_activation_pixels}: activation needs about 180 bytes per pixel); downscale it"
+            )
         with self.metrics.time("decode"):
             decode_upload(upload, self.limits)
         stem, ext = os.path.splitext(upload.name)
@@ -259,7 +265,8 @@ class Service:
                 return AddOutcome(existing, self._name_of(existing), True, self._mode_of(existing),
                                   self._released_of(existing))
             path = self._store_upload(upload)
-            report = add_activated(self.collection, [path], self.released_dir, config, names=[name])
+            report = add_activated(self.collection, [path], self.released_dir, config, names=[name],
+                                   max_pixels=self.limits.max_activation_pixels)
         if report.failures:
             raise ActivationFailed(report.failures[0].reason)
         if report.duplicates:  # cannot happen under the mutex, but never report a wrong outcome

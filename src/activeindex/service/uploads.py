@@ -26,7 +26,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from activeindex.errors import ImageLoadError
-from activeindex.images import ImageLimits, decode_image
+from activeindex.images import MAX_ACTIVATION_PIXELS, ImageLimits, decode_image
 
 # Pillow formats an upload may be in (the ones the CLI's folder walk picks up). Others are refused
 # before Pillow tries them: some plugins (EPS → Ghostscript) are not for untrusted input.
@@ -46,9 +46,11 @@ class ServiceLimits:
     max_pixels: int = 40_000_000
     max_k: int = 100
     max_batch: int = 32
+    # An upload to activate: activation holds about 180 bytes per pixel at once (413 beyond).
+    max_activation_pixels: int = MAX_ACTIVATION_PIXELS
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_k", "max_batch"):
+        for name in ("max_bytes", "max_pixels", "max_k", "max_batch", "max_activation_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
