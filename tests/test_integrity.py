@@ -407,3 +407,26 @@ def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
             tmp.write_bytes(b"new, half")
             raise KeyboardInterrupt
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_the_same_image_added_by_two_writers_at_once_is_added_once(coll_root, image_dir, monkeypatch):
+    import activeindex.collection as cm
+
+    p = sorted(image_dir.glob("*.png"))[0]
+    a, b = Collection.open(coll_root), Collection.open(coll_root)
+    real = cm.extract_paths
+    done: list = []
+
+    def racing(paths, extractor, **kw):  # the other writer adds the same file while a describes it
+        if not done:
+            done.append(None)  # once: b's own add describes too
+            done[0] = b.add_images([p]).added[0][0]
+        return real(paths, extractor, **kw)
+
+    monkeypatch.setattr(cm, "extract_paths", racing)
+    report = a.add_images([p])
+    assert not report.added and report.duplicates == [(p.name, done[0])]
+    a.close()
+    b.close()
+    with Collection.open(coll_root) as c:
+        assert c.count() == 1 == c.index.ntotal

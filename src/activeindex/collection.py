@@ -116,7 +116,11 @@ def _folder_writable(root: Path) -> bool:
 
 
 def _index_stamp(root: Path) -> tuple[int, int, int]:
-    st = (root / INDEX_FILE).stat()
+    """What identifies one version of ``index.faiss`` (each write is a new file, renamed over it)."""
+    try:
+        st = (root / INDEX_FILE).stat()
+    except FileNotFoundError:  # reading it then fails with the reason
+        return (0, 0, -1)
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
@@ -273,6 +277,11 @@ class Collection:
         """True when writes are refused: memory-mapped index, or a folder this process cannot write."""
         return self._read_only_reason is not None
 
+    @property
+    def read_only_reason(self) -> str | None:
+        """Why writes are refused, in words; None when writable."""
+        return self._read_only_reason
+
     # -- life cycle ----------------------------------------------------------------------------
     @classmethod
     def create(
@@ -356,21 +365,29 @@ class Collection:
         elif not _folder_writable(root):
             reason = "this process cannot write its folder"
         if reason is not None:
-            with _file_lock(root, shared=True):
-                stamp = _index_stamp(root)
-                index = _load_index(root, config, mmap)
-                coll = cls(root, config, index, extractor, _connect(root, read_only=True),
-                           read_only=reason, mmap=mmap)
-                coll._stamp = stamp
-                try:
+            # No lock: a reader never waits for a writer (the distributed driver holds the lock for
+            # a whole round). A writer between reading the index and the database can make them
+            # look inconsistent only by replacing the index file: then read it again.
+            stamp = _index_stamp(root)
+            coll = cls(root, config, _load_index(root, config, mmap), extractor,
+                       _connect(root, read_only=True), read_only=reason, mmap=mmap)
+            try:
+                for attempt in range(5):
+                    if attempt:
+                        stamp = _index_stamp(root)
+                        coll.index = _load_index(root, config, mmap)
+                    coll._stamp = stamp
                     coll._generation = coll._meta_int("generation")
-                    if verify:
-                        coll.verify()
-                except BaseException:
-                    coll.close()
-                    raise
+                    problems = coll.disagreements() if verify else []
+                    if not problems or _index_stamp(root) == coll._stamp:
+                        break
+                if problems:
+                    coll.verify()
+            except BaseException:
+                coll.close()
+                raise
             return coll
-        stamp = _index_stamp(root) if (root / INDEX_FILE).exists() else None
+        stamp = _index_stamp(root)
         index = _load_index(root, config, mmap=False)
         if verify and not (root / DB_FILE).exists() and (config.uuid is not None or index.ntotal):
             raise CollectionError(
@@ -465,9 +482,9 @@ class Collection:
     def reload(self) -> None:
         """Read ``index.faiss`` again (a long-lived reader catching up with writers; no lock needed:
         the file is replaced atomically). Images a writer has not marked ``indexed`` yet stay
-        invisible to searches. Not while another thread searches this object's index."""
-        with self._thread_lock:
-            self._reload_index()
+        invisible to searches. The caller keeps other threads from changing this object's index
+        meanwhile (the service: its readers-writer lock)."""
+        self._reload_index()
 
     def _write_index(self) -> None:
         """Step (2): bump the generation, then replace ``index.faiss`` atomically (under the lock)."""
@@ -733,12 +750,15 @@ class Collection:
             report.failures.extend(result.failures)
             ok = {p: i for i, p in enumerate(result.paths)}
             kept = [t for t in todo if t[0] in ok]
-            ids = self.add_vectors(
-                result.features[[ok[t[0]] for t in kept]],
-                [t[1] for t in kept],
-                [t[2] for t in kept],
-                paths=[str(t[0].resolve()) for t in kept],
-            )
+            with self._write_lock():
+                # Another writer may have added the same content while this one was describing.
+                kept = self.drop_added_meanwhile(kept, report)
+                ids = self.add_vectors(
+                    result.features[[ok[t[0]] for t in kept]],
+                    [t[1] for t in kept],
+                    [t[2] for t in kept],
+                    paths=[str(t[0].resolve()) for t in kept],
+                )
             report.added.extend(zip(ids, (t[1] for t in kept)))
             self.resolve_repeats(repeats, report)
         return report
@@ -767,6 +787,21 @@ class Collection:
                 seen.add(sha)
                 todo.append((path, name, sha))
         return todo, repeats
+
+    def drop_added_meanwhile(
+        self, todo: Sequence[tuple[Path, str, str]], report: AddReport
+    ) -> list[tuple[Path, str, str]]:
+        """Under the writer lock, just before adding: move the (path, name, sha256) items whose
+        content another writer indexed since :meth:`plan_add` to ``report.duplicates``."""
+        self._require_lock("drop_added_meanwhile")
+        kept = []
+        for item in todo:
+            existing = self.find_hash(item[2])
+            if existing is None:
+                kept.append(item)
+            else:
+                report.duplicates.append((item[1], existing))
+        return kept
 
     def resolve_repeats(self, repeats: Sequence[tuple[str, str]], report: AddReport) -> None:
         """Report repeats of a file added meanwhile as duplicates (those of a file that failed are

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 from PIL import Image
 
@@ -33,6 +34,7 @@ from activeindex.activation.targets import check_target_support, compute_targets
 from activeindex.atomic import write_bytes_atomic
 from activeindex.collection import AddReport, Collection
 from activeindex.errors import ActivationError, ActiveIndexError, ImageLoadError
+from activeindex.extractors import Extractor
 from activeindex.features import Failure
 from activeindex.images import DEFAULT_LIMITS, MAX_ACTIVATION_PIXELS, ImageLimits, load_image
 
@@ -214,7 +216,8 @@ def _check_not_released(coll: Collection, todo: list[tuple[Path, str, str]], out
 
 
 def release_batch(
-    coll: Collection,
+    extractor: Extractor,
+    index: faiss.Index,
     originals: list[np.ndarray],
     config: ActivationConfig,
     fmt: OutputFormat = OutputFormat.PNG,
@@ -222,10 +225,11 @@ def release_batch(
 ) -> tuple[np.ndarray, ActivatedBatch, list[Released | ActiveIndexError]]:
     """One batch of originals (uint8 (h, w, 3)) → (their descriptors, as every query is described;
     the optimisation's result; per image the encoded released file, or the error that kept it from
-    meeting the budget)."""
-    ex = coll.extractor
+    meeting the budget). ``index`` is the collection's (or a trained, empty copy: its codebooks
+    give the targets)."""
+    ex = extractor
     x = ex.features(np.stack([ex.preprocessing.prepare(Image.fromarray(a)) for a in originals]))
-    act = activate_batch(ex, originals, compute_targets(coll.index, x, config.target), config)
+    act = activate_batch(ex, originals, compute_targets(index, x, config.target), config)
     files: list[Released | ActiveIndexError] = []
     for original, perturbation in zip(originals, act.perturbations):
         try:
@@ -254,7 +258,7 @@ def _activate_and_add(
             report.failures.append(Failure(path, exc.reason))
     if not loaded:
         return
-    x, act, files = release_batch(coll, [item[3] for item in loaded], config, fmt, quality)
+    x, act, files = release_batch(coll.extractor, coll.index, [item[3] for item in loaded], config, fmt, quality)
 
     kept, records = [], []
     for i, ((path, name, _, _), rel) in enumerate(zip(loaded, files)):

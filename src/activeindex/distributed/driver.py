@@ -259,7 +259,7 @@ def _merge(coll: Collection, results: dict[int, wk.ShardResult], reserved: dict[
 
 def _check_writable(coll: Collection) -> None:
     if coll.read_only:
-        raise CollectionError(f"{coll.root} is open read-only (memory-mapped index); open it without mmap to write")
+        raise CollectionError(f"{coll.root} is open read-only ({coll.read_only_reason})")
 
 
 def add_images_ray(

@@ -14,7 +14,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import faiss
@@ -198,9 +197,6 @@ def activate_shard(
     t0 = time.perf_counter()
     extractor = _setup(setup)
     index = _empty_index(setup, template)
-    # release_batch reads ``.extractor`` and ``.index`` of the collection it is given: the worker
-    # has no collection, only these two.
-    view = SimpleNamespace(extractor=extractor, index=index)
     fmt = OutputFormat(fmt)
     positions: list[int] = []
     kept_ids: list[int] = []
@@ -218,7 +214,7 @@ def activate_shard(
             pos += 1
         if not loaded:
             continue
-        x, act, files = release_batch(view, [item[4] for item in loaded], config, fmt, quality)  # type: ignore[arg-type]
+        x, act, files = release_batch(extractor, index, [item[4] for item in loaded], config, fmt, quality)
         for i, ((p, path, name, id_, _), rel) in enumerate(zip(loaded, files)):
             if isinstance(rel, ActiveIndexError):
                 failures.append(Failure(Path(path), str(rel)))

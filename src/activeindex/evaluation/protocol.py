@@ -233,7 +233,7 @@ def release(coll: Collection, originals: list[np.ndarray], method: Method, setti
     t0 = time.perf_counter()
     with stage(f"activate ({method.value})", len(originals)) as update:
         for start in range(0, len(originals), settings.batch_size):
-            _, act, files = release_batch(coll, originals[start : start + settings.batch_size], config)
+            _, act, files = release_batch(coll.extractor, coll.index, originals[start : start + settings.batch_size], config)
             for r in files:
                 if isinstance(r, Exception):  # a lossless PNG always meets its budget
                     raise r

@@ -64,12 +64,16 @@ class ServedCollection(Collection):
         self.rw = RWLock()
         super().__init__(*args, **kwargs)
 
+    # The inter-process lock first, the writer side of ``rw`` inside it: waiting for another
+    # process's write (the distributed driver holds the lock for a whole round) must not stall the
+    # searches. Reloading the latest index (when taking the lock) only swaps ``self.index`` for a
+    # new object, which a running search does not see; the in-place change happens under ``rw``.
     def add_vectors(self, *args: Any, **kwargs: Any) -> list[int]:
-        with self.rw.write():
+        with self._write_lock(), self.rw.write():
             return super().add_vectors(*args, **kwargs)
 
     def remove(self, ids: Any) -> tuple[list[int], list[int]]:
-        with self.rw.write():
+        with self._write_lock(), self.rw.write():
             return super().remove(ids)
 
     def catch_up(self) -> None:
@@ -237,7 +241,9 @@ class Service:
 
     def add_passive(self, upload: Upload) -> AddOutcome:
         x = self.describe(upload)  # outside the write mutex: describing runs beside other writes
-        with self.write_mutex, self.metrics.time("add"):
+        # The collection's lock too: a CLI `add` of the same bytes cannot slip in between the check
+        # and the add.
+        with self.write_mutex, self.collection.writing(), self.metrics.time("add"):
             existing = self.collection.find_hash(upload.sha256)
             if existing is not None:
                 return AddOutcome(existing, self._name_of(existing), True, self._mode_of(existing))
