@@ -430,3 +430,13 @@ def test_the_same_image_added_by_two_writers_at_once_is_added_once(coll_root, im
     b.close()
     with Collection.open(coll_root) as c:
         assert c.count() == 1 == c.index.ntotal
+
+
+def test_check_notes_moved_source_files_without_failing(coll_root, image_dir, tmp_path):
+    src = tmp_path / "moving.png"
+    shutil.copy(sorted(image_dir.glob("*.png"))[0], src)
+    with Collection.open(coll_root) as c:
+        c.add_images([src])
+    src.unlink()
+    report = check_collection(coll_root)
+    assert report.ok and any("no longer where they were added from" in n for n in report.notes)

@@ -410,6 +410,8 @@ def check(
         typer.echo(f"problem: {text}")
     for text in report.repaired:
         typer.echo(f"repaired: {text}")
+    for text in report.notes:
+        typer.echo(f"note: {printable_name(text)}")
     for i, name, path in report.lost:
         typer.echo(f"lost: id {i} {printable_name(name)} ({printable_name(path or '')}): add them again")
     if not report.ok:

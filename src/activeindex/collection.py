@@ -978,6 +978,7 @@ class CheckReport:
     repaired: list[str] = field(default_factory=list)
     unresolved: list[str] = field(default_factory=list)
     lost: list[tuple[int, str, str | None]] = field(default_factory=list)  # (id, name, path) to re-add
+    notes: list[str] = field(default_factory=list)  # harmless to the index: moved source files, ...
 
     @property
     def ok(self) -> bool:
@@ -1026,7 +1027,8 @@ def check_collection(root: str | os.PathLike[str], *, repair: bool = False) -> C
             with coll._write_lock():
                 _compare(coll, report, repair=True)
         return report
-    with _reader(root) as coll:
+    # The shared lock for the whole comparison: a writer's add in progress is not an interruption.
+    with _file_lock(root, shared=True), _reader(root) as coll:
         _compare(coll, report, repair=False)
     return report
 
@@ -1034,11 +1036,10 @@ def check_collection(root: str | os.PathLike[str], *, repair: bool = False) -> C
 def _reader(root: Path) -> Collection:
     """The collection opened read-only (nothing written, not even recovery), whatever the folder."""
     config = CollectionConfig.load(root / CONFIG_FILE)
-    with _file_lock(root, shared=True):
-        stamp = _index_stamp(root)
-        index = _load_index(root, config, mmap=False)
-        coll = Collection(root, config, index, None, _connect(root, read_only=True), read_only="checking")
-        coll._stamp = stamp
+    stamp = _index_stamp(root)
+    index = _load_index(root, config, mmap=False)
+    coll = Collection(root, config, index, None, _connect(root, read_only=True), read_only="checking")
+    coll._stamp = stamp
     return coll
 
 
@@ -1098,13 +1099,13 @@ def _compare(coll: Collection, report: CheckReport, *, repair: bool) -> None:
         coll._set_meta("orphans", str(max(0, orphans)))
     gone_src = [r[1] for r in rows.values() if r[0] == "indexed" and r[2] and not os.path.exists(r[2])]
     if gone_src:
-        report.problems.append(f"{len(gone_src)} source files are no longer where they were added from "
-                               f"(e.g. {gone_src[0]}); the index does not need them")
+        report.notes.append(f"{len(gone_src)} source files are no longer where they were added from "
+                            f"(e.g. {gone_src[0]}); the index does not need them")
     released = [r[0] for r in coll.db.execute(
         "SELECT released FROM images WHERE status = 'indexed' AND released IS NOT NULL")]
     gone_rel = [r for r in released if not os.path.exists(r)]
     if gone_rel:
-        report.problems.append(f"{len(gone_rel)} released files are missing (e.g. {gone_rel[0]})")
+        report.notes.append(f"{len(gone_rel)} released files are missing (e.g. {gone_rel[0]})")
 
 
 def check_extractor(config: CollectionConfig, extractor: Extractor) -> None:
