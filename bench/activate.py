@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extractor = create_extractor("builtin")
     say(f"collection (1024 training + 1024 reference images, made once under {CACHE})")
     coll, refs = build_collection(CACHE, extractor, 1024, 1024, "IVF32,PQ32x8")
-    ids = [int(r[0]) for r in coll.db.execute("SELECT id FROM images ORDER BY id LIMIT ?", (args.n,))]
+    ids = coll.first_ids(args.n)
     images = [np.asarray(Image.open(p).convert("RGB")) for p in refs[: args.n]]
     x = extractor.features(np.stack([extractor.preprocessing.prepare(Image.fromarray(a)) for a in images]))
     targets = compute_targets(coll.index, x)

@@ -315,3 +315,17 @@ def test_bf16_activation_is_refused_without_native_bf16(monkeypatch, tiny_extrac
     with pytest.raises(ActivationError, match="no native bf16"):
         optimize.gradient_precision(tiny_extractor, "bf16")
     assert optimize.gradient_precision(tiny_extractor, "fp32") == torch.float32
+
+
+def test_images_over_the_activation_pixel_limit_are_refused_not_decoded(pq_coll, image_dir, tmp_path):
+    from PIL import Image
+
+    small, _ = _images(image_dir, 1)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (100, 80), (10, 200, 30)).save(big)
+    report = add_activated(pq_coll, [small[0], big], tmp_path / "out", ActivationConfig(iterations=1),
+                           max_pixels=64 * 48)
+    assert [n for _, n in report.added] == [small[0].name]
+    assert len(report.failures) == 1 and report.failures[0].path == big
+    assert "8000 pixels exceeds the limit of 3072" in report.failures[0].reason
+    assert not (tmp_path / "out" / "big.png").exists()

@@ -138,7 +138,7 @@ def test_evaluation_resumes_after_finished_runs(tmp_path, tiny_extractor, monkey
     settings = EvalSettings(factories=("Flat", "IVF2,Flat"), methods=(Method.PASSIVE,))
     _, first, _ = evaluate_and_report(data, tiny_extractor, settings, tmp_path / "out")
     # Simulate a crash after the first factory: its checkpoint stays, the second one is lost.
-    (tmp_path / "out" / "checkpoints" / "IVF2_Flat__passive.pkl").unlink()
+    (tmp_path / "out" / "checkpoints" / "IVF2_Flat__passive.npz").unlink()
     calls = []
     real = protocol.evaluate_run
     monkeypatch.setattr(protocol, "evaluate_run", lambda coll, *a, **k: calls.append(a[3]) or real(coll, *a, **k))
@@ -165,3 +165,25 @@ def test_unreadable_images_are_left_out_and_said(disc21, tmp_path, tiny_extracto
     assert "non-matching queries: 1 unreadable images left out" in notes
     assert summary["results"]["Flat | passive"]["n_nonmatching_queries"] == 9
     assert results[0].summary["r@1"]["identity"] == 1.0
+
+
+def test_checkpoints_are_never_unpickled(tmp_path):
+    import io
+    import pickle
+
+    from activeindex.evaluation import protocol
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    blob = pickle.dumps({"key": "k", "run": Payload(), "factory": {}})
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "Flat__passive.pkl").write_bytes(blob)  # the old format's name
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.array([Payload()], dtype=object))  # an object array is a pickle too
+    (tmp_path / "checkpoints" / "Flat__passive.npz").write_bytes(buf.getvalue())
+    assert protocol.load_checkpoint(tmp_path, "Flat", Method.PASSIVE, "k") is None
+    assert not marker.exists()

@@ -534,15 +534,24 @@ def test_the_token_is_never_logged(coll_path, image_dir, caplog):
     assert TOKEN not in repr(client.app.state)
 
 
-def test_an_index_changed_by_another_process_is_not_overwritten(client, coll_path, image_dir):
+def test_an_index_changed_by_another_process_is_extended_not_overwritten(client, coll_path, image_dir):
+    paths = sorted(image_dir.glob("*.png"))
     with Collection.open(coll_path) as other:  # e.g. `activeindex add` while the service runs
-        other.add_images(sorted(image_dir.glob("*.png"))[50:52])
-    r = client.post("/api/images", files=_file(sorted(image_dir.glob("*.png"))[53]), headers=AUTH)
-    assert r.status_code == 409 and "changed by another process" in r.json()["detail"]
-    # Without the server's file system in it: the index file is named, not where it lives.
-    assert str(coll_path.parent) not in r.text and "index.faiss" in r.json()["detail"]
+        other.add_images(paths[50:52])
+    # The service's copy of the index predates those two: a query reloads the latest one ...
+    r = client.post("/api/query?k=1", files=_file(paths[50]))
+    assert r.status_code == 200 and r.json()["matches"][0]["name"] == paths[50].name
+    # ... and an add extends it instead of writing its own copy back over the other's adds.
+    r = client.post("/api/images", files=_file(paths[53]), headers=AUTH)
+    assert r.status_code == 201
+    with Collection.open(coll_path) as other:  # and again, with no query in between
+        other.add_images(paths[54:55])
+    r = client.post("/api/images", files=_file(paths[55]), headers=AUTH)
+    assert r.status_code == 201
     with Collection.open(coll_path) as again:
-        assert again.count() == 10 and again.index.ntotal == 10  # the other process's adds survive
+        assert again.count() == 13 and again.index.ntotal == 13
+        for p in [*paths[50:52], *paths[53:56]]:
+            assert again.query_images([p], k=1)[0][0].matches[0].name == p.name
 
 
 def test_concurrent_queries_and_writes_stay_consistent(client, coll_path, image_dir):
@@ -743,3 +752,11 @@ def test_serve_prints_its_url_once_the_port_accepts_connections(coll_path):
         proc.terminate()
         proc.wait(30)
         proc.stderr.close()
+
+
+def test_an_upload_too_large_to_activate_is_a_413(make_client, image_dir):
+    client = make_client(limits=ServiceLimits(max_activation_pixels=1000))
+    path = sorted(image_dir.glob("*.png"))[40]  # 64×48 = 3072 pixels
+    r = client.post("/api/images?activate=true&iterations=1", files=_file(path), headers=AUTH)
+    assert r.status_code == 413 and "too large to activate" in r.json()["detail"]
+    assert client.post("/api/images", files=_file(path), headers=AUTH).status_code == 201  # passive: fine

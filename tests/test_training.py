@@ -59,3 +59,24 @@ def test_a_few_steps_lower_the_loss_and_resume(pool, tmp_path):
     assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 30
     with pytest.raises(ValueError, match="another config"):
         train_descriptor(pool, tmp_path, TrainConfig(arch="tiny", steps=31), device="cpu")
+
+
+class _Payload:
+    """Unpickling this runs code: what a planted checkpoint would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_never_unpickles_a_planted_checkpoint(pool, tmp_path):
+    from activeindex.training.trainer import CHECKPOINT
+
+    marker = tmp_path / "pwned"
+    torch.save({"config": _Payload(str(marker))}, tmp_path / CHECKPOINT)
+    cfg = TrainConfig(arch="tiny", steps=2, batch_size=4, load_size=48, warmup_steps=1)
+    with pytest.raises(ValueError, match="cannot resume"):
+        train_descriptor(pool, tmp_path, cfg, device="cpu")
+    assert not marker.exists()

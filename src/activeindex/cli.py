@@ -19,7 +19,17 @@ from activeindex.errors import ActiveIndexError
 # Only what the options need is imported here; the library (torch, FAISS: seconds to load) is
 # imported in each command's body, so that --help and usage errors answer at once
 # (tests/test_cli.py checks that --help loads neither).
-from activeindex.settings import DEFAULT_PRECISION, FeatureLoss, Metric, OutputFormat, Precision, ResizePolicy, TargetKind
+from activeindex.names import printable_name, storable_text
+from activeindex.settings import (
+    DEFAULT_PRECISION,
+    MAX_ACTIVATION_PIXELS,
+    FeatureLoss,
+    Metric,
+    OutputFormat,
+    Precision,
+    ResizePolicy,
+    TargetKind,
+)
 
 if TYPE_CHECKING:
     from activeindex.collection import AddReport, Collection
@@ -100,7 +110,9 @@ def _expand(inputs: list[Path]) -> list[Path]:
 
     listing = list_images(inputs)
     for p in listing.ignored:
-        _err(f"skipped {p}: not an image file (extension)")
+        _err(f"skipped {printable_name(str(p))}: not an image file (extension)")
+    for p, reason in listing.skipped:
+        _err(f"skipped {printable_name(str(p))}: {reason}")
     if not listing.images:
         raise ActiveIndexError(f"no image files found in {', '.join(map(str, inputs))}")
     return listing.images
@@ -113,13 +125,20 @@ def _names_for(paths: list[Path], inputs: list[Path]) -> list[str]:
     for p in paths:
         rp = p.resolve()
         root = next((r for r in roots if rp.is_relative_to(r)), None)
-        names.append(str(rp.relative_to(root)) if root else p.name)
+        # A name that is not UTF-8 is stored with its bytes escaped (SQLite and JSON take text only).
+        names.append(storable_text(str(rp.relative_to(root)) if root else p.name))
     return names
 
 
 def _report_failures(failures: list[Failure]) -> None:
     for f in failures:
-        _err(f"skipped {f.path}: {f.reason}")
+        _err(f"skipped {printable_name(str(f.path))}: {f.reason}")
+
+
+def _fail_if_nothing_done(done: int, failures: list[Failure]) -> None:
+    """A run whose every input failed is an error (exit 2), not a success that did nothing."""
+    if done == 0 and failures:
+        raise ActiveIndexError(f"every input failed ({len(failures)} skipped)")
 
 
 @app.command()
@@ -161,6 +180,7 @@ def extract(
         else:
             result = extract_paths(paths, extractor, batch_size=batch_size, progress=update)
     _report_failures(result.failures)
+    _fail_if_nothing_done(len(result.paths), result.failures)
     from activeindex.features import save_features
 
     save_features(out, result.features, _names_for(result.paths, images), torch_tensor=torch_out)
@@ -265,9 +285,10 @@ def _print_add(report: AddReport, as_json: bool) -> None:
             _err(f"{key:10s} min {stats['min']:7.3f}  median {stats['median']:7.3f}  "
                  f"mean {stats['mean']:7.3f}  max {stats['max']:7.3f}")
     for name, i in report.duplicates:
-        _err(f"already in the collection: {name} (id {i})")
+        _err(f"already in the collection: {printable_name(name)} (id {i})")
     _report_failures(report.failures)
     _err(f"added {len(report.added)}, duplicates {len(report.duplicates)}, skipped {len(report.failures)}")
+    _fail_if_nothing_done(len(report.added) + len(report.duplicates), report.failures)
 
 
 @app.command()
@@ -285,6 +306,9 @@ def add(
     target: Annotated[TargetKind, typer.Option(help="reconstruction of the stored code, or its IVF centroid")] = TargetKind.RECONSTRUCTION,
     loss: Annotated[FeatureLoss, typer.Option(help="feature loss towards the target")] = FeatureLoss.COSINE,
     batch_size: Annotated[int, typer.Option(help="images activated together", min=1)] = 16,
+    max_pixels: Annotated[int, typer.Option(
+        help="largest image to activate (about 180 bytes of memory per pixel); larger ones are skipped", min=1,
+    )] = MAX_ACTIVATION_PIXELS,
     as_json: JsonOpt = False,
     workers: WorkersOpt = None,
     ray_address: RayAddressOpt = None,
@@ -314,10 +338,11 @@ def add(
                     from activeindex.distributed import add_activated_ray
 
                     report = add_activated_ray(coll, paths, out, config, names=names, fmt=fmt, quality=quality,
-                                               batch_size=batch_size, options=ray_options, progress=update)
+                                               batch_size=batch_size, max_pixels=max_pixels, options=ray_options,
+                                               progress=update)
                 else:
                     report = add_activated(coll, paths, out, config, names=names, fmt=fmt, quality=quality,
-                                           batch_size=batch_size, progress=update)
+                                           batch_size=batch_size, max_pixels=max_pixels, progress=update)
             elif ray_options is not None:
                 from activeindex.distributed import add_images_ray
 
@@ -347,8 +372,8 @@ def query(
             results, failures = coll.query_images(paths, k=k, progress=update)
     _report_failures(failures)
     if as_json:
-        out = [{"query": r.query, "matches": [m.__dict__ for m in r.matches]} for r in results]
-        out += [{"query": str(f.path), "error": f.reason, "matches": []} for f in failures]
+        out = [{"query": storable_text(r.query), "matches": [m.__dict__ for m in r.matches]} for r in results]
+        out += [{"query": storable_text(str(f.path)), "error": f.reason, "matches": []} for f in failures]
         order = {str(p): i for i, p in enumerate(paths)}
         out.sort(key=lambda entry: order.get(entry["query"], len(order)))  # as the inputs came
         typer.echo(json.dumps(out, indent=2))
@@ -357,10 +382,11 @@ def query(
     if as_json:
         return
     for r in results:
-        typer.echo(r.query)
+        # Names are escaped: a file name with a newline must not forge a line of the output.
+        typer.echo(printable_name(r.query))
         for rank, m in enumerate(r.matches, 1):
             decision = "" if m.copy is None else ("  COPY" if m.copy else "")
-            typer.echo(f"  {rank:3d}. id {m.id:<8d} {m.score:7.4f}  {m.name}{decision}")
+            typer.echo(f"  {rank:3d}. id {m.id:<8d} {m.score:7.4f}  {printable_name(m.name)}{decision}")
 
 
 @app.command()
@@ -411,6 +437,34 @@ def info(
     typer.echo("copy thresh. " + ("not calibrated" if ti is None else
                f"{ti['threshold']:.4f} (precision {ti['precision']:.3f} for target {ti['precision_target']}, "
                f"recall {ti['recall']:.3f})"))
+
+
+@app.command()
+def check(
+    collection: Annotated[Path, typer.Argument(help="collection folder")],
+    repair: Annotated[bool, typer.Option("--repair", help="fix what can be fixed (see below)")] = False,
+) -> None:
+    """Compare a collection's database, index and files id by id; exit 1 if they disagree.
+
+    --repair rolls back interrupted adds, removes index vectors that have no row, deletes rows
+    whose vector is gone (listed, to be added again) and recreates a deleted database (emptying
+    the index: its names are lost). A database of another collection is reported, never repaired.
+    """
+    from activeindex.collection import check_collection
+
+    report = check_collection(collection, repair=repair)
+    for text in report.problems:
+        typer.echo(f"problem: {text}")
+    for text in report.repaired:
+        typer.echo(f"repaired: {text}")
+    for text in report.notes:
+        typer.echo(f"note: {printable_name(text)}")
+    for i, name, path in report.lost:
+        typer.echo(f"lost: id {i} {printable_name(name)} ({printable_name(path or '')}): add them again")
+    if not report.ok:
+        typer.echo(f"{len(report.unresolved)} problem(s) left" + ("" if repair else "; --repair fixes what it can"))
+        raise typer.Exit(1)
+    typer.echo("consistent" if not report.repaired else "consistent after repair")
 
 
 @app.command()

@@ -15,7 +15,19 @@ reserves their ids (``AUTOINCREMENT`` never reuses an id, even after a rollback 
 (2) the index with the new vectors is written atomically; (3) the rows are marked ``indexed``.
 A crash between (1) and (3) leaves ``pending`` rows: the next writer removes their ids from the
 index, if it holds them, and deletes the rows, so a rerun adds those images again. Searches only
-report ids whose row is ``indexed``. Writers take an exclusive lock on ``.lock``.
+report ids whose row is ``indexed``.
+
+Concurrent writers. Every write (add, remove, calibrate, recovery) holds an exclusive ``flock`` on
+``.lock`` from step (1) to step (3), and, once it holds it, first reloads ``index.faiss`` (and
+``collection.json``) if another process changed them since this object read them: a writer always
+extends the latest index, never the copy it loaded when it opened, so two writers (CLI processes,
+the service, the distributed driver) never erase each other's images.
+
+Integrity. ``collection.json`` and the database's ``meta`` table hold the same collection id, and
+the database counts index generations; opening refuses a database of another collection, a deleted
+and recreated one, and an index that is older or newer than the database (compared by vector
+count), instead of answering with wrong names. :func:`check_collection` (``activeindex check``)
+compares them id by id and repairs what it can.
 """
 
 from __future__ import annotations
@@ -28,7 +40,10 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
+import urllib.parse
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,10 +53,11 @@ import faiss
 import numpy as np
 
 from activeindex import index as ix
+from activeindex.atomic import remove_stale_temps, write_bytes_atomic, write_text_atomic
 from activeindex.errors import CollectionError
 from activeindex.extractors import Extractor, create_extractor
 from activeindex.features import Failure, extract_paths
-from activeindex.images import file_sha256
+from activeindex.images import file_sha256, storable_text
 from activeindex.scoring import (
     DEFAULT_PRECISION,
     Background,
@@ -76,7 +92,86 @@ CREATE TABLE IF NOT EXISTS images (
     released TEXT                              -- path of the activated file that was released
 );
 CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# meta keys: uuid (the collection id, also in collection.json), generation (index writes so far),
+# orphans (vectors left in an index type that cannot remove them, by a rolled-back add).
+
+# Ids bound per statement: SQLite builds before 3.32 allow at most 999 variables.
+SQL_CHUNK = 900
+
+def _chunks(ids: Sequence[int], size: int = SQL_CHUNK) -> Iterator[list[int]]:
+    for start in range(0, len(ids), size):
+        yield [int(i) for i in ids[start : start + size]]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _folder_writable(root: Path) -> bool:
+    """Whether this process may write the collection's files (the folder and the database)."""
+    db = root / DB_FILE
+    return os.access(root, os.W_OK) and (not db.exists() or os.access(db, os.W_OK))
+
+
+def _index_stamp(root: Path) -> tuple[int, int, int]:
+    """What identifies one version of ``index.faiss`` (each write is a new file, renamed over it)."""
+    try:
+        st = (root / INDEX_FILE).stat()
+    except FileNotFoundError:  # reading it then fails with the reason
+        return (0, 0, -1)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@contextlib.contextmanager
+def _file_lock(root: Path, *, shared: bool) -> Iterator[None]:
+    """``flock`` on the collection's lock file: exclusive for writers, shared for readers that open
+    (so they never read an index and a database from two different moments). A reader of a folder
+    it cannot write, whose lock file does not exist, reads without a lock: no writer can be there."""
+    path = root / LOCK_FILE
+    try:
+        fh = open(path, "a")
+    except OSError:
+        if not shared:
+            raise
+        try:
+            fh = open(path)
+        except OSError:
+            yield
+            return
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _connect(root: Path, read_only: bool) -> sqlite3.Connection:
+    """Open the database: read-write (WAL, created if missing), or read-only without writing
+    anything (``immutable`` when the folder cannot be written: SQLite could not even make its
+    shared-memory file there)."""
+    path = root / DB_FILE
+    try:
+        if read_only:
+            if not path.exists():
+                raise CollectionError(f"{path} is missing")
+            query = "mode=ro" + ("" if _folder_writable(root) else "&immutable=1")
+            uri = f"file:{urllib.parse.quote(str(path.resolve()))}?{query}"
+            db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        else:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(images)")}
+            if "released" not in columns:  # collections made before activation existed
+                db.execute("ALTER TABLE images ADD COLUMN released TEXT")
+        db.execute("SELECT COUNT(*) FROM images").fetchone()
+        return db
+    except sqlite3.Error as exc:
+        raise CollectionError(f"cannot read the database {path}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -93,6 +188,7 @@ class CollectionConfig:
     threshold: float | None = None  # calibrated copy threshold on the score; None until calibrated
     threshold_info: dict[str, Any] | None = None  # Threshold.to_dict(): target, recall, counts, how
     normalization: dict[str, Any] | None = None  # Normalization.to_dict(); None: raw similarities
+    uuid: str | None = None  # the collection's id, also in the database; None: made before ids existed
 
     @classmethod
     def load(cls, path: Path) -> CollectionConfig:
@@ -100,33 +196,23 @@ class CollectionConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise CollectionError(f"{path.parent} is not a collection (no {CONFIG_FILE})") from None
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CollectionError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise CollectionError(f"{path} is not a collection's settings (a JSON object)")
         if data.get("format_version") != FORMAT_VERSION:
             raise CollectionError(
                 f"{path} has format version {data.get('format_version')}; this activeindex reads "
                 f"version {FORMAT_VERSION}"
             )
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:  # a required field is missing
+            raise CollectionError(f"{path} is incomplete: {exc}") from exc
 
     def save(self, path: Path) -> None:
         write_text_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, then ``os.replace``: a crash leaves the old
-    file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
 
 
 @dataclass(frozen=True)
@@ -162,24 +248,48 @@ def is_storable_id(image_id: int) -> bool:
 class Collection:
     """Open with :meth:`open`, make with :meth:`create`. Use as a context manager to close the DB."""
 
-    def __init__(self, root: Path, config: CollectionConfig, index: faiss.Index, extractor: Extractor | None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        config: CollectionConfig,
+        index: faiss.Index,
+        extractor: Extractor | None,
+        db: sqlite3.Connection | None = None,
+        *,
+        read_only: str | None = None,
+        mmap: bool = False,
+    ) -> None:
+        """Prefer :meth:`open` / :meth:`create`. ``read_only``: why writes are refused (None: writable)."""
         self.root = root
         self.config = config
         self.index = index
         self._extractor = extractor
-        self.read_only = False  # set by open(mmap=True): the index is mapped, every write is refused
-        self._locked = False  # this object holds the writer lock (see writing())
+        self._read_only_reason = read_only
+        self._mmap = mmap
+        self._lock_depth = 0  # this object holds the writer lock (see _write_lock)
+        self._thread_lock = threading.RLock()  # threads of one process sharing this object
+        self._stamp: tuple[int, int, int] | None = None  # index.faiss as this object read it
+        self._generation = 0  # the database's index generation this object's index is at
         self.background: Background | None = None
         if config.normalization is not None:
-            xb = np.load(root / BACKGROUND_FILE, allow_pickle=False)
+            try:
+                xb = np.load(root / BACKGROUND_FILE, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise CollectionError(
+                    f"cannot read {root / BACKGROUND_FILE} (the score-normalisation background): {exc}"
+                ) from exc
             self.background = Background(xb, config.metric, Normalization(**config.normalization))
-        self.db = sqlite3.connect(root / DB_FILE, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
-        if "released" not in columns:  # collections made before activation existed
-            self.db.execute("ALTER TABLE images ADD COLUMN released TEXT")
+        self.db = db if db is not None else _connect(root, read_only is not None)
+
+    @property
+    def read_only(self) -> bool:
+        """True when writes are refused: memory-mapped index, or a folder this process cannot write."""
+        return self._read_only_reason is not None
+
+    @property
+    def read_only_reason(self) -> str | None:
+        """Why writes are refused, in words; None when writable."""
+        return self._read_only_reason
 
     # -- life cycle ----------------------------------------------------------------------------
     @classmethod
@@ -223,35 +333,90 @@ class Collection:
             dim=extractor.dim,
             created=time.time(),
             normalization=None if norm is None else norm.to_dict(),
+            uuid=uuid.uuid4().hex,
         )
         ix.write_index_atomic(index, root / INDEX_FILE)
         if background is not None:
             buf = io.BytesIO()
             np.save(buf, background)
             write_bytes_atomic(root / BACKGROUND_FILE, buf.getvalue())
+        db = _connect(root, read_only=False)
+        db.execute("INSERT INTO meta (key, value) VALUES ('uuid', ?), ('generation', '0')", (config.uuid,))
         # collection.json last: its presence marks a complete collection.
         config.save(root / CONFIG_FILE)
-        return cls(root, config, index, extractor)
+        coll = cls(root, config, index, extractor, db)
+        coll._stamp = _index_stamp(root)
+        return coll
 
     @classmethod
     def open(
-        cls, root: str | os.PathLike[str], *, extractor: Extractor | None = None, mmap: bool = False
+        cls,
+        root: str | os.PathLike[str],
+        *,
+        extractor: Extractor | None = None,
+        mmap: bool = False,
+        verify: bool = True,
     ) -> Collection:
         """Open a collection. ``extractor`` must match the stored digest; by default it is rebuilt
-        lazily from the stored spec when images need describing."""
+        lazily from the stored spec when images need describing.
+
+        ``mmap`` maps the index read-only; a folder this process cannot write opens read-only too
+        (queries work, writes are refused). ``verify`` (default) refuses a database and an index
+        that disagree (see the module docstring); ``activeindex check`` opens with it off.
+        """
         root = Path(root)
         config = CollectionConfig.load(root / CONFIG_FILE)
         if extractor is not None:
             check_extractor(config, extractor)
-        index = ix.read_index(root / INDEX_FILE, mmap=mmap)
-        if index.d != config.dim:
-            raise CollectionError(f"{root / INDEX_FILE} has d={index.d}, collection.json says {config.dim}")
-        ix.set_nprobe(index, config.nprobe)
+        reason = None
+        if mmap:
+            reason = "memory-mapped index: open it without mmap to write"
+        elif not _folder_writable(root):
+            reason = "this process cannot write its folder"
+        if reason is not None:
+            # No lock: a reader never waits for a writer (the distributed driver holds the lock for
+            # a whole round). A writer between reading the index and the database can make them
+            # look inconsistent only by replacing the index file: then read it again.
+            stamp = _index_stamp(root)
+            coll = cls(root, config, _load_index(root, config, mmap), extractor,
+                       _connect(root, read_only=True), read_only=reason, mmap=mmap)
+            try:
+                for attempt in range(5):
+                    if attempt:
+                        stamp = _index_stamp(root)
+                        coll.index = _load_index(root, config, mmap)
+                    coll._stamp = stamp
+                    coll._generation = coll._meta_int("generation")
+                    problems = coll.disagreements() if verify else []
+                    if not problems or _index_stamp(root) == coll._stamp:
+                        break
+                if problems:
+                    coll.verify()
+            except BaseException:
+                coll.close()
+                raise
+            return coll
+        stamp = _index_stamp(root)
+        index = _load_index(root, config, mmap=False)
+        if verify and not (root / DB_FILE).exists() and (config.uuid is not None or index.ntotal):
+            raise CollectionError(
+                f"{root / DB_FILE} is missing: the names of the {index.ntotal} indexed images are lost, and a "
+                f"new database would give their ids to other images; restore it, or run "
+                f"`activeindex check {root} --repair` to empty the index"
+            )
         coll = cls(root, config, index, extractor)
-        coll.read_only = mmap
-        if not mmap:
-            with coll._write_lock():
+        coll._stamp = stamp
+        coll._generation = coll._meta_int("generation")  # a writer since: the stamp differs
+        try:
+            with coll._write_lock():  # reloads the index if a writer replaced it meanwhile
+                coll._adopt_identity()
+                remove_stale_temps(root, [INDEX_FILE, CONFIG_FILE, CALIBRATION_FILE, BACKGROUND_FILE])
+                if verify:
+                    coll.verify()
                 coll._recover_pending()
+        except BaseException:
+            coll.close()
+            raise
         return coll
 
     def close(self) -> None:
@@ -275,22 +440,144 @@ class Collection:
     def metric(self) -> ix.Metric:
         return ix.Metric(self.config.metric)
 
+    # -- the writer lock and the files on disk -------------------------------------------------
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
-        if self.read_only:
+        """Hold the inter-process writer lock, with this object synchronised to the files on disk
+        (the latest index and settings). Re-entrant within one thread."""
+        if self._read_only_reason is not None:
             # A memory-mapped index is a read-only view of the file: FAISS would abort the process
             # on an add, and a write would replace the file under the other readers anyway.
-            raise CollectionError(
-                f"{self.root} is open read-only (memory-mapped index); open it without mmap to write"
+            raise CollectionError(f"{self.root} is open read-only ({self._read_only_reason})")
+        with self._thread_lock:
+            if self._lock_depth:
+                self._lock_depth += 1
+                try:
+                    yield
+                finally:
+                    self._lock_depth -= 1
+                return
+            with _file_lock(self.root, shared=False):
+                self._lock_depth = 1
+                try:
+                    self._sync_with_disk()
+                    yield
+                finally:
+                    self._lock_depth = 0
+
+    def _sync_with_disk(self) -> None:
+        """Under the lock: pick up what other writers committed since this object read the files."""
+        self.config = CollectionConfig.load(self.root / CONFIG_FILE)
+        if self._meta_int("generation") != self._generation or _index_stamp(self.root) != self._stamp:
+            self._reload_index()
+
+    def _reload_index(self) -> None:
+        # Generation, then stamp, then the file: whatever a writer does in between, one of the two
+        # then differs from the disk and the next write reloads again (never a missed change).
+        generation = self._meta_int("generation")
+        stamp = _index_stamp(self.root)
+        self.index = _load_index(self.root, self.config, self._mmap)
+        self._stamp = stamp
+        self._generation = generation
+
+    def index_changed_on_disk(self) -> bool:
+        """Whether another process replaced ``index.faiss`` since this object read it (a reader can
+        then :meth:`reload` to see its additions)."""
+        try:
+            return _index_stamp(self.root) != self._stamp
+        except OSError:
+            return False
+
+    def reload(self) -> None:
+        """Read ``index.faiss`` again (a long-lived reader catching up with writers; no lock needed:
+        the file is replaced atomically). Images a writer has not marked ``indexed`` yet stay
+        invisible to searches. The caller keeps other threads from changing this object's index
+        meanwhile (the service: its readers-writer lock)."""
+        self._reload_index()
+
+    def _write_index(self) -> None:
+        """Step (2): bump the generation, then replace ``index.faiss`` atomically (under the lock)."""
+        self._require_lock("writing the index")
+        gen = self._meta_int("generation") + 1
+        self._set_meta("generation", str(gen))
+        ix.write_index_atomic(self.index, self.root / INDEX_FILE)
+        self._generation = gen
+        self._stamp = _index_stamp(self.root)
+
+    def _meta(self, key: str) -> str | None:
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.OperationalError:  # a read-only database made before the meta table
+            return None
+        return None if row is None else str(row[0])
+
+    def _meta_int(self, key: str) -> int:
+        return int(self._meta(key) or 0)
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def _adopt_identity(self) -> None:
+        """Under the lock: give a collection made before collection ids one (in both files), and a
+        database created just now (an empty collection: nothing to misattribute) the config's."""
+        db_uuid = self._meta("uuid")
+        if self.config.uuid is None:
+            new = db_uuid or uuid.uuid4().hex
+            if db_uuid is None:
+                self._set_meta("uuid", new)
+            self.config = dataclasses.replace(self.config, uuid=new)
+            self.config.save(self.root / CONFIG_FILE)
+        elif db_uuid is None and self.index.ntotal == 0 and self._row_counts() == (0, 0):
+            self._set_meta("uuid", self.config.uuid)
+
+    def _row_counts(self) -> tuple[int, int]:
+        """(indexed rows, pending rows)."""
+        counts = dict(self.db.execute("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall())
+        return int(counts.get("indexed", 0)), int(counts.get("pending", 0))
+
+    def disagreements(self) -> list[str]:
+        """What is wrong between ``collection.json``, the database and the index, judged from the
+        collection ids and the counts (cheap: no id-by-id comparison, see :func:`check_collection`).
+        Pending rows of an interrupted add may or may not have their vectors in the index."""
+        problems = []
+        db_uuid = self._meta("uuid")
+        if self.config.uuid is not None and db_uuid is None:
+            problems.append(
+                f"{DB_FILE} has no collection id, {CONFIG_FILE} has {self.config.uuid}: the database was "
+                "deleted and recreated, or comes from an older collection"
             )
-        with open(self.root / LOCK_FILE, "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            self._locked = True
-            try:
-                yield
-            finally:
-                self._locked = False
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        elif self.config.uuid is not None and db_uuid != self.config.uuid:
+            problems.append(
+                f"{DB_FILE} belongs to collection {db_uuid}, {CONFIG_FILE} to {self.config.uuid}: "
+                "files of two collections are mixed"
+            )
+        indexed, pending = self._row_counts()
+        orphans = self._meta_int("orphans")
+        nt = int(self.index.ntotal)
+        if nt < indexed + orphans:
+            problems.append(
+                f"{INDEX_FILE} holds {nt} vectors but {DB_FILE} has {indexed} indexed images: the index is "
+                "older than the database (restored or copied?), so images would vanish from searches"
+            )
+        elif nt > indexed + pending + orphans:
+            problems.append(
+                f"{INDEX_FILE} holds {nt} vectors but {DB_FILE} knows {indexed + pending} images: vectors "
+                "without rows (an older or recreated database?) would answer with other images' names"
+            )
+        return problems
+
+    def verify(self) -> None:
+        """Raise :class:`CollectionError` when :meth:`disagreements` finds any."""
+        problems = self.disagreements()
+        if problems:
+            raise CollectionError(
+                f"{self.root}: " + "; ".join(problems)
+                + f". Nothing was changed; `activeindex check {self.root}` compares them id by id "
+                "and `--repair` fixes what it can"
+            )
 
     def _recover_pending(self) -> None:
         """Undo the rows of an add that crashed before completing (see the module docstring)."""
@@ -298,13 +585,26 @@ class Collection:
         if not ids:
             return
         logger.warning("recovering %d images of an interrupted add; they will be re-added on rerun", len(ids))
-        with contextlib.suppress(Exception):
-            # Some index types (HNSW) cannot remove; their orphan vectors stay invisible to search.
-            if ix.remove_ids(self.index, np.array(ids)):
-                ix.write_index_atomic(self.index, self.root / INDEX_FILE)
-        self.db.execute(f"DELETE FROM images WHERE id IN ({','.join('?' * len(ids))})", ids)
+        self._drop_from_index(ids)
+        for part in _chunks(ids):
+            self.db.execute(f"DELETE FROM images WHERE id IN ({_marks(len(part))})", part)
 
-    # -- writes --------------------------------------------------------------------------------
+    def _drop_from_index(self, ids: Sequence[int]) -> int:
+        """Remove ``ids`` from the index and write it when it changed → how many vectors went.
+        An index type that cannot remove (HNSW) keeps them as counted orphans, invisible to searches
+        (no row is ``indexed`` under their ids)."""
+        present = np.intersect1d(ix.stored_ids(self.index), np.asarray(ids, np.int64))
+        if not len(present):
+            return 0
+        try:
+            removed = ix.remove_ids(self.index, present)
+        except CollectionError:
+            self._set_meta("orphans", str(self._meta_int("orphans") + len(present)))
+            return 0
+        self._write_index()
+        return removed
+
+    # -- writes: one add protocol (reserve ids → index written atomically → mark) --------------
     def add_vectors(
         self,
         xb: np.ndarray,
@@ -317,56 +617,39 @@ class Collection:
         released: Sequence[str | None] | None = None,
     ) -> list[int]:
         """Store descriptors (n, d) with their names and content hashes; returns the new ids.
-        Activated images also give the quality of their released file and its path."""
+        Activated images also give the quality of their released file and its path.
+        Durable and visible to searches once it returns."""
         xb = ix.as_float32_matrix(xb, self.config.dim, "descriptors")
         n = len(xb)
         if len(names) != n or len(hashes) != n:
             raise ValueError(f"{n} descriptors but {len(names)} names and {len(hashes)} hashes")
         if n == 0:
             return []
-        paths = list(paths) if paths is not None else [None] * n
-        quality = list(quality) if quality is not None else [{}] * n
-        released = list(released) if released is not None else [None] * n
-        now = time.time()
         with self._write_lock():
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                ids = []
-                for name, sha, path, q, rel in zip(names, hashes, paths, quality, released):
-                    cur = self.db.execute(
-                        "INSERT INTO images (name, path, sha256, added, mode, psnr, ssim, linf, released) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (name, path, sha, now, mode, q.get("psnr"), q.get("ssim"), q.get("linf"), rel),
-                    )
-                    ids.append(int(cur.lastrowid))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+            ids = self.reserve_ids(names, hashes, paths=paths, mode=mode, quality=quality, released=released)
             ix.add_with_ids(self.index, xb, np.array(ids))
-            ix.write_index_atomic(self.index, self.root / INDEX_FILE)
-            self._mark_indexed(ids)
+            self.complete_add(ids)
         return ids
 
     def _mark_indexed(self, ids: list[int]) -> None:
         """Step (3) of an add: the rows become visible to searches."""
-        self.db.execute(
-            f"UPDATE images SET status = 'indexed' WHERE id IN ({','.join('?' * len(ids))})", ids
-        )
+        for part in _chunks(ids):
+            self.db.execute(
+                f"UPDATE images SET status = 'indexed' WHERE status = 'pending' AND id IN ({_marks(len(part))})", part
+            )
 
     # -- an add driven step by step (the distributed driver: activeindex.distributed) -----------
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         """Hold the writer lock across the steps of an add driven from outside: :meth:`reserve_ids`
         (1), vectors or merged shard indexes put into ``self.index``, then :meth:`complete_add` (2, 3).
-        Pending rows of a writer that crashed are rolled back first. Do not call :meth:`add_vectors`
-        or :meth:`remove` inside (they take the lock themselves)."""
+        The index is the latest on disk; pending rows of a writer that crashed are rolled back first."""
         with self._write_lock():
             self._recover_pending()
             yield
 
     def _require_lock(self, what: str) -> None:
-        if not self._locked:
+        if not self._lock_depth:
             raise CollectionError(f"{what} needs the writer lock: call it inside `with collection.writing():`")
 
     def reserve_ids(
@@ -376,25 +659,36 @@ class Collection:
         *,
         paths: Sequence[str | None] | None = None,
         mode: str = "passive",
+        quality: Sequence[dict[str, float | None]] | None = None,
+        released: Sequence[str | None] | None = None,
     ) -> list[int]:
-        """Step (1) for work done elsewhere: insert ``pending`` rows in one transaction and return
-        their ids, in order. The rows stay invisible to searches until :meth:`complete_add`; a crash
-        before that rolls them back (next open), and the ids are never reused."""
+        """Step (1): insert ``pending`` rows in one transaction and return their ids, in order.
+        The rows stay invisible to searches until :meth:`complete_add`; a crash before that rolls
+        them back (next writer), and the ids are never reused."""
         self._require_lock("reserve_ids")
-        if len(names) != len(hashes):
-            raise ValueError(f"{len(names)} names but {len(hashes)} hashes")
-        paths = list(paths) if paths is not None else [None] * len(names)
+        n = len(names)
+        if len(hashes) != n:
+            raise ValueError(f"{n} names but {len(hashes)} hashes")
+        paths = list(paths) if paths is not None else [None] * n
+        quality = list(quality) if quality is not None else [{}] * n
+        released = list(released) if released is not None else [None] * n
+        if len(paths) != n or len(quality) != n or len(released) != n:
+            raise ValueError(f"{n} names but {len(paths)} paths, {len(quality)} qualities, {len(released)} released")
+        names = [storable_text(n) for n in names]  # a non-UTF-8 file name must not fail the batch
+        paths = [None if p is None else storable_text(p) for p in paths]
+        released = [None if r is None else storable_text(r) for r in released]
         now = time.time()
         self.db.execute("BEGIN IMMEDIATE")
         try:
             ids = [
                 int(
                     self.db.execute(
-                        "INSERT INTO images (name, path, sha256, added, mode) VALUES (?, ?, ?, ?, ?)",
-                        (name, path, sha, now, mode),
+                        "INSERT INTO images (name, path, sha256, added, mode, psnr, ssim, linf, released) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (name, path, sha, now, mode, q.get("psnr"), q.get("ssim"), q.get("linf"), rel),
                     ).lastrowid
                 )
-                for name, sha, path in zip(names, hashes, paths)
+                for name, sha, path, q, rel in zip(names, hashes, paths, quality, released)
             ]
             self.db.execute("COMMIT")
         except BaseException:
@@ -411,23 +705,28 @@ class Collection:
         released: Sequence[str | None] | None = None,
     ) -> None:
         """Steps (2) and (3) for reserved ids whose vectors are now in ``self.index``: write the index
-        atomically, then, in one transaction, record each released file's quality and path, mark the
-        rows ``indexed`` and delete the rows of ``dropped`` ids (reserved for images that failed)."""
+        atomically, then, in one transaction, record each released file's quality and path (when
+        given), mark the rows ``indexed`` and delete the rows of ``dropped`` ids (reserved for
+        images that failed)."""
         self._require_lock("complete_add")
         ids = [int(i) for i in ids]
-        quality = list(quality) if quality is not None else [{}] * len(ids)
-        released = list(released) if released is not None else [None] * len(ids)
-        if len(quality) != len(ids) or len(released) != len(ids):
-            raise ValueError(f"{len(ids)} ids but {len(quality)} quality records and {len(released)} released paths")
+        if quality is not None or released is not None:
+            quality = list(quality) if quality is not None else [{}] * len(ids)
+            released = list(released) if released is not None else [None] * len(ids)
+            if len(quality) != len(ids) or len(released) != len(ids):
+                raise ValueError(
+                    f"{len(ids)} ids but {len(quality)} quality records and {len(released)} released paths"
+                )
         if ids:
-            ix.write_index_atomic(self.index, self.root / INDEX_FILE)
+            self._write_index()
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.executemany(
-                "UPDATE images SET psnr = ?, ssim = ?, linf = ?, released = ?, status = 'indexed' "
-                "WHERE id = ? AND status = 'pending'",
-                [(q.get("psnr"), q.get("ssim"), q.get("linf"), rel, i) for i, q, rel in zip(ids, quality, released)],
-            )
+            if quality is not None and released is not None:
+                self.db.executemany(
+                    "UPDATE images SET psnr = ?, ssim = ?, linf = ?, released = ? WHERE id = ? AND status = 'pending'",
+                    [(q.get("psnr"), q.get("ssim"), q.get("linf"), rel, i) for i, q, rel in zip(ids, quality, released)],
+                )
+            self._mark_indexed(ids)
             self.db.executemany(
                 "DELETE FROM images WHERE id = ? AND status = 'pending'", [(int(i),) for i in dropped]
             )
@@ -460,12 +759,15 @@ class Collection:
             report.failures.extend(result.failures)
             ok = {p: i for i, p in enumerate(result.paths)}
             kept = [t for t in todo if t[0] in ok]
-            ids = self.add_vectors(
-                result.features[[ok[t[0]] for t in kept]],
-                [t[1] for t in kept],
-                [t[2] for t in kept],
-                paths=[str(t[0].resolve()) for t in kept],
-            )
+            with self._write_lock():
+                # Another writer may have added the same content while this one was describing.
+                kept = self.drop_added_meanwhile(kept, report)
+                ids = self.add_vectors(
+                    result.features[[ok[t[0]] for t in kept]],
+                    [t[1] for t in kept],
+                    [t[2] for t in kept],
+                    paths=[str(t[0].resolve()) for t in kept],
+                )
             report.added.extend(zip(ids, (t[1] for t in kept)))
             self.resolve_repeats(repeats, report)
         return report
@@ -495,6 +797,21 @@ class Collection:
                 todo.append((path, name, sha))
         return todo, repeats
 
+    def drop_added_meanwhile(
+        self, todo: Sequence[tuple[Path, str, str]], report: AddReport
+    ) -> list[tuple[Path, str, str]]:
+        """Under the writer lock, just before adding: move the (path, name, sha256) items whose
+        content another writer indexed since :meth:`plan_add` to ``report.duplicates``."""
+        self._require_lock("drop_added_meanwhile")
+        kept = []
+        for item in todo:
+            existing = self.find_hash(item[2])
+            if existing is None:
+                kept.append(item)
+            else:
+                report.duplicates.append((item[1], existing))
+        return kept
+
     def resolve_repeats(self, repeats: Sequence[tuple[str, str]], report: AddReport) -> None:
         """Report repeats of a file added meanwhile as duplicates (those of a file that failed are
         left out: they failed too)."""
@@ -509,19 +826,23 @@ class Collection:
         ids = sorted({int(i) for i in ids})
         storable = [i for i in ids if is_storable_id(i)]
         with self._write_lock():
-            known = {
-                r[0]
-                for r in self.db.execute(
-                    f"SELECT id FROM images WHERE id IN ({','.join('?' * len(storable))})", storable
+            known: set[int] = set()
+            for part in _chunks(storable):
+                known.update(
+                    r[0] for r in self.db.execute(f"SELECT id FROM images WHERE id IN ({_marks(len(part))})", part)
                 )
-            } if storable else set()
             removed = sorted(known)
             if removed:
-                ix.remove_ids(self.index, np.array(removed))
-                ix.write_index_atomic(self.index, self.root / INDEX_FILE)
-                self.db.execute(
-                    f"DELETE FROM images WHERE id IN ({','.join('?' * len(removed))})", removed
-                )
+                ix.remove_ids(self.index, np.array(removed))  # raises for index types that cannot
+                self._write_index()
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    for part in _chunks(removed):
+                        self.db.execute(f"DELETE FROM images WHERE id IN ({_marks(len(part))})", part)
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
         return removed, [i for i in ids if i not in known]
 
     # -- reads ---------------------------------------------------------------------------------
@@ -535,11 +856,9 @@ class Collection:
         """id → name for the given ids that are indexed."""
         ids = [int(i) for i in ids if i >= 0]
         out: dict[int, str] = {}
-        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-            part = ids[start : start + 900]
+        for part in _chunks(ids):  # SQLite's bound-parameter limit
             rows = self.db.execute(
-                f"SELECT id, name FROM images WHERE status = 'indexed' AND id IN ({','.join('?' * len(part))})",
-                part,
+                f"SELECT id, name FROM images WHERE status = 'indexed' AND id IN ({_marks(len(part))})", part
             )
             out.update((int(i), n) for i, n in rows)
         return out
@@ -559,8 +878,12 @@ class Collection:
         return S, I, raw
 
     def search(self, xq: np.ndarray, k: int = 10) -> list[list[Match]]:
-        """k nearest stored images per query descriptor (nq, d), with scores and copy decisions."""
-        S, I, _ = self.search_arrays(xq, k)
+        """k nearest stored images per query descriptor (nq, d), with scores and copy decisions.
+        Any ``k`` >= 1 is accepted: there are never more matches than stored vectors, so no more
+        room is allocated (``k=10**11`` must not try to allocate terabytes)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        S, I, _ = self.search_arrays(xq, min(int(k), max(1, int(self.index.ntotal))))
         names = self.names(np.unique(I[I >= 0]).tolist())
         thr = self.config.threshold
         return [
@@ -601,6 +924,30 @@ class Collection:
             self.config.save(self.root / CONFIG_FILE)
         return thr
 
+    def released_by(self, path: str) -> str | None:
+        """The name of the indexed image whose released file is ``path``, or None."""
+        row = self.db.execute(
+            "SELECT name FROM images WHERE released = ? AND status = 'indexed'", (path,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def record(self, image_id: int) -> dict[str, Any] | None:
+        """The database row of an indexed image, or None (also for an id beyond int64)."""
+        if not is_storable_id(image_id):
+            return None
+        cur = self.db.execute(
+            "SELECT id, name, path, sha256, added, mode, psnr, ssim, linf, released FROM images "
+            "WHERE id = ? AND status = 'indexed'",
+            (int(image_id),),
+        )
+        row = cur.fetchone()
+        return None if row is None else dict(zip([c[0] for c in cur.description], row))
+
+    def first_ids(self, n: int) -> list[int]:
+        """The ``n`` smallest ids of indexed images."""
+        return [int(r[0]) for r in self.db.execute(
+            "SELECT id FROM images WHERE status = 'indexed' ORDER BY id LIMIT ?", (int(n),))]
+
     def count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM images WHERE status = 'indexed'").fetchone()[0])
 
@@ -625,6 +972,153 @@ class Collection:
             "index_bytes": (self.root / INDEX_FILE).stat().st_size,
             **asdict(self.config),
         }
+
+
+def _load_index(root: Path, config: CollectionConfig, mmap: bool) -> faiss.Index:
+    index = ix.read_index(root / INDEX_FILE, mmap=mmap)
+    if index.d != config.dim:
+        raise CollectionError(f"{root / INDEX_FILE} has d={index.d}, collection.json says {config.dim}")
+    ix.set_nprobe(index, config.nprobe)
+    return index
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_collection` found (``problems``) and, with ``repair``, did (``repaired``).
+    ``unresolved`` lists the problems a repair could not fix (all of them without ``repair``)."""
+
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    unresolved: list[str] = field(default_factory=list)
+    lost: list[tuple[int, str, str | None]] = field(default_factory=list)  # (id, name, path) to re-add
+    notes: list[str] = field(default_factory=list)  # harmless to the index: moved source files, ...
+
+    @property
+    def ok(self) -> bool:
+        return not self.unresolved
+
+
+def check_collection(root: str | os.PathLike[str], *, repair: bool = False) -> CheckReport:
+    """Compare a collection's database, index and files id by id, and with ``repair`` fix what
+    can be fixed without guessing:
+
+    - rows of an interrupted add (``pending``): rolled back, as the next writer would;
+    - index vectors whose id has no row (a database older than the index, or recreated): removed
+      from the index, since they would answer with no name or another image's;
+    - ``indexed`` rows whose vector is missing (an index older than the database): deleted, and
+      listed in ``lost`` with their stored paths so they can be added again;
+    - a missing database: recreated empty, with the index emptied (the names are gone);
+    - a database of another collection, a missing background, missing source or released files:
+      reported only.
+
+    Raises :class:`CollectionError` when ``collection.json`` or the index cannot be read at all.
+    """
+    root = Path(root)
+    report = CheckReport()
+    config = CollectionConfig.load(root / CONFIG_FILE)
+    if repair and not _folder_writable(root):
+        raise CollectionError(f"cannot repair {root}: this process cannot write its folder")
+    if not (root / DB_FILE).exists():
+        report.problems.append(f"{DB_FILE} is missing")
+        if not repair:
+            report.unresolved = list(report.problems)
+            return report
+    if config.normalization is not None and not (root / BACKGROUND_FILE).exists():
+        report.problems.append(f"{BACKGROUND_FILE} is missing: queries cannot be scored (restore it)")
+        report.unresolved.append(report.problems[-1])
+        return report
+    if repair:
+        coll = Collection.open(root, verify=False) if (root / DB_FILE).exists() else None
+        if coll is None:  # a new database, and an index emptied of the vectors nobody can name
+            index = _load_index(root, config, mmap=False)
+            coll = Collection(root, config, index, None)
+            coll._stamp = _index_stamp(root)
+            with coll._write_lock():
+                coll._set_meta("uuid", config.uuid or uuid.uuid4().hex)
+                coll._adopt_identity()
+        with coll:
+            with coll._write_lock():
+                _compare(coll, report, repair=True)
+        return report
+    # The shared lock for the whole comparison: a writer's add in progress is not an interruption.
+    with _file_lock(root, shared=True), _reader(root) as coll:
+        _compare(coll, report, repair=False)
+    return report
+
+
+def _reader(root: Path) -> Collection:
+    """The collection opened read-only (nothing written, not even recovery), whatever the folder."""
+    config = CollectionConfig.load(root / CONFIG_FILE)
+    stamp = _index_stamp(root)
+    index = _load_index(root, config, mmap=False)
+    coll = Collection(root, config, index, None, _connect(root, read_only=True), read_only="checking")
+    coll._stamp = stamp
+    return coll
+
+
+def _compare(coll: Collection, report: CheckReport, *, repair: bool) -> None:
+    def problem(text: str, fixed: str | None) -> None:
+        report.problems.append(text)
+        if repair and fixed:
+            report.repaired.append(fixed)
+        else:
+            report.unresolved.append(text)
+
+    db_uuid = coll._meta("uuid")
+    if coll.config.uuid is not None and db_uuid is not None and db_uuid != coll.config.uuid:
+        problem(f"{DB_FILE} belongs to collection {db_uuid}, {CONFIG_FILE} to {coll.config.uuid}", None)
+        return  # comparing two collections id by id would only mislead
+    if coll.config.uuid is not None and db_uuid is None:
+        fix = None
+        if repair:
+            coll._set_meta("uuid", coll.config.uuid)
+            fix = f"gave {DB_FILE} the collection id {coll.config.uuid}"
+        problem(f"{DB_FILE} has no collection id (deleted and recreated, or from an older version)", fix)
+    rows = {int(i): (s, n, p) for i, s, n, p in coll.db.execute("SELECT id, status, name, path FROM images")}
+    stored = ix.stored_ids(coll.index)
+    uniq, counts = np.unique(stored, return_counts=True)
+    in_index = set(uniq.tolist())
+    pending = sorted(i for i, r in rows.items() if r[0] == "pending")
+    if pending:
+        problem(f"{len(pending)} rows of an interrupted add are pending",
+                f"rolled back {len(pending)} pending rows" if repair else None)
+        if repair:
+            coll._recover_pending()
+            in_index = set(ix.stored_ids(coll.index).tolist())
+            rows = {i: r for i, r in rows.items() if r[0] != "pending"}
+    dup = uniq[counts > 1].tolist()
+    if dup:
+        problem(f"{len(dup)} ids are stored more than once in {INDEX_FILE} (e.g. {dup[:5]})", None)
+    unknown = sorted(in_index - set(rows))
+    if unknown:
+        fix = None
+        if repair:
+            coll._drop_from_index(unknown)
+            fix = f"removed {len(unknown)} vectors without rows from {INDEX_FILE}"
+        problem(f"{INDEX_FILE} holds {len(unknown)} vectors whose ids have no row (e.g. {unknown[:5]}): "
+                "they would answer with no name", fix)
+    missing = sorted(i for i, r in rows.items() if r[0] == "indexed" and i not in in_index)
+    if missing:
+        fix = None
+        if repair:
+            report.lost.extend((i, rows[i][1], rows[i][2]) for i in missing)
+            for part in _chunks(missing):
+                coll.db.execute(f"DELETE FROM images WHERE id IN ({_marks(len(part))})", part)
+            fix = f"deleted {len(missing)} rows whose vectors are gone (listed: add them again)"
+        problem(f"{len(missing)} indexed images have no vector in {INDEX_FILE} (e.g. ids {missing[:5]}): "
+                "searches cannot find them", fix)
+    if repair:
+        orphans = int(coll.index.ntotal) - coll._row_counts()[0]  # what the index could not remove
+        coll._set_meta("orphans", str(max(0, orphans)))
+    gone_src = [r[1] for r in rows.values() if r[0] == "indexed" and r[2] and not os.path.exists(r[2])]
+    if gone_src:
+        report.notes.append(f"{len(gone_src)} source files are no longer where they were added from "
+                            f"(e.g. {gone_src[0]}); the index does not need them")
+    released = [r[0] for r in coll.db.execute(
+        "SELECT released FROM images WHERE status = 'indexed' AND released IS NOT NULL")]
+    gone_rel = [r for r in released if not os.path.exists(r)]
+    if gone_rel:
+        report.notes.append(f"{len(gone_rel)} released files are missing (e.g. {gone_rel[0]})")
 
 
 def check_extractor(config: CollectionConfig, extractor: Extractor) -> None:

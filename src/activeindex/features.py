@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from activeindex.atomic import atomic_path
 from activeindex.errors import ImageLoadError
 from activeindex.extractors import Extractor
-from activeindex.images import DEFAULT_LIMITS, ImageLimits, load_image
+from activeindex.images import DEFAULT_LIMITS, ImageLimits, load_image, printable_name
 
 logger = logging.getLogger(__name__)
 
@@ -220,20 +221,21 @@ def extract_paths(
 def save_features(
     out: str | os.PathLike[str], features: np.ndarray, names: Sequence[str], *, torch_tensor: bool = False
 ) -> None:
-    """Write ``features.npy`` (float32, n×d) and ``names.txt`` (one name per line) atomically;
-    ``torch_tensor`` also writes ``fts.pt``, the layout the paper's seed tools read."""
+    """Write ``features.npy`` (float32, n×d) and ``names.txt`` (one name per line, UTF-8) atomically;
+    ``torch_tensor`` also writes ``fts.pt``, the layout the paper's seed tools read.
+
+    Names are written as :func:`~activeindex.images.printable_name` gives them: a newline or other
+    control character as ``\\n`` / ``\\xNN`` and the bytes of a non-UTF-8 name as ``\\xNN``, so line
+    i is always row i."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if len(names) != len(features):
         raise ValueError(f"{len(features)} descriptors but {len(names)} names")
-    bad = [n for n in names if "\n" in n]
-    if bad:
-        raise ValueError(f"names cannot contain newlines: {bad[0]!r}")
+    lines = [printable_name(n) for n in names]
 
     def write(name: str, save: Callable[[Path], None]) -> None:
-        tmp = out / f".{name}.tmp"
-        save(tmp)
-        os.replace(tmp, out / name)
+        with atomic_path(out / name) as tmp:
+            save(tmp)
 
     feats = np.ascontiguousarray(features, dtype=np.float32)
     def save_npy(p: Path) -> None:
@@ -241,7 +243,7 @@ def save_features(
             np.save(fh, feats)
 
     write("features.npy", save_npy)
-    write("names.txt", lambda p: p.write_text("".join(f"{n}\n" for n in names)))
+    write("names.txt", lambda p: p.write_text("".join(f"{n}\n" for n in lines), encoding="utf-8"))
     if torch_tensor:
         import torch
 

@@ -12,13 +12,15 @@ import hashlib
 import io
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from activeindex.errors import ImageLoadError
+from activeindex.names import printable_name, storable_text  # noqa: F401 (re-exported)
+from activeindex.settings import MAX_ACTIVATION_PIXELS  # noqa: F401 (re-exported)
 
 # Extensions a folder walk picks up. A file named explicitly is always tried, whatever its name.
 IMAGE_EXTENSIONS = frozenset(
@@ -45,30 +47,34 @@ DEFAULT_LIMITS = ImageLimits()
 
 @dataclass(frozen=True)
 class ImageListing:
-    """The result of expanding files and folders: images to read, and files a walk left out."""
+    """The result of expanding files and folders: images to read, and what a walk left out."""
 
     images: list[Path]
     ignored: list[Path]  # files inside walked folders whose extension is not an image's
+    # (path, reason): dangling symbolic links, unreadable folders, link loops, special files
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def list_images(inputs: Iterable[str | os.PathLike[str]]) -> ImageListing:
     """Expand files and folders (recursively, sorted) into image paths.
 
     A folder contributes the files whose extension is in :data:`IMAGE_EXTENSIONS`; other files are
-    returned in ``ignored`` so callers can report them. A file given explicitly is always kept. A
-    path that does not exist raises :class:`ImageLoadError`. Duplicate paths are kept once.
+    returned in ``ignored`` so callers can report them. Symbolic links to folders are followed
+    (each folder is walked once, so a link loop ends); a dangling link, a folder that cannot be
+    read and a special file (FIFO, socket, device) go to ``skipped`` with the reason. Hidden files
+    and folders below a folder given are left out silently. A file given explicitly is always
+    kept. A path that does not exist raises :class:`ImageLoadError`. Duplicate paths are kept once.
     """
     images: list[Path] = []
     ignored: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     seen: set[Path] = set()
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            for sub in sorted(p for p in path.rglob("*") if p.is_file()):
-                # Hidden files, and files inside hidden folders (.git, .thumbnails, …) below the
-                # folder given; the folder given itself may be hidden.
-                if any(part.startswith(".") for part in sub.relative_to(path).parts):
-                    continue
+            files: list[Path] = []
+            _walk(path, files, skipped, set())
+            for sub in sorted(files):
                 target = images if sub.suffix.lower() in IMAGE_EXTENSIONS else ignored
                 if sub not in seen:
                     seen.add(sub)
@@ -77,9 +83,47 @@ def list_images(inputs: Iterable[str | os.PathLike[str]]) -> ImageListing:
             if path not in seen:
                 seen.add(path)
                 images.append(path)
+        elif path.is_symlink():
+            raise ImageLoadError(path, f"symbolic link to {os.readlink(path)}, which does not exist")
         else:
             raise ImageLoadError(path, "no such file or folder")
-    return ImageListing(images=images, ignored=ignored)
+    return ImageListing(images=images, ignored=ignored, skipped=skipped)
+
+
+def _walk(folder: Path, files: list[Path], skipped: list[tuple[Path, str]], walked: set[tuple[int, int]]) -> None:
+    """Collect the regular files below ``folder`` (following links to folders, each folder once)."""
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            st = d.stat()
+            key = (st.st_dev, st.st_ino)
+            if key in walked:
+                skipped.append((d, "a link to a folder walked already (a loop, or a second way in)"))
+                continue
+            walked.add(key)
+            with os.scandir(d) as it:
+                entries = list(it)
+        except OSError as exc:
+            skipped.append((d, f"cannot read folder ({exc.strerror or exc})"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):  # hidden: .git, .thumbnails, temporary files
+                continue
+            p = Path(entry.path)
+            try:
+                if entry.is_dir():  # follows a link to a folder
+                    stack.append(p)
+                elif entry.is_file():
+                    files.append(p)
+                elif entry.is_symlink():
+                    target = os.readlink(p)
+                    reason = "dangling symbolic link" if not p.exists() else "link to a special file"
+                    skipped.append((p, f"{reason} (to {target})"))
+                else:
+                    skipped.append((p, "not a regular file (FIFO, socket or device)"))
+            except OSError as exc:
+                skipped.append((p, f"cannot read ({exc.strerror or exc})"))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

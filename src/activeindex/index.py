@@ -25,6 +25,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from activeindex.atomic import atomic_path
 from activeindex.errors import CollectionError, DimensionError
 from activeindex.settings import Metric  # re-exported (defined there: no torch/FAISS needed)
 
@@ -161,13 +162,10 @@ def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
 
 
 def write_index_atomic(index: faiss.Index, path: str | os.PathLike[str]) -> None:
-    """Write to ``path.tmp``, fsync, then ``os.replace``: a crash leaves the old or the new file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write to a unique temporary file, fsync, then ``os.replace``: a crash leaves the old or the
+    new file (see :mod:`activeindex.atomic`)."""
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def read_index(path: str | os.PathLike[str], *, mmap: bool = False) -> faiss.Index:
@@ -186,3 +184,27 @@ def read_index(path: str | os.PathLike[str], *, mmap: bool = False) -> faiss.Ind
         return faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         raise CollectionError(f"cannot read FAISS index {path}: {exc}") from exc
+
+
+def stored_ids(index: faiss.Index) -> np.ndarray:
+    """The ids of every vector the index holds (int64, one per vector: an id added twice appears
+    twice), in storage order. O(ntotal); used to cross-check an index against a database.
+
+    IVF indexes give their inverted lists' ids, id-map wrappers their map; any other index stores
+    vectors by position, so its ids are ``0..ntotal-1``.
+    """
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return faiss.vector_to_array(idx.id_map).astype(np.int64)
+    ivf = faiss.try_extract_index_ivf(idx)
+    if ivf is not None and ivf.ntotal == index.ntotal:
+        invlists = ivf.invlists
+        parts = []
+        for lst in range(ivf.nlist):
+            n = invlists.list_size(lst)
+            if n:
+                ptr = invlists.get_ids(lst)
+                parts.append(faiss.rev_swig_ptr(ptr, n).astype(np.int64).copy())
+                invlists.release_ids(lst, ptr)
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+    return np.arange(index.ntotal, dtype=np.int64)

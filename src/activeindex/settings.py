@@ -13,6 +13,12 @@ import enum
 
 DEFAULT_PRECISION = 0.9  # precision the copy threshold is calibrated for, by default
 
+# Largest image activated by default (16 MP, a 4896×3264 photo). Activation keeps about 180 bytes
+# per pixel alive at once (the image, its perturbation, their gradients and the optimiser's moments
+# in float32, the JND heatmap): 16 MP is about 3 GB; larger images are refused with the reason,
+# not left to exhaust memory. Describing an image (no activation) is bounded by the model's input.
+MAX_ACTIVATION_PIXELS = 16 * 1024 * 1024
+
 
 class ResizePolicy(str, enum.Enum):
     """How an image of any shape becomes the square network input."""

@@ -24,16 +24,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 from PIL import Image
 
 from activeindex.activation.optimize import ActivatedBatch, ActivationConfig, activate_batch
 from activeindex.activation.release import OutputFormat, Released, finalize
 from activeindex.activation.targets import check_target_support, compute_targets, effective_target
-from activeindex.collection import AddReport, Collection, write_bytes_atomic
+from activeindex.atomic import write_bytes_atomic
+from activeindex.collection import AddReport, Collection
 from activeindex.errors import ActivationError, ActiveIndexError, ImageLoadError
+from activeindex.extractors import Extractor
 from activeindex.features import Failure
-from activeindex.images import load_image
+from activeindex.images import DEFAULT_LIMITS, MAX_ACTIVATION_PIXELS, ImageLimits, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +96,13 @@ def _batches(items: list, sizes: list[int], max_count: int, max_pixels: int) -> 
     return batches
 
 
+def activation_limits(max_pixels: int = MAX_ACTIVATION_PIXELS) -> ImageLimits:
+    """The decoding limits of an image to activate: at most ``max_pixels``, checked on the header."""
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    return dataclasses.replace(DEFAULT_LIMITS, max_pixels=min(max_pixels, DEFAULT_LIMITS.max_pixels))
+
+
 def release_path(out_dir: Path, name: str, fmt: OutputFormat) -> Path:
     """Where the released version of an image named ``name`` (a file name, or a path relative to
     the folder it was found in) is written: the same relative path and stem, the format's extension
@@ -113,14 +123,17 @@ def add_activated(
     quality: int = 95,
     batch_size: int = DEFAULT_BATCH,
     max_batch_pixels: int = DEFAULT_BATCH_PIXELS,
+    max_pixels: int = MAX_ACTIVATION_PIXELS,
     progress: Callable[[int], None] | None = None,
 ) -> ActivationReport:
     """Activate ``paths`` against ``coll``, write the released files to ``out_dir``, add the
-    originals' codes. See the module docstring for the protocol."""
+    originals' codes. See the module docstring for the protocol. Images over ``max_pixels`` are
+    refused (reported in ``failures``, from their header: never decoded), since activation memory
+    grows with the pixel count."""
     plan = plan_activation(coll, paths, out_dir, config, names=names, fmt=fmt, quality=quality,
                            batch_size=batch_size, max_batch_pixels=max_batch_pixels, progress=progress)
     for batch in plan.batches:
-        _activate_and_add(coll, batch, plan.out_dir, plan.config, plan.fmt, quality, plan.report)
+        _activate_and_add(coll, batch, plan.out_dir, plan.config, plan.fmt, quality, plan.report, max_pixels)
         if progress:
             progress(len(batch))
     coll.resolve_repeats(plan.repeats, plan.report)
@@ -194,18 +207,17 @@ def _check_not_released(coll: Collection, todo: list[tuple[Path, str, str]], out
     a file recorded for another row belongs to another image)."""
     for path, name, _ in todo:
         dest = release_path(out_dir, name, fmt)
-        row = coll.db.execute(
-            "SELECT name FROM images WHERE released = ? AND status = 'indexed'", (str(dest.resolve()),)
-        ).fetchone()
-        if row is not None:
+        holder = coll.released_by(str(dest.resolve()))
+        if holder is not None:
             raise ActivationError(
-                f"{dest} already holds the released version of another image ({row[0]}); "
+                f"{dest} already holds the released version of another image ({holder}); "
                 f"releasing {path} there would replace it: choose another --out"
             )
 
 
 def release_batch(
-    coll: Collection,
+    extractor: Extractor,
+    index: faiss.Index,
     originals: list[np.ndarray],
     config: ActivationConfig,
     fmt: OutputFormat = OutputFormat.PNG,
@@ -213,10 +225,11 @@ def release_batch(
 ) -> tuple[np.ndarray, ActivatedBatch, list[Released | ActiveIndexError]]:
     """One batch of originals (uint8 (h, w, 3)) → (their descriptors, as every query is described;
     the optimisation's result; per image the encoded released file, or the error that kept it from
-    meeting the budget)."""
-    ex = coll.extractor
+    meeting the budget). ``index`` is the collection's (or a trained, empty copy: its codebooks
+    give the targets)."""
+    ex = extractor
     x = ex.features(np.stack([ex.preprocessing.prepare(Image.fromarray(a)) for a in originals]))
-    act = activate_batch(ex, originals, compute_targets(coll.index, x, config.target), config)
+    act = activate_batch(ex, originals, compute_targets(index, x, config.target), config)
     files: list[Released | ActiveIndexError] = []
     for original, perturbation in zip(originals, act.perturbations):
         try:
@@ -234,16 +247,18 @@ def _activate_and_add(
     fmt: OutputFormat,
     quality: int,
     report: ActivationReport,
+    max_pixels: int = MAX_ACTIVATION_PIXELS,
 ) -> None:
+    limits = activation_limits(max_pixels)
     loaded: list[tuple[Path, str, str, np.ndarray]] = []
     for path, name, sha in batch:
         try:
-            loaded.append((path, name, sha, np.asarray(load_image(path))))
+            loaded.append((path, name, sha, np.asarray(load_image(path, limits=limits))))
         except ImageLoadError as exc:
             report.failures.append(Failure(path, exc.reason))
     if not loaded:
         return
-    x, act, files = release_batch(coll, [item[3] for item in loaded], config, fmt, quality)
+    x, act, files = release_batch(coll.extractor, coll.index, [item[3] for item in loaded], config, fmt, quality)
 
     kept, records = [], []
     for i, ((path, name, _, _), rel) in enumerate(zip(loaded, files)):

@@ -53,6 +53,7 @@ from activeindex.distributed import worker as wk
 from activeindex.errors import ActiveIndexError, CollectionError
 from activeindex.extractors import Extractor
 from activeindex.features import ExtractionResult, Failure
+from activeindex.images import MAX_ACTIVATION_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ def _merge(coll: Collection, results: dict[int, wk.ShardResult], reserved: dict[
 
 def _check_writable(coll: Collection) -> None:
     if coll.read_only:
-        raise CollectionError(f"{coll.root} is open read-only (memory-mapped index); open it without mmap to write")
+        raise CollectionError(f"{coll.root} is open read-only ({coll.read_only_reason})")
 
 
 def add_images_ray(
@@ -323,6 +324,7 @@ def add_activated_ray(
     quality: int = 95,
     batch_size: int = 16,
     max_batch_pixels: int = DEFAULT_BATCH_PIXELS,
+    max_pixels: int = MAX_ACTIVATION_PIXELS,
     options: RayOptions = RayOptions(),
     progress: ProgressCallback | None = None,
     stats: RunStats | None = None,
@@ -360,7 +362,7 @@ def add_activated_ray(
                     if sum(map(len, group)) >= options.shard_size or bi == len(round_batches) - 1:
                         k, next_shard = next_shard, next_shard + 1
                         reserved[k] = [item[2] for g in group for item in g]
-                        jobs[k] = (k, group, out_abs, template.setup, template.ref, config, fmt.value, quality)
+                        jobs[k] = (k, group, out_abs, template.setup, template.ref, config, fmt.value, quality, max_pixels)
                         group = []
                 results = _run_shards(ray, wk.activate_shard, jobs, {k: len(v) for k, v in reserved.items()},
                                       options, progress, stats)

@@ -14,7 +14,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import faiss
@@ -184,22 +183,20 @@ def activate_shard(
     config: Any,  # ActivationConfig
     fmt: str,
     quality: int,
+    max_pixels: int | None = None,
 ) -> ShardResult:
     """Activate the shard's batches of (path, name, id) against the empty index (its codebooks give
     the targets), write each released file atomically to ``out_dir``, and encode the originals'
     descriptors with their ids → the shard index, the released files' records, the failures."""
-    from activeindex.activation.add import release_batch, release_path
+    from activeindex.activation.add import activation_limits, release_batch, release_path
     from activeindex.activation.release import OutputFormat
-    from activeindex.collection import write_bytes_atomic
+    from activeindex.atomic import write_bytes_atomic
     from activeindex.errors import ActiveIndexError
     from activeindex.images import load_image
 
     t0 = time.perf_counter()
     extractor = _setup(setup)
     index = _empty_index(setup, template)
-    # release_batch reads ``.extractor`` and ``.index`` of the collection it is given: the worker
-    # has no collection, only these two.
-    view = SimpleNamespace(extractor=extractor, index=index)
     fmt = OutputFormat(fmt)
     positions: list[int] = []
     kept_ids: list[int] = []
@@ -211,13 +208,13 @@ def activate_shard(
         loaded = []
         for path, name, id_ in batch:
             try:
-                loaded.append((pos, path, name, id_, np.asarray(load_image(path))))
+                loaded.append((pos, path, name, id_, np.asarray(load_image(path, limits=activation_limits(*([max_pixels] if max_pixels else []))))))
             except ImageLoadError as exc:
                 failures.append(Failure(Path(path), exc.reason))
             pos += 1
         if not loaded:
             continue
-        x, act, files = release_batch(view, [item[4] for item in loaded], config, fmt, quality)  # type: ignore[arg-type]
+        x, act, files = release_batch(extractor, index, [item[4] for item in loaded], config, fmt, quality)
         for i, ((p, path, name, id_, _), rel) in enumerate(zip(loaded, files)):
             if isinstance(rel, ActiveIndexError):
                 failures.append(Failure(Path(path), str(rel)))

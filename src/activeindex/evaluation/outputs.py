@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from activeindex.collection import write_text_atomic
+from activeindex.atomic import write_text_atomic
 from activeindex.evaluation.protocol import RunResult, factory_slug
 
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import io
 import json
 import logging
-import pickle
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,7 +48,8 @@ from activeindex.activation.optimize import ActivationConfig
 from activeindex.activation.release import decode
 from activeindex.activation.targets import TargetKind, check_target_support, effective_target
 from activeindex.calibration import CalibrationSet, calibration_scores, calibration_set, split_training
-from activeindex.collection import Collection, write_bytes_atomic
+from activeindex.atomic import write_bytes_atomic
+from activeindex.collection import Collection
 from activeindex.copies import EditedCopies, describe_copies
 from activeindex.edits import EditRecord, paper_edits
 from activeindex.edits.registry import NamedEdit
@@ -249,7 +250,7 @@ def release(coll: Collection, originals: list[np.ndarray], method: Method, setti
     t0 = time.perf_counter()
     with stage(f"activate ({method.value})", len(originals)) as update:
         for start in range(0, len(originals), settings.batch_size):
-            _, act, files = release_batch(coll, originals[start : start + settings.batch_size], config)
+            _, act, files = release_batch(coll.extractor, coll.index, originals[start : start + settings.batch_size], config)
             for r in files:
                 if isinstance(r, Exception):  # a lossless PNG always meets its budget
                     raise r
@@ -439,26 +440,62 @@ def run_key(data: EvalData, ex: Extractor, settings: EvalSettings) -> str:
 
 
 def _checkpoint_path(out: Path, factory: str, method: Method) -> Path:
-    return out / "checkpoints" / f"{factory_slug(factory)}__{method.value}.pkl"
+    # NumPy's npz with JSON inside, read with allow_pickle=False: a file planted in the output
+    # folder can at worst be ignored, never run code (a pickle would).
+    return out / "checkpoints" / f"{factory_slug(factory)}__{method.value}.npz"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
 
 
 def save_checkpoint(out: Path, run: RunResult, factory_info: dict[str, Any], key: str) -> None:
     """Keep a finished run (atomically): an interrupted evaluation resumes after it."""
     path = _checkpoint_path(out, run.factory, run.method)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, pickle.dumps({"key": key, "run": run, "factory": factory_info}))
+    meta = {"key": key, "factory": run.factory, "method": run.method.value, "retrieval": run.retrieval,
+            "icd": run.icd, "predictions": run.predictions, "summary": run.summary,
+            "factory_info": factory_info, "examples": len(run.examples),
+            "curve": run.curve is not None, "psnr": run.psnr is not None}
+    arrays: dict[str, np.ndarray] = {
+        "meta": np.frombuffer(json.dumps(meta, default=_json_default).encode(), dtype=np.uint8)}
+    if run.curve is not None:
+        arrays["curve_recall"], arrays["curve_precision"] = (np.asarray(a) for a in run.curve)
+    if run.psnr is not None:
+        arrays["psnr"] = np.asarray(run.psnr)
+    for i, ex in enumerate(run.examples):
+        arrays[f"example_{i}"] = np.asarray(ex)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def load_checkpoint(out: Path, factory: str, method: Method, key: str) -> tuple[RunResult, dict[str, Any]] | None:
     path = _checkpoint_path(out, factory, method)
     try:
-        data = pickle.loads(path.read_bytes())  # our own file, written by save_checkpoint
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+            if meta.get("key") != key:
+                return None
+            run = RunResult(
+                factory=meta["factory"], method=Method(meta["method"]), retrieval=meta["retrieval"],
+                icd=meta["icd"], predictions=[tuple(p) for p in meta["predictions"]], summary=meta["summary"],
+                curve=(z["curve_recall"], z["curve_precision"]) if meta["curve"] else None,
+                psnr=z["psnr"] if meta["psnr"] else None,
+                examples=[z[f"example_{i}"] for i in range(int(meta["examples"]))],
+            )
+            return run, meta["factory_info"]
     except FileNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is recomputed, not fatal
         logger.warning("ignoring unreadable checkpoint %s: %s", path, exc)
         return None
-    return (data["run"], data["factory"]) if data.get("key") == key else None
 
 
 def check_settings(settings: EvalSettings, ex: Extractor) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from activeindex.collection import write_text_atomic
+from activeindex.atomic import write_text_atomic
 from activeindex.evaluation.outputs import format_edit_table, format_table
 from activeindex.evaluation.protocol import Method, RunResult
 

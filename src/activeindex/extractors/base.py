@@ -220,9 +220,18 @@ class Extractor:
             raise ValueError(f"expected uint8 (B, S, S, 3) images, got {batch.dtype} {tuple(batch.shape)}")
         batch = batch.to(self.device)
         dtype = self.autocast_dtype
-        if self.spec.get("kind") == "builtin":
-            return self._traced(batch, dtype)(batch).cpu().numpy()
-        return self._describe_uint8(batch, dtype).cpu().numpy()
+        try:
+            if self.spec.get("kind") == "builtin":
+                return self._traced(batch, dtype)(batch).cpu().numpy()
+            return self._describe_uint8(batch, dtype).cpu().numpy()
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class with torch's
+            # A model file that loads but fails on real input (wrong input layout, an operator the
+            # runtime lacks, a shape it cannot take) is the user's model's error, not a crash here.
+            raise ModelError(
+                f"{self.spec_string} failed on a batch of {tuple(batch.shape)} images: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def describe(self) -> dict:
         """What a collection stores about this extractor."""

@@ -9,7 +9,10 @@ lock. That is what a batch job does with files (:func:`~activeindex.features.ext
 HTTP front end adds the requests' parsing, and nothing per query that the batch could share.
 Writes (add, remove) are serialised by ``write_mutex``; the index itself is changed only inside
 :meth:`ServedCollection.add_vectors` / :meth:`ServedCollection.remove`, under the writer side, so a
-search never walks an index being changed. Everything else a write does (describing, activating,
+search never walks an index being changed. Other processes may write the collection while it is
+served (a CLI ``add``): every write here takes the collection's inter-process lock and extends the
+latest index on disk (:class:`~activeindex.collection.Collection`), and a search batch first
+reloads the index when another process replaced it, so the service sees their images too. Everything else a write does (describing, activating,
 which reads the index for its targets) runs beside the searches.
 
 Durability. An add is acknowledged only after the collection's pending → index written atomically →
@@ -35,8 +38,8 @@ import torch
 
 from activeindex.activation import ActivationConfig
 from activeindex.activation.add import add_activated
-from activeindex.collection import INDEX_FILE, Collection, Match, is_storable_id, write_bytes_atomic
-from activeindex.errors import CollectionError
+from activeindex.atomic import write_bytes_atomic
+from activeindex.collection import Collection, Match
 from activeindex.extractors import Extractor
 from activeindex.service.batcher import Batcher
 from activeindex.service.describers import LocalDescriber, ProcessDescriber, start_processes
@@ -52,63 +55,33 @@ MAX_AUTO_PROCESSES = 4  # model processes by default, at most (each holds torch 
 
 
 class ServedCollection(Collection):
-    """A :class:`Collection` whose index changes hold the writer side of ``rw``.
-
-    It also refuses to write over an index file that another process (a CLI ``add`` while the
-    service runs) replaced since the service read it: the service's copy in memory would otherwise
-    overwrite that process's additions.
-    """
+    """A :class:`Collection` whose index changes hold the writer side of ``rw`` (so a search never
+    walks an index being changed or replaced). Writes follow the collection's inter-process
+    protocol: under its lock, the latest index on disk is reloaded first, so a CLI ``add`` while
+    the service runs and the service's own adds never erase each other."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.rw = RWLock()
-        self._stamp: tuple[int, int, int] | None = None
         super().__init__(*args, **kwargs)
 
-    @classmethod
-    def open(cls, root: str | os.PathLike[str], **kwargs: Any) -> ServedCollection:
-        coll = super().open(root, **kwargs)
-        assert isinstance(coll, ServedCollection)
-        coll._stamp = coll._index_stamp()  # after open's recovery, which may rewrite the index
-        return coll
-
-    def _index_stamp(self) -> tuple[int, int, int]:
-        st = (self.root / INDEX_FILE).stat()
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def _check_unchanged_on_disk(self) -> None:
-        if self._stamp is not None and self._index_stamp() != self._stamp:
-            raise CollectionError(
-                f"{self.root / INDEX_FILE} was changed by another process since this service loaded it; "
-                "restart the service (only the service may write while it runs)"
-            )
-
+    # The inter-process lock first, the writer side of ``rw`` inside it: waiting for another
+    # process's write (the distributed driver holds the lock for a whole round) must not stall the
+    # searches. Reloading the latest index (when taking the lock) only swaps ``self.index`` for a
+    # new object, which a running search does not see; the in-place change happens under ``rw``.
     def add_vectors(self, *args: Any, **kwargs: Any) -> list[int]:
-        with self.rw.write():
-            self._check_unchanged_on_disk()
-            try:
-                return super().add_vectors(*args, **kwargs)
-            finally:
-                self._stamp = self._index_stamp()
+        with self._write_lock(), self.rw.write():
+            return super().add_vectors(*args, **kwargs)
 
     def remove(self, ids: Any) -> tuple[list[int], list[int]]:
-        with self.rw.write():
-            self._check_unchanged_on_disk()
-            try:
-                return super().remove(ids)
-            finally:
-                self._stamp = self._index_stamp()
+        with self._write_lock(), self.rw.write():
+            return super().remove(ids)
 
-    def record(self, image_id: int) -> dict[str, Any] | None:
-        """The database row of an indexed image, or None (also for an id beyond int64)."""
-        if not is_storable_id(image_id):
-            return None
-        cur = self.db.execute(
-            "SELECT id, name, path, sha256, added, mode, psnr, ssim, linf, released FROM images "
-            "WHERE id = ? AND status = 'indexed'",
-            (int(image_id),),
-        )
-        row = cur.fetchone()
-        return None if row is None else dict(zip([c[0] for c in cur.description], row))
+    def catch_up(self) -> None:
+        """Reload the index if another process replaced it (cheap when it did not: one stat)."""
+        if self.index_changed_on_disk():
+            with self.rw.write():
+                if self.index_changed_on_disk():
+                    self.reload()
 
 
 @dataclass(frozen=True)
@@ -232,6 +205,7 @@ class Service:
         found: dict[int, list[Match]] = {}
         if queries:
             k = max(int(jobs[i].k or 0) for i in queries)
+            self.collection.catch_up()
             with self.metrics.time("search"), self.collection.rw.read():
                 rows = self.collection.search(x[queries], k)
             found = {i: row[: jobs[i].k] for i, row in zip(queries, rows)}
@@ -274,7 +248,9 @@ class Service:
 
     def add_passive(self, upload: Upload) -> AddOutcome:
         x = self.describe(upload)  # outside the write mutex: describing runs beside other writes
-        with self.write_mutex, self.metrics.time("add"):
+        # The collection's lock too: a CLI `add` of the same bytes cannot slip in between the check
+        # and the add.
+        with self.write_mutex, self.collection.writing(), self.metrics.time("add"):
             existing = self.collection.find_hash(upload.sha256)
             if existing is not None:
                 return AddOutcome(existing, self._name_of(existing), True, self._mode_of(existing))
@@ -286,6 +262,12 @@ class Service:
         """Activate an upload, keep its released file under ``released/``, add the original's code.
         Raises :class:`ActivationFailed` when no file within the budget could be made."""
         # Fail a broken file with its reason before taking the write mutex.
+        pixels = upload.width * upload.height
+        if pixels > self.limits.max_activation_pixels:
+            raise UploadRejected(
+                413, f"{upload.width}×{upload.height} = {pixels} pixels is too large to activate (the limit is "
+                f"{self.limits.max_activation_pixels}: activation needs about 180 bytes per pixel); downscale it"
+            )
         with self.metrics.time("decode"):
             decode_upload(upload, self.limits)
         stem, ext = os.path.splitext(upload.name)
@@ -296,7 +278,8 @@ class Service:
                 return AddOutcome(existing, self._name_of(existing), True, self._mode_of(existing),
                                   self._released_of(existing))
             path = self._store_upload(upload)
-            report = add_activated(self.collection, [path], self.released_dir, config, names=[name])
+            report = add_activated(self.collection, [path], self.released_dir, config, names=[name],
+                                   max_pixels=self.limits.max_activation_pixels)
         if report.failures:
             raise ActivationFailed(report.failures[0].reason)
         if report.duplicates:  # cannot happen under the mutex, but never report a wrong outcome

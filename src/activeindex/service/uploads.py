@@ -28,7 +28,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from activeindex.errors import ImageLoadError
-from activeindex.images import ImageLimits, decode_image
+from activeindex.images import MAX_ACTIVATION_PIXELS, ImageLimits, decode_image
 
 # Pillow formats an upload may be in (the ones the CLI's folder walk picks up). Others are refused
 # before Pillow tries them: some plugins (EPS → Ghostscript) are not for untrusted input.
@@ -63,9 +63,12 @@ class ServiceLimits:
     parse_seconds: float = 2.0
     body_seconds: float = 60.0
     drain_bytes: int = 64 * 1024 * 1024
+    # An upload to activate: activation holds about 180 bytes per pixel at once (413 beyond).
+    max_activation_pixels: int = MAX_ACTIVATION_PIXELS
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_k", "max_batch", "max_parts", "max_header_bytes"):
+        for name in ("max_bytes", "max_pixels", "max_k", "max_batch", "max_parts", "max_header_bytes",
+                     "max_activation_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("parse_seconds", "body_seconds"):

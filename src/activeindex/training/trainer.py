@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from activeindex.atomic import atomic_path, write_text_atomic
 from activeindex.errors import ImageLoadError
 from activeindex.extractors.base import Preprocessing
 from activeindex.extractors.builtin import BUILTIN_MODELS, build_builtin
@@ -82,9 +83,8 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def _save_atomic(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def train_descriptor(
@@ -114,11 +114,16 @@ def train_descriptor(
     start = 0
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        try:
+            # weights_only: tensors and plain containers only, never arbitrary pickled objects (a
+            # file planted in the output folder must not run code); the generator states are tensors.
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError
+            raise ValueError(f"cannot resume from {ckpt_path}: {exc}; delete it or use a new output folder") from exc
         if ckpt["config"] != asdict(cfg):
             raise ValueError(f"{ckpt_path} was made with another config; use a new output folder")
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        opt.load_state_dict(ckpt["optimizer"])  # moves the state to the parameters' device
         gen.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
         start = ckpt["step"]
@@ -194,7 +199,5 @@ def export_weights(model: torch.nn.Module, path: str | os.PathLike[str], meta: d
     reloaded.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     digest = state_dict_digest(reloaded)
     sidecar = path.with_suffix(".json")
-    tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(json.dumps({**(meta or {}), "digest": digest}, indent=2) + "\n")
-    os.replace(tmp, sidecar)
+    write_text_atomic(sidecar, json.dumps({**(meta or {}), "digest": digest}, indent=2) + "\n")
     return digest
