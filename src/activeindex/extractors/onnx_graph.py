@@ -117,7 +117,7 @@ def onnx_input_shape(path: str | os.PathLike) -> tuple[int | None, ...]:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
 
 
-def load_onnx_module(path: str | os.PathLike) -> OnnxGraphModule:
+def load_onnx_module(path: str | os.PathLike, *, fake_quant: bool = True) -> OnnxGraphModule:
     """Load an ONNX file as a differentiable module.
 
     The graph must have a single non-initializer input, typically an image batch of shape
@@ -125,10 +125,15 @@ def load_onnx_module(path: str | os.PathLike) -> OnnxGraphModule:
     ``(B, D)``. Gradients flow from the output back to ``x``. The weights are buffers (not
     parameters), so ``.to(device)`` and ``.state_dict()`` work and nothing is trainable.
 
+    Quantised graphs: weight ``DequantizeLinear`` and ``Cast`` nodes are folded into float buffers
+    at load; each activation ``QuantizeLinear → DequantizeLinear`` pair runs as fake quantisation
+    (round + clamp, straight-through gradient). ``fake_quant=False`` clamps without rounding; it
+    exists for ``bench/onnx_agreement.py``, which measures both against onnxruntime.
+
     Raises :class:`ModelError` if the file is missing, is not ONNX, has several inputs, or uses op
     types this converter lacks (all of them are listed).
     """
-    return OnnxGraphModule(_read_model(path), source=str(path))
+    return OnnxGraphModule(_read_model(path), source=str(path), fake_quant=fake_quant)
 
 
 def supported_ops() -> frozenset[str]:
@@ -151,7 +156,7 @@ class OnnxGraphModule(torch.nn.Module):
     ``forward(x)`` maps the graph's input (e.g. ``(B, 3, H, W)`` float) to its first output.
     """
 
-    def __init__(self, model: onnx.ModelProto, source: str = "<onnx>") -> None:
+    def __init__(self, model: onnx.ModelProto, source: str = "<onnx>", *, fake_quant: bool = True) -> None:
         super().__init__()
         graph = model.graph
         self.source = source
@@ -164,18 +169,13 @@ class OnnxGraphModule(torch.nn.Module):
         if unsupported:
             raise ModelError(f"{source}: unsupported ONNX op types: {', '.join(unsupported)}")
 
-        # ONNX value name -> buffer attribute name. Buffers (not a dict of tensors) so that
-        # .to(), .half() and .state_dict() see the weights.
-        self._buffer_of: dict[str, str] = {}
-        for init in graph.initializer:
-            self._add_constant(init.name, _to_tensor(init))
-
-        self._nodes: list[_Node] = []
-        known = {self.input_name, ""} | set(self._buffer_of)
+        constants: dict[str, Tensor] = {init.name: _to_tensor(init) for init in graph.initializer}
+        nodes: list[_Node] = []
+        known = {self.input_name, ""} | set(constants)
         for n in graph.node:
             attrs = {a.name: _attr_value(a) for a in n.attribute}
-            if n.op_type == "Constant":  # folded into a buffer so it follows .to(device)
-                self._add_constant(n.output[0], _constant_value(attrs))
+            if n.op_type == "Constant":
+                constants[n.output[0]] = _constant_value(attrs)
                 known.add(n.output[0])
                 continue
             missing = [i for i in n.input if i not in known]
@@ -184,10 +184,23 @@ class OnnxGraphModule(torch.nn.Module):
                                  f"{missing} (graph not topologically sorted?)")
             if n.op_type == "Split" and "split" not in attrs and (len(n.input) < 2 or not n.input[1]):
                 attrs.setdefault("num_outputs", len(n.output))  # even split into all outputs
-            self._nodes.append(_Node(n.op_type, _OPS[n.op_type], list(n.input), list(n.output), attrs))
+            nodes.append(_Node(n.op_type, _OPS[n.op_type], list(n.input), list(n.output), attrs))
             known.update(n.output)
         if missing := [o for o in self.output_names if o not in known]:
             raise ModelError(f"{source}: graph outputs {missing} are never computed")
+
+        self.fake_quant = fake_quant
+        nodes = _fuse_quantize_pairs(nodes, constants, set(self.output_names), fake_quant)
+        self._nodes = _fold_constants(self, nodes, constants)
+
+        # ONNX value name -> buffer attribute name, for the constants the remaining nodes read.
+        # Buffers (not a dict of tensors) so that .to(), .half() and .state_dict() see the weights;
+        # the int8 weights and fp16 originals of folded values are not kept.
+        self._buffer_of: dict[str, str] = {}
+        used = {name for node in self._nodes for name in node.inputs} | set(self.output_names)
+        for name, value in constants.items():
+            if name in used:
+                self._add_constant(name, value)
 
         last_use: dict[str, int] = {}
         for i, node in enumerate(self._nodes):
@@ -225,6 +238,59 @@ class OnnxGraphModule(torch.nn.Module):
         return f"source={self.source!r}, opset={self.opset}, nodes={len(self._nodes)}"
 
 
+def _fuse_quantize_pairs(nodes: list[_Node], constants: dict[str, Tensor], outputs: set[str],
+                        fake_quant: bool) -> list[_Node]:
+    """Replace each activation QuantizeLinear whose integer output only feeds DequantizeLinear
+    nodes by one float ``_FakeQuantize`` node per consumer.
+
+    Quantisation tools (onnxruntime's ``quantize_static``, PyTorch's QAT export) write every
+    quantised activation as such a pair. Executed literally the pair passes through an integer
+    tensor, which autograd cannot differentiate; fused, it is ``(clamp(round(x / s) + z) - z') * s'``
+    in float with a straight-through gradient (see :func:`_fake_quantize`). A QuantizeLinear on a
+    constant (a weight) is left alone: constant folding computes it once at load.
+    """
+    consumers: dict[str, list[_Node]] = {}
+    for node in nodes:
+        for name in node.inputs:
+            consumers.setdefault(name, []).append(node)
+    fused: dict[int, _Node] = {}  # id(DequantizeLinear node) -> its replacement
+    dropped: set[int] = set()
+    for q in nodes:
+        if q.op != "QuantizeLinear" or q.inputs[0] in constants or q.outputs[0] in outputs:
+            continue
+        readers = consumers.get(q.outputs[0], [])
+        if not readers or any(r.op != "DequantizeLinear" or r.inputs[0] != q.outputs[0] for r in readers):
+            continue
+        q_in = (q.inputs + ["", ""])[:3]
+        for dq in readers:
+            dq_in = (dq.inputs + ["", ""])[:3]
+            attrs = {"q_axis": q.attrs.get("axis", 1), "dq_axis": dq.attrs.get("axis", 1),
+                     "output_dtype": q.attrs.get("output_dtype", 0), "round": fake_quant}
+            fused[id(dq)] = _Node("_FakeQuantize", _fake_quantize, [*q_in, dq_in[1], dq_in[2]],
+                                  list(dq.outputs), attrs)
+        dropped.add(id(q))
+    return [fused.get(id(n), n) for n in nodes if id(n) not in dropped]
+
+
+def _fold_constants(m: OnnxGraphModule, nodes: list[_Node], constants: dict[str, Tensor]) -> list[_Node]:
+    """Evaluate once, at load, every node whose inputs are all constants; return the others.
+
+    This is what turns weight ``DequantizeLinear`` (int8 → float) and ``Cast`` (fp16 → fp32) into
+    plain float weights, so that ``forward`` does not repeat them for every batch. The results go
+    into ``constants`` (computed without autograd: constants need no gradient).
+    """
+    kept = []
+    with torch.no_grad():
+        for node in nodes:
+            if not all(name in constants for name in node.inputs if name):
+                kept.append(node)
+                continue
+            result = node.fn(m, [constants[i] if i else None for i in node.inputs], node.attrs)
+            results = (result,) if isinstance(result, Tensor) else result
+            constants.update(zip(node.outputs, results))
+    return kept
+
+
 def _op_key(node: onnx.NodeProto) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
@@ -246,6 +312,8 @@ def _variant(node: onnx.NodeProto) -> str | None:
             return "antialias/keep_aspect_ratio_policy"
         if attrs.get("coordinate_transformation_mode", "half_pixel") not in _RESIZE_COORDS:
             return f"coordinate_transformation_mode={attrs['coordinate_transformation_mode']}"
+    if op in ("QuantizeLinear", "DequantizeLinear") and attrs.get("block_size", 0):
+        return "block_size"
     if op in ("Conv", "MaxPool", "AveragePool") and attrs.get("auto_pad", "NOTSET") not in _AUTO_PADS:
         return f"auto_pad={attrs['auto_pad']}"
     return None
@@ -384,6 +452,88 @@ def _gemm(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
     if len(i) > 2 and i[2] is not None:
         y = y + a.get("beta", 1.0) * i[2]
     return y
+
+
+# --- quantisation ---------------------------------------------------------------------------------
+# Per tensor (scalar scale / zero point) and per axis (1-D scale / zero point along ``axis``),
+# int8 / uint8 (and the wider integer types) with or without a zero point. Blocked quantisation
+# (opset 21 ``block_size``) is refused at load by _variant.
+
+def _along(v: Tensor, x: Tensor, axis: int) -> Tensor:
+    """A scalar or per-axis (1-D) quantisation parameter, shaped to broadcast against ``x``."""
+    if v.dim() == 0:
+        return v
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return v.reshape(shape)
+
+
+def _quant_dtype(zero_point: Value, output_dtype: int) -> torch.dtype:
+    if zero_point is not None:
+        return zero_point.dtype
+    return _DTYPES.get(output_dtype, torch.uint8) if output_dtype else torch.uint8  # ONNX default
+
+
+def _quant_range(dtype: torch.dtype) -> tuple[int, int]:
+    if dtype.is_floating_point or dtype == torch.bool:
+        raise ModelError(f"QuantizeLinear to {dtype} is not supported (integer types only)")
+    info = torch.iinfo(dtype)
+    return info.min, info.max
+
+
+@_op("QuantizeLinear")
+def _quantize_linear(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    """An integer tensor, as ONNX: saturate(round_half_even(x / scale) + zero_point). Not
+    differentiable; activation pairs are fused into _fake_quantize instead."""
+    x, scale, zp = (i + [None, None])[:3]
+    assert x is not None and scale is not None
+    axis = a.get("axis", 1)
+    dtype = _quant_dtype(zp, a.get("output_dtype", 0))
+    lo, hi = _quant_range(dtype)
+    q = torch.round(x.float() / _along(scale.float(), x, axis))
+    if zp is not None:
+        q = q + _along(zp, x, axis).float()
+    return q.clamp(lo, hi).to(dtype)
+
+
+@_op("DequantizeLinear")
+def _dequantize_linear(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    """(x - zero_point) * scale in the scale's float type; the subtraction in int32 (exact, as
+    onnxruntime does it, also for the int32 biases of quantised convolutions)."""
+    x, scale, zp = (i + [None, None])[:3]
+    assert x is not None and scale is not None
+    axis = a.get("axis", 1)
+    if not x.is_floating_point():
+        x = x.to(torch.int32)
+        if zp is not None:
+            x = x - _along(zp.to(torch.int32), x, axis)
+    elif zp is not None:
+        x = x - _along(zp, x, axis).to(x.dtype)
+    return x.to(scale.dtype) * _along(scale, x, axis)
+
+
+def _fake_quantize(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    """A fused QuantizeLinear → DequantizeLinear pair on float activations (see
+    :func:`_fuse_quantize_pairs`): the same numbers as the integer round trip, computed in float32.
+
+    Gradient: straight-through for the rounding, zero where the value saturates — the derivative of
+    the clamp. The saturation matters: quantised graphs (SSCD's int8 export among them) drop their
+    Relu nodes because uint8's lower bound at the zero point *is* the ReLU. With ``round=False``
+    (measurement only) the rounding is skipped and only the clamp remains.
+    """
+    x, q_scale, q_zp, dq_scale, dq_zp = i
+    assert x is not None and q_scale is not None and dq_scale is not None
+    lo, hi = _quant_range(_quant_dtype(q_zp, a["output_dtype"]))
+    xf = x.float()
+    v = xf / _along(q_scale.float(), xf, a["q_axis"])  # round(x / s) + z, as ONNX orders it
+    zq = 0.0 if q_zp is None else _along(q_zp, xf, a["q_axis"]).float()
+    v_clamped = (v + zq).clamp(lo, hi)
+    if a["round"]:
+        q = v_clamped + ((torch.round(v) + zq).clamp(lo, hi) - v_clamped).detach()
+    else:
+        q = v_clamped
+    zd = 0.0 if dq_zp is None else _along(dq_zp, xf, a["dq_axis"]).float()
+    return (q - zd) * _along(dq_scale.float(), xf, a["dq_axis"])
 
 
 # --- convolution and pooling --------------------------------------------------------------------
