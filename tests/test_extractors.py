@@ -166,7 +166,8 @@ def test_onnx_model_matches_its_torch_source(tmp_path):
     ex = create_extractor(f"onnx:{path}", precision=Precision.FP32)
     assert ex.preprocessing.input_size == 40  # read from the file's static input shape
     x = calibration_batch(40, n=3).requires_grad_(True)
-    ref = torch.nn.functional.normalize(net((x - ex._mean) / ex._std), dim=-1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (ex.preprocessing.mean, ex.preprocessing.std))
+    ref = torch.nn.functional.normalize(net((x - mean) / std), dim=-1)
     out = ex.embed(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     out.sum().backward()

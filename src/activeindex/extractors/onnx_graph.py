@@ -17,6 +17,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from torch import Tensor
 
 from activeindex.errors import ModelError
 
-__all__ = ["OnnxGraphModule", "load_onnx_module", "onnx_input_shape", "supported_ops"]
+__all__ = ["GraphInput", "OnnxGraphModule", "graph_input", "load_onnx_module", "onnx_input_shape",
+           "supported_ops"]
 
 Value = Tensor | None
 OpFn = Callable[["OnnxGraphModule", list[Value], dict[str, Any]], "Tensor | tuple[Tensor, ...]"]
@@ -117,6 +119,97 @@ def onnx_input_shape(path: str | os.PathLike) -> tuple[int | None, ...]:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
 
 
+@dataclass(frozen=True)
+class GraphInput:
+    """What a graph expects as its image input, read from its declaration and its first nodes.
+
+    - ``nhwc``: channels last, ``(B, H, W, 3)`` (else ``(B, 3, H, W)``);
+    - ``integer``: declared as an integer type (uint8 pixels); the converter is fed the same values
+      as float so that gradients reach them;
+    - ``size``: the static square input size, ``None`` when symbolic (any size) or not square;
+    - ``scale``: per-channel ``a`` of the affine map ``x * a + b`` the graph applies to its input
+      before anything else (Cast/Transpose/Sub/Add/Mul/Div by constants), ``None`` when it starts
+      with something else: then the graph expects input normalised outside.
+    """
+
+    nhwc: bool
+    integer: bool
+    size: int | None
+    scale: tuple[float, ...] | None
+
+    @property
+    def pixels_0_255(self) -> bool:
+        """Whether the graph wants pixel values 0..255 (uint8 input, or a float graph whose own
+        normalisation divides by about 255: |a| ≈ 1/(0.23·255) rather than 1/0.23)."""
+        if self.integer:
+            return True
+        return self.scale is not None and float(np.mean(np.abs(self.scale))) < 0.5
+
+
+_NORMALISE_OPS = ("Sub", "Add", "Mul", "Div")
+
+
+def graph_input(model: onnx.ModelProto, path: object = "<onnx>") -> GraphInput:
+    """Layout, type, size and in-graph normalisation of a graph's image input (see GraphInput)."""
+    value = _image_input(model, path)
+    elem = value.type.tensor_type.elem_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+
+    def constant(name: str) -> np.ndarray | None:
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        if name in consts:
+            return _constant_value({a.name: _attr_value(a) for a in consts[name].attribute}).numpy()
+        return None
+
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    # Follow the single chain of elementwise/layout nodes the input goes through first.
+    a, b, affine, transposed = np.ones(1), np.zeros(1), False, False
+    current = value.name
+    while len(readers := consumers.get(current, [])) == 1:
+        n = readers[0]
+        if n.op_type in ("Cast", "Identity"):
+            pass
+        elif n.op_type == "Transpose":
+            perm = [int(v) for v in next((onnx.helper.get_attribute_value(t) for t in n.attribute
+                                           if t.name == "perm"), [])]
+            if perm != [0, 3, 1, 2]:
+                break
+            transposed = True
+        elif n.op_type in _NORMALISE_OPS and len(n.input) == 2 and n.input[0] == current:
+            c = constant(n.input[1])
+            if c is None or c.size not in (1, 3):
+                break
+            c = c.astype(np.float64).reshape(-1)
+            if n.op_type == "Sub":
+                b = b - c
+            elif n.op_type == "Add":
+                b = b + c
+            elif n.op_type == "Mul":
+                a, b = a * c, b * c
+            else:
+                a, b = a / c, b / c
+            affine = True
+        else:
+            break
+        current = n.output[0]
+    nhwc = len(dims) == 4 and (dims[3] == 3 and dims[1] != 3 or dims[1] is None and dims[3] is None
+                              and transposed)
+    h, w = (dims[1], dims[2]) if nhwc else (dims[2:4] if len(dims) == 4 else (None, None))
+    return GraphInput(
+        nhwc=bool(nhwc),
+        integer=elem in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.UINT16,
+                         onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64),
+        size=int(h) if isinstance(h, int) and h == w and h > 0 else None,
+        scale=tuple(float(v) for v in np.broadcast_to(a, (3,))) if affine else None,
+    )
+
+
 def load_onnx_module(path: str | os.PathLike, *, fake_quant: bool = True) -> OnnxGraphModule:
     """Load an ONNX file as a differentiable module.
 
@@ -162,6 +255,7 @@ class OnnxGraphModule(torch.nn.Module):
         self.source = source
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         self.input_name = _image_input(model, source).name
+        self.graph_input = graph_input(model, source)
         self.output_names = [o.name for o in graph.output]
 
         unsupported = sorted({_op_key(n) for n in graph.node if _op_key(n) not in supported_ops()}
@@ -512,9 +606,42 @@ def _dequantize_linear(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) ->
     return x.to(scale.dtype) * _along(scale, x, axis)
 
 
+class _FakeQuantFn(torch.autograd.Function):
+    """y = (clamp(round(x / s), lo - z, hi - z) + (z - z')) * s' in a few in-place passes.
+
+    Adding the zero point after rounding is ONNX's order (round half to even, then + z); clamping
+    ``round(x / s)`` to ``[lo - z, hi - z]`` is the same as clamping ``round(x / s) + z`` to
+    ``[lo, hi]`` and saves a pass. Elementwise passes, not the convolutions, dominate a quantised
+    network's time on a CPU here, hence a custom Function rather than a chain of differentiable
+    ops (and ``torch.fake_quantize_per_tensor_affine`` measured slower still, and multiplies by
+    1/s where ONNX divides).
+
+    Backward: straight-through for the rounding, times s'/s, zero where the value saturated.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, s: Tensor, lo: Tensor, hi: Tensor, shift: Tensor | None,
+                s_out: Tensor, rounding: bool) -> Tensor:
+        q = torch.div(x, s)
+        if rounding:
+            q.round_()
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((q >= lo) & (q <= hi), s_out / s)
+        q = torch.maximum(q, lo, out=q) if lo.dim() else q.clamp_(min=lo)
+        q = torch.minimum(q, hi, out=q) if hi.dim() else q.clamp_(max=hi)
+        if shift is not None:
+            q.add_(shift)
+        return q.mul_(s_out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        inside, gain = ctx.saved_tensors
+        return grad * inside * gain, None, None, None, None, None, None
+
+
 def _fake_quantize(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
     """A fused QuantizeLinear → DequantizeLinear pair on float activations (see
-    :func:`_fuse_quantize_pairs`): the same numbers as the integer round trip, computed in float32.
+    :func:`_fuse_quantize_pairs`): the numbers of the integer round trip, computed in float32.
 
     Gradient: straight-through for the rounding, zero where the value saturates — the derivative of
     the clamp. The saturation matters: quantised graphs (SSCD's int8 export among them) drop their
@@ -525,16 +652,13 @@ def _fake_quantize(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Ten
     assert x is not None and q_scale is not None and dq_scale is not None
     lo, hi = _quant_range(_quant_dtype(q_zp, a["output_dtype"]))
     xf = x.float()
-    v = xf / _along(q_scale.float(), xf, a["q_axis"])  # round(x / s) + z, as ONNX orders it
-    zq = 0.0 if q_zp is None else _along(q_zp, xf, a["q_axis"]).float()
-    v_clamped = (v + zq).clamp(lo, hi)
-    if a["round"]:
-        q = v_clamped + ((torch.round(v) + zq).clamp(lo, hi) - v_clamped).detach()
-    else:
-        q = v_clamped
-    zd = 0.0 if dq_zp is None else _along(dq_zp, xf, a["dq_axis"]).float()
-    return (q - zd) * _along(dq_scale.float(), xf, a["dq_axis"])
-
+    s = _along(q_scale.float(), xf, a["q_axis"])
+    zq = torch.zeros((), device=xf.device) if q_zp is None else _along(q_zp, xf, a["q_axis"]).float()
+    zd = torch.zeros((), device=xf.device) if dq_zp is None else _along(dq_zp, xf, a["dq_axis"]).float()
+    shift = None if dq_zp is q_zp or torch.equal(zq, zd) else zq - zd
+    # The clamp bounds broadcast like the zero point: scalars per tensor, a channel axis per axis.
+    return _FakeQuantFn.apply(xf, s, lo - zq, hi - zq, shift,
+                              _along(dq_scale.float(), xf, a["dq_axis"]), bool(a["round"]))
 
 # --- convolution and pooling --------------------------------------------------------------------
 
