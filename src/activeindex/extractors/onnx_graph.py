@@ -641,7 +641,8 @@ class _FakeQuantFn(torch.autograd.Function):
 
 def _fake_quantize(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
     """A fused QuantizeLinear → DequantizeLinear pair on float activations (see
-    :func:`_fuse_quantize_pairs`): the numbers of the integer round trip, computed in float32.
+    :func:`_fuse_quantize_pairs`): the numbers of the integer round trip, computed in float32
+    (float64 for a float64 input).
 
     Gradient: straight-through for the rounding, zero where the value saturates — the derivative of
     the clamp. The saturation matters: quantised graphs (SSCD's int8 export among them) drop their
@@ -651,14 +652,16 @@ def _fake_quantize(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Ten
     x, q_scale, q_zp, dq_scale, dq_zp = i
     assert x is not None and q_scale is not None and dq_scale is not None
     lo, hi = _quant_range(_quant_dtype(q_zp, a["output_dtype"]))
-    xf = x.float()
-    s = _along(q_scale.float(), xf, a["q_axis"])
-    zq = torch.zeros((), device=xf.device) if q_zp is None else _along(q_zp, xf, a["q_axis"]).float()
-    zd = torch.zeros((), device=xf.device) if dq_zp is None else _along(dq_zp, xf, a["dq_axis"]).float()
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64: gradcheck
+    xf = x.to(dtype)
+    s = _along(q_scale.to(dtype), xf, a["q_axis"])
+    zero = torch.zeros((), dtype=dtype, device=xf.device)
+    zq = zero if q_zp is None else _along(q_zp, xf, a["q_axis"]).to(dtype)
+    zd = zero if dq_zp is None else _along(dq_zp, xf, a["dq_axis"]).to(dtype)
     shift = None if dq_zp is q_zp or torch.equal(zq, zd) else zq - zd
     # The clamp bounds broadcast like the zero point: scalars per tensor, a channel axis per axis.
     return _FakeQuantFn.apply(xf, s, lo - zq, hi - zq, shift,
-                              _along(dq_scale.float(), xf, a["dq_axis"]), bool(a["round"]))
+                              _along(dq_scale.to(dtype), xf, a["dq_axis"]), bool(a["round"]))
 
 # --- convolution and pooling --------------------------------------------------------------------
 
