@@ -163,14 +163,17 @@ def test_qdq_graph_matches_onnxruntime_better_than_clamping(qdq_models: dict[str
 @pytest.mark.parametrize("form", list(QDQ_FORMS))
 def test_qdq_input_gradient(qdq_models: dict[str, Path], form: str) -> None:
     """The straight-through gradient is that of the graph with each Q/DQ pair read as a clamp, whose
-    gradient gradcheck verifies against finite differences (the rounded graph is piecewise constant,
+    gradient is checked here against finite differences (the rounded graph is piecewise constant,
     so finite differences of it carry no information)."""
     clamp = load_onnx_module(qdq_models[form], fake_quant=False).double()
-    x = torch.rand(2, 3, SIZE, SIZE, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(clamp, (x,), eps=1e-6, atol=1e-5)
-
-    rounded = load_onnx_module(qdq_models[form]).double()
+    x = torch.rand(2, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     w = torch.randn(2, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    # float64, step 1e-6: far from the clamp kinks for random inputs, rounding noise ~1e-10.
+    for fd, grad in _fd_check(lambda t: (clamp(t) * w).sum(), x, h=1e-6):
+        assert fd == pytest.approx(grad, rel=1e-4, abs=1e-8)
+
+    x.requires_grad_(True)
+    rounded = load_onnx_module(qdq_models[form]).double()
     (g_ste,) = torch.autograd.grad((rounded(x) * w).sum(), x)
     (g_clamp,) = torch.autograd.grad((clamp(x) * w).sum(), x)
     assert torch.isfinite(g_ste).all() and g_ste.abs().sum() > 0
