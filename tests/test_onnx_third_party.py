@@ -330,3 +330,35 @@ def test_fp16_weight_graph(net: nn.Module, float_onnx: Path, tmp_path: Path) -> 
     w = torch.randn(3, 12, generator=torch.Generator().manual_seed(4))
     for fd, grad in _fd_check(lambda t: (module(t) * w).sum(), x, h=1e-2):
         assert fd == pytest.approx(grad, rel=0.02, abs=1e-4)
+
+
+# -- end to end ------------------------------------------------------------------------------------
+
+def test_cli_create_add_query_activate_with_a_uint8_nhwc_model(pixel_models, image_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from activeindex.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: object):
+        res = runner.invoke(app, [str(a) for a in args])
+        assert res.exit_code == 0, (res.output, res.exception)
+        return res
+
+    # Training descriptors through `extract`: the random 12-d test network maps too many images
+    # alike for a calibration from images (a collection from a .npy has no threshold until then).
+    c, images = tmp_path / "coll", sorted(image_dir.glob("*.png"))
+    model = f"onnx:{pixel_models['static']}"
+    invoke("extract", image_dir, "-o", tmp_path / "train", "--model", model)
+    invoke("create", c, "--index", "Flat", "--train", tmp_path / "train" / "features.npy", "--model", model)
+    stored = json.loads((c / "collection.json").read_text())["extractor"]
+    assert stored["preprocessing"]["layout"] == "nhwc" and stored["preprocessing"]["value_range"] == "0-255"
+    invoke("add", c, *images[:4])
+    out = json.loads(invoke("add", c, *images[4:6], "--activate", "--out", tmp_path / "rel",
+                            "--iterations", "3", "--json").stdout)
+    assert len(out["added"]) == 2 and len(list((tmp_path / "rel").iterdir())) == 2
+    q = json.loads(invoke("query", c, *images[:6], "-k", "1", "--json").stdout)
+    assert [r["matches"][0]["name"] for r in q] == [p.name for p in images[:6]]
