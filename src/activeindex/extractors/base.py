@@ -6,7 +6,8 @@ An :class:`Extractor` maps images to L2-normalised float32 descriptors. It owns
   store it and every later query is prepared exactly like the references were;
 - a ``digest`` of its weights, so that a collection refuses descriptors from another model;
 - its compute precision: bf16 autocast on CPUs that support it *and* where the descriptors stay
-  within cosine 0.99 of fp32 on a calibration batch; fp32 otherwise.
+  within cosine 0.99 of fp32 on a calibration batch; fp32 otherwise, and for models that say
+  ``prefers_fp32`` (int8-quantised ONNX graphs).
 
 Two entry points: :meth:`Extractor.embed` is differentiable and takes float images in [0, 1] already at
 the input size (activation optimises pixels through it); :meth:`Extractor.features` takes a uint8
@@ -197,6 +198,9 @@ class Extractor:
     def _resolve_precision(self, probe: torch.Tensor, ref: torch.Tensor) -> Precision:
         requested = Precision(self.precision)
         if requested is Precision.FP32:
+            return Precision.FP32
+        if requested is Precision.AUTO and getattr(self.model, "prefers_fp32", False):
+            logger.debug("fp32 for %s: the model asks for it (a quantised graph)", self.spec_string)
             return Precision.FP32
         supported = self.device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
         if not supported:

@@ -286,6 +286,10 @@ class OnnxGraphModule(torch.nn.Module):
         self.fake_quant = fake_quant
         nodes = _fuse_quantize_pairs(nodes, constants, set(self.output_names), fake_quant)
         self._nodes = _fold_constants(self, nodes, constants)
+        # An int8 graph has fixed its own precision: bf16 rounding ahead of each 8-bit rounding
+        # flips quantisation levels (SSCD int8 on real photos: min cosine to onnxruntime 0.987 in
+        # bf16 against 0.999 in fp32, bench/onnx_agreement.py). Precision.AUTO reads this.
+        self.prefers_fp32 = any(n.op == "_FakeQuantize" for n in self._nodes)
 
         # ONNX value name -> buffer attribute name, for the constants the remaining nodes read.
         # Buffers (not a dict of tensors) so that .to(), .half() and .state_dict() see the weights;
@@ -627,8 +631,7 @@ class _FakeQuantFn(torch.autograd.Function):
             q.round_()
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward((q >= lo) & (q <= hi), s_out / s)
-        q = torch.maximum(q, lo, out=q) if lo.dim() else q.clamp_(min=lo)
-        q = torch.minimum(q, hi, out=q) if hi.dim() else q.clamp_(max=hi)
+        q.clamp_(lo, hi)  # tensor bounds: per tensor (0-d) or per channel, in one pass
         if shift is not None:
             q.add_(shift)
         return q.mul_(s_out)
