@@ -99,13 +99,19 @@ QDQ_FORMS = {  # name: (per_channel, activation type)
 def qdq_models(float_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     root = tmp_path_factory.mktemp("qdq")
-    logging.getLogger().setLevel(logging.ERROR)  # quantize_static's "consider pre-processing" notes
-    for name, (per_channel, activations) in QDQ_FORMS.items():
-        out[name] = root / f"{name}.onnx"
-        quantization.quantize_static(
-            str(float_onnx), str(out[name]), _Calibration(), quant_format=quantization.QuantFormat.QDQ,
-            per_channel=per_channel, activation_type=activations, weight_type=quantization.QuantType.QInt8,
-        )
+    # quantize_static logs "consider pre-processing" notes on the root logger: silence them for
+    # this call only (a root level left at ERROR would hide other tests' caplog records).
+    saved = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        for name, (per_channel, activations) in QDQ_FORMS.items():
+            out[name] = root / f"{name}.onnx"
+            quantization.quantize_static(
+                str(float_onnx), str(out[name]), _Calibration(), quant_format=quantization.QuantFormat.QDQ,
+                per_channel=per_channel, activation_type=activations, weight_type=quantization.QuantType.QInt8,
+            )
+    finally:
+        logging.getLogger().setLevel(saved)
     return out
 
 

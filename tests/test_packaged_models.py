@@ -54,7 +54,7 @@ def test_packaged_models_agree_with_onnxruntime(name, input_size):
     assert ex.dim == 512 and ex.spec["kind"] == "packaged" and ex.spec_string == name
     assert pre.layout is InputLayout.NHWC and pre.value_range is ValueRange.BYTE
     assert pre.resize is ResizePolicy.CENTER_CROP and pre.input_size == (input_size or 288)
-    batch = pre.prepare(Image.fromarray(_photo()))[None]
+    batch = np.stack([pre.prepare(Image.fromarray(_photo()))])  # a writable copy, as extraction batches are
     sess = ort.InferenceSession(ex.spec["path"], providers=["CPUExecutionProvider"])
     want = sess.run(None, {"image": batch})[0]
     got = ex.features(batch)
