@@ -14,7 +14,7 @@ from activeindex.extractors import (
     create_extractor,
     parse_spec,
 )
-from activeindex.extractors.base import calibration_batch
+from activeindex.extractors.base import IMAGENET_MEAN, IMAGENET_STD, calibration_batch
 from activeindex.hardware import cpu_model, machine_summary, native_bf16
 
 
@@ -182,7 +182,8 @@ def test_onnx_model_matches_its_torch_source(tmp_path):
     ex = create_extractor(f"onnx:{path}", precision=Precision.FP32)
     assert ex.preprocessing.input_size == 40  # read from the file's static input shape
     x = calibration_batch(40, n=3).requires_grad_(True)
-    ref = torch.nn.functional.normalize(net((x - ex._mean) / ex._std), dim=-1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (ex.preprocessing.mean, ex.preprocessing.std))
+    ref = torch.nn.functional.normalize(net((x - mean) / std), dim=-1)
     out = ex.embed(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     out.sum().backward()
@@ -213,3 +214,47 @@ def test_machine_summary_names_the_cpu_and_its_bf16():
     m = machine_summary()
     assert m.cpu and m.threads >= 1 and m.bf16_native == native_bf16()
     assert ("native bf16" if m.bf16_native else "no native bf16") in str(m) and m.cpu in str(m)
+
+
+class _SSCDLike(torch.nn.Module):
+    """SSCD's TorchScript interface (``sscd_disc_mixup.torchscript.pt``): NCHW float input,
+    ImageNet-normalised, any size; an L2-normalised 512-d descriptor out (GeM pooling inside)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 32, 3, 2, 1)
+        self.fc = torch.nn.Linear(32, 512)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.relu(self.conv(x)).clamp(min=1e-6).pow(3.0).mean((2, 3)).pow(1.0 / 3.0)
+        return torch.nn.functional.normalize(self.fc(f), dim=1)
+
+
+def test_torchscript_with_sscds_interface(tmp_path):
+    from activeindex.extractors import InputLayout, ValueRange
+
+    torch.manual_seed(0)
+    net = _SSCDLike().eval()
+    path = tmp_path / "sscd_like.torchscript.pt"
+    torch.jit.script(net).save(str(path))
+    ex = create_extractor(f"torchscript:{path}", input_size=40, precision=Precision.FP32)
+    pre = ex.preprocessing
+    assert ex.dim == 512 and pre.layout is InputLayout.NCHW and pre.value_range is ValueRange.UNIT
+    assert pre.mean == IMAGENET_MEAN and pre.std == IMAGENET_STD  # what SSCD's files expect
+    batch = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    x01 = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    np.testing.assert_allclose(ex.features(batch), net((x01 - mean) / std).detach().numpy(), atol=1e-5)
+    # Input gradient against central finite differences along random directions (float32: a step
+    # of 1e-2 over 4800 pixels stays far above rounding noise; agreement to 2 %).
+    w = torch.randn(2, 512, generator=torch.Generator().manual_seed(1))
+    f = lambda t: (ex.embed(t) * w).sum()  # noqa: E731
+    x = x01.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(f(x), x)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        v = torch.randn(x.shape, generator=g)
+        v /= v.norm()
+        with torch.no_grad():
+            fd = float(f(x + 1e-2 * v) - f(x - 1e-2 * v)) / 2e-2
+        assert fd == pytest.approx(float((grad * v).sum()), rel=0.02, abs=1e-4)

