@@ -17,6 +17,7 @@ batch and returns numpy descriptors without building a graph.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import threading
