@@ -32,7 +32,7 @@ from activeindex.errors import ActiveIndexError, ImageLoadError
 from activeindex.extractors import Extractor
 from activeindex.features import describe_images, extract_paths
 from activeindex.images import load_image
-from activeindex.scoring import DEFAULT_PRECISION, CalibrationError, CalibrationScores, Normalization, Threshold
+from activeindex.scoring import CalibrationError, CalibrationScores, CopyTarget, Normalization, Threshold
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +118,13 @@ def load_images(paths: Sequence[Path]) -> tuple[list[Image.Image], list[tuple[Pa
 def calibrate_from_images(
     coll: Collection,
     paths: Sequence[str | os.PathLike[str]],
-    precision: float = DEFAULT_PRECISION,
+    target: CopyTarget = CopyTarget(),
     *,
     seed: int = 0,
     max_images: int = MAX_CALIBRATION_IMAGES,
     progress: Callable[[int], None] | None = None,
 ) -> Threshold:
-    """Calibrate ``coll``'s copy threshold for ``precision`` from training images ``paths``
+    """Calibrate ``coll``'s copy threshold for ``target`` from training images ``paths``
     (images that are not in the collection; those of the normalisation background are left out,
     and at most ``max_images`` are used). Stores the threshold and the calibration scores."""
     images, failed = load_images([Path(p) for p in paths])
@@ -141,7 +141,7 @@ def calibrate_from_images(
             images = [im for im, ok in zip(images, fresh) if ok]
     images = images[:max_images]
     cal = calibration_set(coll.extractor, images, seed=seed, progress=progress)
-    return coll.calibrate(calibration_scores(coll, cal), precision, cal.method)
+    return coll.calibrate(calibration_scores(coll, cal), target, cal.method)
 
 
 def create_collection(
@@ -152,7 +152,7 @@ def create_collection(
     *,
     metric: ix.Metric | str = ix.Metric.L2,
     nprobe: int = 1,
-    precision: float = DEFAULT_PRECISION,
+    target: CopyTarget = CopyTarget(),
     normalization: Normalization | None = Normalization(),
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
@@ -161,7 +161,7 @@ def create_collection(
     keep part of them as the normalisation background, calibrate the copy threshold on the rest.
 
     ``normalization=None`` keeps raw similarities. The threshold is None (and a warning logged)
-    when no threshold reaches ``precision``; the collection is usable and can be calibrated again.
+    when no threshold meets ``target``; the collection is usable and can be calibrated again.
     """
     result = extract_paths(train, extractor, progress=progress)
     for f in result.failures:
@@ -177,7 +177,7 @@ def create_collection(
         background=result.features[bg] if normalization is not None else None, normalization=normalization,
     )
     try:
-        thr = calibrate_from_images(coll, [result.paths[i] for i in cal], precision, seed=seed)
+        thr = calibrate_from_images(coll, [result.paths[i] for i in cal], target, seed=seed)
     except CalibrationError as exc:
         logger.warning("copy threshold not calibrated: %s", exc)
         thr = None

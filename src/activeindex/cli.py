@@ -24,7 +24,7 @@ from activeindex.extractors import BUILTIN_MODELS, Extractor, Precision, ResizeP
 from activeindex.features import Failure, extract_paths
 from activeindex.images import list_images
 from activeindex.index import Metric
-from activeindex.scoring import DEFAULT_PRECISION, Normalization
+from activeindex.scoring import DEFAULT_FPR, CopyTarget, Normalization, describe_threshold
 
 app = typer.Typer(
     add_completion=False,
@@ -54,6 +54,26 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
 RayAddressOpt = Annotated[Optional[str], typer.Option(
     "--ray-address", help="run on the Ray cluster at this address (auto, HOST:6379, ray://HOST:10001)")]
 ShardSizeOpt = Annotated[int, typer.Option(help="images per Ray task (with --workers/--ray-address)", min=1)]
+TargetFprOpt = Annotated[Optional[float], typer.Option(
+    "--target-fpr", min=1e-6, max=0.5, show_default=False,
+    help=f"share of non-matching queries the copy threshold may flag [default: {DEFAULT_FPR}, about 1 in "
+         f"{1 / DEFAULT_FPR:.0f}]")]
+TargetPrecisionOpt = Annotated[Optional[float], typer.Option(
+    "--target-precision", min=0.01, max=0.999,
+    help="instead of --target-fpr: the share of flags that are copies, for the mix given by --prior")]
+PriorOpt = Annotated[Optional[float], typer.Option(
+    "--prior", min=1e-9,
+    help="copies per non-copy among your queries (0.01: 1 query in 101 is a copy): states the precision "
+         "the threshold implies; needed by --target-precision")]
+
+
+def _copy_target(target_fpr: float | None, target_precision: float | None, prior: float | None) -> CopyTarget:
+    """The calibration target from the options (checked before any work is done)."""
+    if target_precision is None:
+        return CopyTarget(fpr=DEFAULT_FPR if target_fpr is None else target_fpr, prior=prior)
+    if target_fpr is not None:
+        raise ActiveIndexError("give --target-fpr or --target-precision (with --prior), not both")
+    return CopyTarget(fpr=None, precision=target_precision, prior=prior)
 
 
 def _err(msg: str) -> None:
@@ -171,7 +191,9 @@ def create(
     precision: PrecisionOpt = Precision.AUTO,
     metric: Annotated[Metric, typer.Option(help="l2 (as the paper) or ip")] = Metric.L2,
     nprobe: Annotated[int, typer.Option(help="IVF cells visited per query")] = 1,
-    target_precision: Annotated[float, typer.Option("--target-precision", help="precision the copy threshold is calibrated for", min=0.01, max=1.0)] = DEFAULT_PRECISION,
+    target_fpr: TargetFprOpt = None,
+    target_precision: TargetPrecisionOpt = None,
+    prior: PriorOpt = None,
     normalize: Annotated[bool, typer.Option(help="normalise scores against a background of training images")] = True,
     as_json: JsonOpt = False,
 ) -> None:
@@ -181,6 +203,7 @@ def create(
     Training images must not be images you will add: they stand for "other images" (a .npy of
     descriptors trains the index and the background, but cannot calibrate: no images to edit).
     """
+    target = _copy_target(target_fpr, target_precision, prior)
     extractor = _build_extractor(model, input_size, resize, precision)
     if len(train) == 1 and train[0].suffix == ".npy":
         xt = np.load(train[0], allow_pickle=False)
@@ -191,7 +214,7 @@ def create(
         paths = _expand(train)
         with _progress(len(paths), "train descriptors") as update:
             coll, thr = create_collection(collection, extractor, index, paths, metric=metric, nprobe=nprobe,
-                                          precision=target_precision, normalization=Normalization() if normalize else None,
+                                          target=target, normalization=Normalization() if normalize else None,
                                           progress=update)
         source = f"{len(paths)} images"
     with coll:
@@ -207,25 +230,27 @@ def _print_threshold(coll: Collection) -> None:
     if info is None:
         _err("copy threshold: not calibrated (activeindex calibrate COLLECTION --images TRAINING_IMAGES)")
         return
-    _err(f"copy threshold {info['threshold']:.4f}: precision {info['precision']:.3f} (target "
-         f"{info['precision_target']}) and recall {info['recall']:.3f} on {info['n_matching']} matching + "
-         f"{info['n_nonmatching']} non-matching edited training images")
+    _err(f"copy threshold: {describe_threshold(info)}")
 
 
 @app.command()
 def calibrate(
     collection: Annotated[Path, typer.Argument(help="collection folder")],
     images: Annotated[Optional[list[Path]], typer.Option("--images", help="training images (not in the collection); default: reuse the stored calibration queries")] = None,
-    target_precision: Annotated[float, typer.Option("--target-precision", help="precision the copy threshold is calibrated for", min=0.01, max=1.0)] = DEFAULT_PRECISION,
+    target_fpr: TargetFprOpt = None,
+    target_precision: TargetPrecisionOpt = None,
+    prior: PriorOpt = None,
 ) -> None:
-    """Set the copy threshold for a target precision (from new images, or the stored scores)."""
+    """Set the copy threshold for a false-positive rate (or a precision at a prior), from new
+    images or from the calibration queries stored by the last calibration."""
+    target = _copy_target(target_fpr, target_precision, prior)
     with Collection.open(collection) as coll:
         if images:
             paths = _expand(images)
             with _progress(len(paths), "calibrate") as update:
-                calibrate_from_images(coll, paths, target_precision, progress=update)
+                calibrate_from_images(coll, paths, target, progress=update)
         else:
-            coll.calibrate(None, target_precision)
+            coll.calibrate(None, target)
         _print_threshold(coll)
 
 
@@ -321,7 +346,9 @@ def query(
             results, failures = coll.query_images(paths, k=k, progress=update)
     _report_failures(failures)
     if as_json:
-        out = [{"query": r.query, "matches": [m.__dict__ for m in r.matches]} for r in results]
+        decision = describe_threshold(coll.config.threshold_info)
+        out = [{"query": r.query, "matches": [m.__dict__ for m in r.matches], "copy_decision": decision}
+               for r in results]
         typer.echo(json.dumps(out, indent=2))
         return
     for r in results:
@@ -371,10 +398,7 @@ def info(
     norm = data["normalization"]
     typer.echo("scores       " + ("raw similarities" if norm is None else
                f"normalised: s - {norm['beta']:g} x mean top-{norm['n']} of {norm['background']} background images"))
-    ti = data["threshold_info"]
-    typer.echo("copy thresh. " + ("not calibrated" if ti is None else
-               f"{ti['threshold']:.4f} (precision {ti['precision']:.3f} for target {ti['precision_target']}, "
-               f"recall {ti['recall']:.3f})"))
+    typer.echo(f"copy decision {data['copy_decision']}")
 
 
 @app.command()
@@ -429,7 +453,7 @@ def evaluate(
     iterations: Annotated[int, typer.Option(help="activation steps", min=0)] = 10,
     views: Annotated[int, typer.Option(help="edited views per step of robust activation", min=1)] = 3,
     target: Annotated[TargetKind, typer.Option(help="activation target")] = TargetKind.RECONSTRUCTION,
-    target_precision: Annotated[float, typer.Option("--target-precision", help="precision of the calibrated copy threshold", min=0.01, max=1.0)] = DEFAULT_PRECISION,
+    target_fpr: Annotated[float, typer.Option("--target-fpr", help="false-positive rate the copy threshold is calibrated for", min=1e-6, max=0.5)] = DEFAULT_FPR,
     n_train: Annotated[Optional[int], typer.Option(help="training images (synthetic: generated; DISC21: cap)")] = None,
     n_refs: Annotated[int, typer.Option(help="synthetic: references in the index, images under test included")] = 2048,
     n_distractors: Annotated[Optional[int], typer.Option(help="DISC21: cap on distractor references")] = None,
@@ -448,7 +472,7 @@ def evaluate(
     except ValueError:
         raise ActiveIndexError(f"--methods takes a comma-separated list of {', '.join(m.value for m in Method)}; got {methods!r}") from None
     settings = EvalSettings(factories=tuple(index or ["IVF256,PQ8x8"]), methods=chosen, nprobe=nprobe, psnr=psnr,
-                            iterations=iterations, views=views, target=target, precision=target_precision, seed=seed)
+                            iterations=iterations, views=views, target=target, target_fpr=target_fpr, seed=seed)
     extractor = _build_extractor(model, input_size, resize, Precision.AUTO)
     if disc21 is not None:
         data = disc21_source(disc21, ground_truth=ground_truth, n_train=n_train, n_distractors=n_distractors,

@@ -57,7 +57,7 @@ from activeindex.evaluation.sources import EvalData
 from activeindex.extractors import Extractor
 from activeindex.features import describe_images, extract_paths
 from activeindex.images import load_image
-from activeindex.scoring import DEFAULT_PRECISION, Normalization
+from activeindex.scoring import DEFAULT_FPR, CopyTarget, Normalization
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class EvalSettings:
     iterations: int = 10
     views: int = 3  # edited views per step, robust activation
     target: TargetKind = TargetKind.RECONSTRUCTION
-    precision: float = DEFAULT_PRECISION  # the calibrated copy threshold's target
+    target_fpr: float = DEFAULT_FPR  # the calibrated copy threshold's false-positive rate
     beta: float = 1.0
     n_background: int = 3  # score normalisation's top-n
     batch_size: int = 16  # images activated together
@@ -215,7 +215,7 @@ def build_collection(root: Path, factory: str, ex: Extractor, shared: Shared, se
     # Calibrated on the filled index, as `activeindex calibrate` does after adding: non-matching
     # calibration queries then meet the neighbours real queries meet.
     try:
-        coll.calibrate(calibration_scores(coll, shared.cal), settings.precision, shared.cal.method)
+        coll.calibrate(calibration_scores(coll, shared.cal), CopyTarget(fpr=settings.target_fpr), shared.cal.method)
     except ActiveIndexError as exc:
         logger.warning("%s: copy threshold not calibrated: %s", factory, exc)
     return coll, ids
