@@ -27,7 +27,10 @@ def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The exact ends at k = 0 and k = n are 0 and 1; rounding would put them a hair inside.
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return min(lo, p), max(hi, p)
 
 
 def bootstrap_interval(
