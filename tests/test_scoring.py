@@ -161,7 +161,7 @@ def test_calibration_scores_on_real_edits(tmp_path, tiny_extractor, train_vector
     coll = Collection.create(tmp_path / "c", tiny_extractor, "IVF4,Flat", train_vectors, nprobe=4)
     images = [load_image(p) for p in sorted(image_dir.iterdir())[:40]]
     cal = calibration_scores(coll, calibration_set(tiny_extractor, images, seed=0))
-    assert cal.matching.sum() == 20 and not cal.correct[~cal.matching].any()
+    assert cal.matching.sum() == 10 and not cal.correct[~cal.matching].any()  # a quarter are references
     # Identity (edit 0) copies of the first references find themselves: the pipeline is wired up.
     assert cal.correct[0] and cal.scores[0] > 0.99
     assert coll.index.ntotal == 0  # calibration worked on a copy of the index
@@ -183,3 +183,25 @@ def test_calibration_leaves_out_background_images(tmp_path, tiny_extractor, imag
     thr = calibrate_from_images(coll, paths)  # 30 of the 64 are the background
     assert thr.n_matching + thr.n_nonmatching == 34
     assert "30 of 64 images are in the normalisation background" in caplog.text
+
+
+def test_create_collection_holds_calibration_images_out_of_index_training(tmp_path, tiny_extractor, image_dir,
+                                                                         monkeypatch):
+    # References drawn from the index's training vectors get better codes than the images a user
+    # adds, so the calibration images must stay out of index training.
+    from activeindex.calibration import MATCHING_SHARE, create_collection
+
+    seen = {}
+    create = Collection.create.__func__
+
+    def spy(cls, root, extractor, factory, xt, **kw):
+        seen["xt"], seen["background"] = xt, kw.get("background")
+        return create(cls, root, extractor, factory, xt, **kw)
+
+    monkeypatch.setattr(Collection, "create", classmethod(spy))
+    paths = sorted(image_dir.iterdir())
+    coll, thr = create_collection(tmp_path / "c", tiny_extractor, "Flat", paths)
+    bg, cal = split_training(len(paths))
+    assert len(seen["xt"]) == len(bg) and np.array_equal(seen["xt"], seen["background"])
+    assert thr.n_matching + thr.n_nonmatching == len(cal) and thr.n_matching == round(len(cal) * MATCHING_SHARE)
+    coll.close()

@@ -2,8 +2,8 @@
 
 For each FAISS factory:
 
-1. a collection is created: the index trained on the training images' descriptors, a part of them
-   kept as the score-normalisation background;
+1. a collection is created: the index trained on a part of the training images' descriptors, the
+   score-normalisation background (the other part calibrates, unseen by the index);
 2. the distractors and the images under test are added *as originals* (the index always holds
    the original's code), then the copy threshold is calibrated on the other training images
    (:mod:`activeindex.calibration`; their copies are described once for all factories);
@@ -213,7 +213,9 @@ def build_collection(root: Path, factory: str, ex: Extractor, shared: Shared, se
     and the originals of the images under test; returns it and the originals' ids. Built from
     descriptors: the image names stand in for content hashes."""
     shutil.rmtree(root, ignore_errors=True)
-    coll = Collection.create(root, ex, factory, shared.xt, nprobe=settings.nprobe, background=shared.bg,
+    # Trained on the background part only: the calibration images stay unseen by the index, as
+    # the images under test are (see activeindex.calibration).
+    coll = Collection.create(root, ex, factory, shared.bg, nprobe=settings.nprobe, background=shared.bg,
                              normalization=Normalization(settings.beta, settings.n_background))
     names = shared.distractor_names
     coll.add_vectors(shared.x_distractors, names, [f"distractor:{n}" for n in names])
