@@ -24,8 +24,8 @@ Descriptors do not depend on the factory: they are computed once and cached in `
   * ``real photos``: the photos bundled with scikit-image, scikit-learn and matplotlib, whole and
     as random crops (10 %–60 % of the area), resized to 256 px on the long side;
 
-  each through one of :data:`OTHER_EDITS` (none of them is one of the paper's 14 calibration edits)
-  or ``auto`` (also a calibration edit, but with other random draws).
+  each through one of :data:`OTHER_EDITS`: none of them is a calibration edit (the paper's 14 and
+  the overlay onto the web screenshot template), except ``auto``, drawn afresh.
 
 Flagged: the best match's score is >= the collection's threshold. Printed: the threshold and what
 calibration measured, then per query family the FPR with a 95 % Wilson interval, and the recall.
@@ -65,7 +65,8 @@ OTHER_EDITS = (
     NamedEdit("blur r6", "blur", {"radius": 6}),
     NamedEdit("pixelization 0.3", "pixelization", {"ratio": 0.3}),
     NamedEdit("emoji", "overlay_emoji", {"emoji_size": 0.4}),
-    NamedEdit("screenshot", "overlay_onto_screenshot", {}),
+    # Calibration overlays onto the web template; this is the other template, never seen there.
+    NamedEdit("screenshot (mobile)", "overlay_onto_screenshot", {"template": "mobile.png"}),
     NamedEdit("auto", "auto", {}),
 )
 JPEG_60 = NamedEdit("JPEG 60", "jpeg", {"quality": 60})
@@ -164,7 +165,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ex = create_extractor("builtin")
     args.out.mkdir(parents=True, exist_ok=True)
-    d = cached(args.out / f"descriptors_{args.n_train}_{args.n_refs}_{args.n_queries}_{args.n_crops}.npz",
+    d = cached(args.out / f"descriptors_v2_{args.n_train}_{args.n_refs}_{args.n_queries}_{args.n_crops}.npz",
                lambda: describe_everything(args, ex))
     print(f"model {ex.spec_string} ({ex.precision.value}); {args.n_train} training images "
           f"({len(d['cal_queries'])} of them held out for calibration), {len(d['xb'])} references; "
