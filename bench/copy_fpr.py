@@ -11,7 +11,7 @@ one, with the same library calls as :func:`activeindex.calibration.create_collec
 on the background part of ``--n-train`` synthetic training images, source seed 7 as ``activeindex
 evaluate``; calibration on the held-out part), then filled with ``--n-refs`` other images of the same
 source. The threshold is measured twice: as calibrated at creation (empty index), and after
-``activeindex calibrate COLL --images TRAINING_IMAGES`` on the filled index (what the README advises:
+``activeindex calibrate COLL`` on the filled index (what ``add`` advises once the index has grown:
 the false-positive rate grows with the number of references a query can be confused with).
 Descriptors do not depend on the factory: they are computed once and cached in ``--out``. Then:
 
@@ -36,6 +36,7 @@ It measures; it does not gate (exit code 0), except that it says whether the iss
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import shutil
 import time
@@ -44,7 +45,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from activeindex.calibration import CalibrationSet, calibration_scores, calibration_set, split_training
+from activeindex.calibration import (
+    CalibrationSet,
+    calibration_edits,
+    calibration_scores,
+    calibration_set,
+    recalibrate,
+    save_calibration_set,
+    split_training,
+)
 from activeindex.collection import Collection
 from activeindex.copies import describe_copies
 from activeindex.datasets.photos import core_photos, optional_photos
@@ -103,23 +112,38 @@ def cached(path: Path, make) -> dict[str, np.ndarray]:
 
 
 def describe_everything(args: argparse.Namespace, ex) -> dict[str, np.ndarray]:
+    """Every descriptor the bench needs, in three cached groups (images, then calibration copies,
+    then the other families' copies), so that changing one part does not recompute the others."""
     imgs = args.out / "images"
     train = make_images(imgs / "train", args.n_train, seed=7)
     refs = make_images(imgs / "refs", args.n_refs, seed=7, start=args.n_train)
     other = make_images(imgs / "seed11", args.n_queries, seed=11, start=2000)
     _, cal_idx = split_training(len(train))
     load = lambda paths: [Image.open(p).convert("RGB") for p in paths]  # noqa: E731
-    cal = calibration_set(ex, load([train[i] for i in cal_idx]), seed=0)
     n = min(args.n_queries, len(refs))
-    out = {"xt": extract_paths(train, ex).features, "xb": extract_paths(refs, ex).features,
-           "cal_refs": cal.refs, "cal_queries": cal.queries,
-           "jpeg60": describe_copies(load(refs[:n]), [JPEG_60] * n, ex, seed=3).features}
-    families = {"synthetic": load(other), "photos": real_photos(args.n_crops, seed=5)}
-    for name, images in families.items():
-        edits = [OTHER_EDITS[i % len(OTHER_EDITS)] for i in range(len(images))]
-        out[name] = describe_copies(images, edits, ex, seed=4).features
-        out[f"{name}_edit"] = np.asarray([i % len(OTHER_EDITS) for i in range(len(images))])
-    return out
+    tag = f"{args.n_train}_{args.n_refs}_{args.n_queries}_{args.n_crops}"
+    d = cached(args.out / f"base_{tag}.npz", lambda: {
+        "xt": extract_paths(train, ex).features, "xb": extract_paths(refs, ex).features,
+        "jpeg60": describe_copies(load(refs[:n]), [JPEG_60] * n, ex, seed=3).features})
+
+    def calibration() -> dict[str, np.ndarray]:
+        cal = calibration_set(ex, load([train[i] for i in cal_idx]), seed=0)
+        return {"cal_refs": cal.refs, "cal_queries": cal.queries}
+
+    # The file names carry what they depend on: the calibration edits and the bench's edits.
+    d |= cached(args.out / f"calibration_{len(calibration_edits())}edits_{tag}.npz", calibration)
+
+    def others() -> dict[str, np.ndarray]:
+        out = {}
+        for name, images in {"synthetic": load(other), "photos": real_photos(args.n_crops, seed=5)}.items():
+            edits = [OTHER_EDITS[i % len(OTHER_EDITS)] for i in range(len(images))]
+            out[name] = describe_copies(images, edits, ex, seed=4).features
+            out[f"{name}_edit"] = np.asarray([i % len(OTHER_EDITS) for i in range(len(images))])
+        return out
+
+    edits_key = hashlib.sha256(repr(OTHER_EDITS).encode()).hexdigest()[:12]
+    d |= cached(args.out / f"others_{edits_key}_{tag}.npz", others)
+    return d
 
 
 FAMILIES = {"synthetic": "synthetic seed 11, other edits", "photos": "real photos + crops, other edits"}
@@ -165,8 +189,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ex = create_extractor("builtin")
     args.out.mkdir(parents=True, exist_ok=True)
-    d = cached(args.out / f"descriptors_v2_{args.n_train}_{args.n_refs}_{args.n_queries}_{args.n_crops}.npz",
-               lambda: describe_everything(args, ex))
+    d = describe_everything(args, ex)
     print(f"model {ex.spec_string} ({ex.precision.value}); {args.n_train} training images "
           f"({len(d['cal_queries'])} of them held out for calibration), {len(d['xb'])} references; "
           f"target FPR {args.target_fpr}")
@@ -179,11 +202,12 @@ def main() -> None:
                                normalization=Normalization()) as coll:
             cal = CalibrationSet(d["cal_refs"], d["cal_queries"], 0)
             created = coll.calibrate(calibration_scores(coll, cal), target, cal.method)
+            save_calibration_set(coll, cal)  # as create_collection does
             ids = np.asarray(coll.add_vectors(d["xb"], [f"r{i}" for i in range(len(d["xb"]))],
                                               [f"h{i}" for i in range(len(d["xb"]))]))
             print(f"\n{factory}, threshold calibrated at creation (empty index): {created.meaning}")
             measure(coll, ids, created.threshold, d, args.per_edit)
-            filled = coll.calibrate(calibration_scores(coll, cal), target, cal.method)
+            filled = recalibrate(coll, target)  # activeindex calibrate COLL
             print(f"{factory}, recalibrated on the filled index: {filled.meaning}")
             measure(coll, ids, filled.threshold, d, args.per_edit)
     print(f"done in {time.perf_counter() - t0:.0f} s")

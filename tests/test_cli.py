@@ -49,13 +49,18 @@ def test_collection_lifecycle(folder, tmp_path):
     c = tmp_path / "coll"
     invoke("create", c, "--index", "IVF16,PQ16x4", "--train", folder / "train", "--model", "builtin:tiny",
            "--nprobe", "4")
-    added = json.loads(invoke("add", c, folder / "refs", "--json").stdout)
+    res = invoke("add", c, folder / "refs", "--json")
+    added = json.loads(res.stdout)
+    # Calibrated on an empty index, the threshold now under-states its false positives: said, with the fix.
+    assert f"run: activeindex calibrate {c}" in res.output
     assert len(added["added"]) == 200 and added["duplicates"] == [] and added["skipped"] == []
     ids = {a["name"]: a["id"] for a in added["added"]}
 
     again = json.loads(invoke("add", c, folder / "refs" / "a" / "img_000003.png", "--json").stdout)
     assert again["added"] == [] and again["duplicates"] == [{"name": "img_000003.png", "id": ids["a/img_000003.png"]}]
 
+    invoke("calibrate", c)  # against the filled index, from the descriptors the collection keeps
+    assert json.loads(invoke("info", c, "--json").stdout)["threshold_info"]["n_indexed"] == 200
     q = json.loads(invoke("query", c, folder / "refs" / "a", "-k", "5", "--json").stdout)
     assert len(q) == 100
     top1 = np.mean([r["matches"][0]["name"] == "a/" + r["query"].rsplit("/", 1)[-1] for r in q])

@@ -205,3 +205,27 @@ def test_create_collection_holds_calibration_images_out_of_index_training(tmp_pa
     assert len(seen["xt"]) == len(bg) and np.array_equal(seen["xt"], seen["background"])
     assert thr.n_matching + thr.n_nonmatching == len(cal) and thr.n_matching == round(len(cal) * MATCHING_SHARE)
     coll.close()
+
+
+def test_recalibrate_searches_the_stored_descriptors_against_the_grown_index(tmp_path, tiny_extractor, train_vectors,
+                                                                             image_dir):
+    from activeindex.calibration import calibrate_from_images, load_calibration_set, recalibrate
+
+    coll = Collection.create(tmp_path / "c", tiny_extractor, "Flat", train_vectors)
+    first = calibrate_from_images(coll, sorted(image_dir.iterdir()))
+    assert first.n_indexed == 0 and "against 0 indexed images" in first.meaning
+    xb = unit(np.random.default_rng(5), 300)
+    coll.add_vectors(xb, [f"r{i}" for i in range(300)], [f"h{i}" for i in range(300)])
+    again = recalibrate(coll)
+    expect = calibrate(calibration_scores(coll, load_calibration_set(coll)))
+    assert again.n_indexed == 300 and again.threshold == expect.threshold and again.n_nonmatching == first.n_nonmatching
+    assert "against 300 indexed images" in again.meaning and coll.config.threshold == again.threshold
+    coll.close()
+
+
+def test_recalibrate_without_stored_descriptors_says_how(tmp_path, tiny_extractor, train_vectors):
+    from activeindex.calibration import recalibrate
+
+    coll = Collection.create(tmp_path / "c", tiny_extractor, "Flat", train_vectors)
+    with pytest.raises(CollectionError, match="--images"):
+        recalibrate(coll)

@@ -21,6 +21,7 @@ false-positive rate is the promise, and its upper confidence bound tightens with
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -32,11 +33,11 @@ import numpy as np
 from PIL import Image
 
 from activeindex import index as ix
-from activeindex.collection import Collection
+from activeindex.collection import Collection, write_bytes_atomic
 from activeindex.copies import describe_copies
 from activeindex.edits import paper_edits
 from activeindex.edits.registry import NamedEdit, paper_extra_edits
-from activeindex.errors import ActiveIndexError, ImageLoadError
+from activeindex.errors import ActiveIndexError, CollectionError, ImageLoadError
 from activeindex.extractors import Extractor
 from activeindex.features import describe_images, extract_paths
 from activeindex.images import load_image
@@ -49,6 +50,7 @@ CALIBRATION_ID_BASE = 1 << 50
 MAX_CALIBRATION_IMAGES = 2000
 MATCHING_SHARE = 0.25  # of the calibration images: references whose copies are searched for
 MIN_CALIBRATION_IMAGES = 20
+CALIBRATION_SET_FILE = "calibration_set.npz"  # calibration descriptors, kept in the collection
 # Cosine above which two descriptors are taken to be of the same image (8-bit re-encodings differ a little).
 SAME_IMAGE_SIMILARITY = 0.995
 
@@ -122,6 +124,35 @@ def calibration_scores(coll: Collection, cal: CalibrationSet) -> CalibrationScor
     return CalibrationScores(S[:, 0].astype(np.float32), correct, matching)
 
 
+def save_calibration_set(coll: Collection, cal: CalibrationSet) -> None:
+    """Keep the calibration descriptors in the collection (atomically), so that the threshold can be
+    recalibrated against the index as it grows, without the images (:func:`recalibrate`)."""
+    buf = io.BytesIO()
+    np.savez(buf, refs=cal.refs, queries=cal.queries, seed=np.int64(cal.seed))
+    write_bytes_atomic(coll.root / CALIBRATION_SET_FILE, buf.getvalue())
+
+
+def load_calibration_set(coll: Collection) -> CalibrationSet:
+    try:
+        with np.load(coll.root / CALIBRATION_SET_FILE, allow_pickle=False) as z:
+            return CalibrationSet(z["refs"].astype(np.float32), z["queries"].astype(np.float32), int(z["seed"]))
+    except FileNotFoundError:
+        raise CollectionError(
+            f"{coll.root} keeps no calibration descriptors; calibrate it from training images "
+            "(activeindex calibrate COLLECTION --images DIR)"
+        ) from None
+
+
+def recalibrate(coll: Collection, target: CopyTarget = CopyTarget()) -> Threshold:
+    """Recalibrate ``coll`` against its index as it is now, from the stored calibration descriptors:
+    the non-matching calibration queries meet every image added since (more references, more
+    chances of a high-scoring wrong match: the false-positive rate of a fixed threshold grows)."""
+    cal = load_calibration_set(coll)
+    if cal.refs.shape[1] != coll.config.dim:
+        raise CollectionError(f"stored calibration descriptors are {cal.refs.shape[1]}-d, the collection {coll.config.dim}-d")
+    return coll.calibrate(calibration_scores(coll, cal), target, cal.method)
+
+
 def load_images(paths: Sequence[Path]) -> tuple[list[Image.Image], list[tuple[Path, str]]]:
     """Decode ``paths``; unreadable ones come back as (path, reason)."""
     images, failed = [], []
@@ -159,7 +190,9 @@ def calibrate_from_images(
             images = [im for im, ok in zip(images, fresh) if ok]
     images = images[:max_images]
     cal = calibration_set(coll.extractor, images, seed=seed, progress=progress)
-    return coll.calibrate(calibration_scores(coll, cal), target, cal.method)
+    thr = coll.calibrate(calibration_scores(coll, cal), target, cal.method)
+    save_calibration_set(coll, cal)
+    return thr
 
 
 def create_collection(

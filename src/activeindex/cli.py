@@ -17,7 +17,13 @@ from tqdm import tqdm
 from activeindex import __version__
 from activeindex.activation import ActivationConfig, FeatureLoss, OutputFormat, TargetKind
 from activeindex.activation.add import add_activated
-from activeindex.calibration import calibrate_from_images, create_collection, split_training
+from activeindex.calibration import (
+    CALIBRATION_SET_FILE,
+    calibrate_from_images,
+    create_collection,
+    recalibrate,
+    split_training,
+)
 from activeindex.collection import AddReport, Collection
 from activeindex.errors import ActiveIndexError
 from activeindex.extractors import BUILTIN_MODELS, Extractor, Precision, ResizePolicy, create_extractor
@@ -236,20 +242,23 @@ def _print_threshold(coll: Collection) -> None:
 @app.command()
 def calibrate(
     collection: Annotated[Path, typer.Argument(help="collection folder")],
-    images: Annotated[Optional[list[Path]], typer.Option("--images", help="training images (not in the collection); default: reuse the stored calibration queries")] = None,
+    images: Annotated[Optional[list[Path]], typer.Option("--images", help="training images (not in the collection); default: search the stored calibration descriptors against the index as it is now")] = None,
     target_fpr: TargetFprOpt = None,
     target_precision: TargetPrecisionOpt = None,
     prior: PriorOpt = None,
 ) -> None:
     """Set the copy threshold for a false-positive rate (or a precision at a prior), from new
-    images or from the calibration queries stored by the last calibration."""
+    images, or from the calibration descriptors the collection keeps, searched against the index
+    as it is now (do this after adding many images: the false-positive rate grows with them)."""
     target = _copy_target(target_fpr, target_precision, prior)
     with Collection.open(collection) as coll:
         if images:
             paths = _expand(images)
             with _progress(len(paths), "calibrate") as update:
                 calibrate_from_images(coll, paths, target, progress=update)
-        else:
+        elif (coll.root / CALIBRATION_SET_FILE).exists():
+            recalibrate(coll, target)
+        else:  # a collection calibrated before descriptors were kept: its stored scores
             coll.calibrate(None, target)
         _print_threshold(coll)
 
@@ -327,6 +336,15 @@ def add(
             else:
                 report = coll.add_images(paths, names=names, progress=update)
         _print_add(report, as_json)
+        _warn_stale_threshold(coll)
+
+
+def _warn_stale_threshold(coll: Collection) -> None:
+    """The false-positive rate of a fixed threshold grows with the index: say when to recalibrate."""
+    calibrated_at = (coll.config.threshold_info or {}).get("n_indexed")
+    if calibrated_at is not None and coll.count() > 2 * max(calibrated_at, 50):
+        _err(f"note: the copy threshold was calibrated with {calibrated_at} images in the index, it now holds "
+             f"{coll.count()}: it flags more unrelated images than it says; run: activeindex calibrate {coll.root}")
 
 
 @app.command()

@@ -593,6 +593,8 @@ class Collection:
                     ) from None
                 method = method or (self.config.threshold_info or {}).get("method", "")
             thr = calibrate(scores, target, method)
+            thr = dataclasses.replace(thr, n_indexed=self.count())
+            thr = dataclasses.replace(thr, meaning=describe_threshold(thr.to_dict()))
             write_bytes_atomic(self.root / CALIBRATION_FILE, scores.to_bytes())
             self.config = dataclasses.replace(self.config, threshold=thr.threshold, threshold_info=thr.to_dict())
             self.config.save(self.root / CONFIG_FILE)

@@ -175,6 +175,7 @@ class Threshold:
     n_nonmatching: int
     query_mode: str
     method: str
+    n_indexed: int | None = None  # images in the index when calibrated: the FPR grows with it
     meaning: str = ""  # the decision in words (filled from the rest, see describe_threshold)
 
     def to_dict(self) -> dict[str, Any]:
@@ -305,6 +306,8 @@ def describe_threshold(info: dict[str, Any] | None) -> str:
     text = (f"score >= {thr:.4f} flags at most about {_one_in(info['fpr_upper'])} unrelated images "
             f"({info['confidence'] * 100:g} % upper bound: {n_fp} of {n_non} non-matching calibration queries "
             f"flagged) and finds {info['recall'] * 100:.0f} % of edited copies (of {info['n_matching']})")
+    if info.get("n_indexed") is not None:
+        text += f", calibrated against {info['n_indexed']} indexed images"
     if info.get("prior") is not None and info.get("precision") is not None:
         text += (f"; with {info['prior']:g} copies per non-copy among the queries, at least "
                  f"{info['precision'] * 100:.0f} % of flags are copies")

@@ -83,7 +83,7 @@ def recall_plot(results: Sequence[RunResult]) -> str:
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("R@1")
         ax.set_title(f"{factory}: R@1 per edit (bars: 95 % intervals, n = {runs[0].summary.get('n_images', '?')} images)")
-        ax.legend(fontsize=8, ncol=len(runs), loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return _png(fig)
 
@@ -93,7 +93,7 @@ def pr_plot(results: Sequence[RunResult]) -> str:
     R@P90 marked on each curve; the legend sits beside the curves, not over them."""
     plt = _plt()
     factories = list(dict.fromkeys(r.factory for r in results))
-    fig, axes = plt.subplots(len(factories), 1, figsize=(9, 5.5 * len(factories)), squeeze=False)
+    fig, axes = plt.subplots(len(factories), 1, figsize=(9, 4.8 * len(factories)), squeeze=False)
     for ax, factory in zip(axes[:, 0], factories):
         for r in results:
             if r.factory == factory and r.curve is not None:
@@ -253,7 +253,7 @@ def write_report(path: str | Path, results: Sequence[RunResult], summary: dict[s
         "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}th{background:#f3f3f3}"
         "td:first-child{text-align:left}img{max-width:100%;height:auto}dt{font-weight:bold}dd{margin:0 0 .5em 1.5em}"
         ".ex{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start;margin-bottom:12px}"
-        ".ex figure{margin:0;flex:1 1 150px;min-width:120px}figcaption{font-size:12px}.note{font-size:13px;color:#444}",
+        ".ex figure{margin:0;flex:1 1 150px;min-width:120px}.ex img{width:100%}figcaption{font-size:12px}.note{font-size:13px;color:#444}",
         "</style></head><body>",
         "<h1>activeindex evaluation</h1>",
         f"<p>Source: {html.escape(summary['source'])}; model {html.escape(summary['model'])}; nprobe {s['nprobe']}, "
