@@ -27,7 +27,6 @@ from activeindex.copies import edit_rng
 from activeindex.edits import paper_edits
 from activeindex.evaluation.outputs import format_edit_table, format_table
 from activeindex.evaluation.protocol import Method, RunResult
-from activeindex.intervals import wilson_interval
 
 METHODS = {
     "passive": "the images under test are released as they are (the index holds their descriptors)",
