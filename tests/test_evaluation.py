@@ -100,19 +100,45 @@ def test_evaluate_cli_on_a_disc21_folder(disc21, tmp_path):
 
     icd = read_csv(out / "icd_df.csv")
     assert len(icd) == 4 * 20 and sum(r["image_index"] == "-1" for r in icd) == 40
-    # µAP in the summary is the µAP of the written ISC-format predictions.
+    # The written ISC-format files (predictions + ground_truth.csv) give back every metric of the
+    # summary: what a reviewer recomputes with the ISC21 tooling is what the report shows.
+    gt_rows = read_csv(out / "predictions" / "ground_truth.csv")
+    assert set(gt_rows[0]) == {"query_id", "reference_id"} and len(gt_rows) == 20
+    gt = [(g["query_id"], g["reference_id"]) for g in gt_rows if g["reference_id"]]
+    assert gt == [(f"pos{i:06d}", f"R{i * 2:06d}") for i in range(10)]  # ISC ids: file stems
     for key, r in summary["results"].items():
-        preds = read_csv(out / "predictions" / f"{r['factory'].replace(',', '_')}__{r['method']}.csv")
+        stem = f"{r['factory'].replace(',', '_')}__{r['method']}"
+        preds = read_csv(out / "predictions" / f"{stem}.csv")
         assert set(preds[0]) == {"query_id", "reference_id", "score"}
-        gt = [(f"pos{i:06d}", f"R{i * 2:06d}") for i in range(10)]  # ISC ids: file stems
-        uap = metrics.micro_average_precision(
-            ([p["query_id"] for p in preds], [p["reference_id"] for p in preds], [float(p["score"]) for p in preds]), gt)
-        assert uap == pytest.approx(r["uap"], abs=1e-5)
+        triples = ([p["query_id"] for p in preds], [p["reference_id"] for p in preds], [float(p["score"]) for p in preds])
+        m = metrics.evaluate(triples, gt)
+        assert (m.uap, m.recall_at_p90, m.recall_at_1, m.recall_at_10) == (
+            r["uap"], r["recall_at_p90"], r["icd_recall_at_1"], r["icd_recall_at_10"])
+        # Scores are float32; the file's 9 digits give the same float32 back.
+        assert (m.threshold_at_p90 is None) == (r["threshold_at_p90"] is None)
+        if m.threshold_at_p90 is not None:
+            assert np.float32(m.threshold_at_p90) == np.float32(r["threshold_at_p90"])
+        raw = read_csv(out / "predictions" / f"{stem}__raw.csv")
+        assert metrics.micro_average_precision(
+            ([p["query_id"] for p in raw], [p["reference_id"] for p in raw], [float(p["score"]) for p in raw]), gt
+        ) == r["uap_raw"]
+        lo, hi = r["intervals"]["uap"]
+        assert lo <= r["uap"] <= hi and r["n_images"] == 10
+        lo, hi = r["intervals"]["r@1"]["mean"]
+        assert lo <= r["r@1"]["mean"] <= hi
+        at = r["at_calibrated_threshold"]
+        assert at["threshold"] is None or (0 <= at["fpr"] <= 1 and "unrelated images" in at["copy_decision"])
         if r["method"] == "plain":
             assert r["release"]["psnr_min"] >= 42.0
+            g = r["gain_over_passive"]["r@1"]
+            passive = summary["results"][key.replace("plain", "passive")]
+            assert g["gain"] == pytest.approx(r["r@1"]["mean"] - passive["r@1"]["mean"])
+            assert g["interval"][0] <= g["gain"] <= g["interval"][1]
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") >= 3 and "R@1 per edit" in report
     assert "http://" not in report and "https://" not in report  # self-contained
+    assert "name='viewport'" in report and "<dt>plain</dt>" in report and "ground_truth.csv" in report
+    assert "{'train'" not in report and "<td>60</td>" in report  # set counts as a table, not a dict
 
 
 def test_activation_moves_copies_towards_their_originals(tmp_path, tiny_extractor):

@@ -10,7 +10,17 @@ from activeindex.collection import Collection
 from activeindex.errors import CollectionError
 from activeindex.images import load_image
 from activeindex.index import Metric
-from activeindex.scoring import Background, CalibrationError, CalibrationScores, Normalization, calibrate
+from activeindex.scoring import (
+    Background,
+    CalibrationError,
+    CalibrationScores,
+    CopyTarget,
+    Normalization,
+    calibrate,
+    describe_threshold,
+    fpr_upper_bound,
+    implied_precision,
+)
 
 
 def unit(rng, n, d=32):
@@ -37,24 +47,67 @@ def test_normalisation_rejects_bad_settings():
         Background(unit(np.random.default_rng(0), 2), Metric.L2, Normalization(n=3))
 
 
-def test_calibrated_threshold_reaches_the_precision_with_the_best_recall():
-    rng = np.random.default_rng(1)
-    n = 400
-    matching = np.arange(n) < 200
-    scores = np.where(matching, rng.normal(0.6, 0.15, n), rng.normal(0.3, 0.15, n)).astype(np.float32)
+def synthetic_scores(seed: int = 1, n_match: int = 500, n_non: int = 1000) -> CalibrationScores:
+    rng = np.random.default_rng(seed)
+    n = n_match + n_non
+    matching = np.arange(n) < n_match
+    scores = np.where(matching, rng.normal(0.6, 0.15, n), rng.normal(0.2, 0.1, n)).astype(np.float32)
     correct = matching & (rng.random(n) < 0.9)  # some matching queries find a wrong top-1
-    cal = CalibrationScores(scores, correct, matching)
-    for target in (0.8, 0.9, 0.99):
-        thr = calibrate(cal, target)
-        chosen = scores >= thr.threshold
-        assert correct[chosen].mean() >= target and thr.precision == pytest.approx(correct[chosen].mean())
-        assert thr.recall == pytest.approx(correct[chosen].sum() / matching.sum())
-        # Brute force over every candidate threshold: none reaches the target with more recall.
-        best = max(
-            (correct[scores >= t].sum() for t in scores if correct[scores >= t].mean() >= target), default=0
-        )
-        assert correct[chosen].sum() == best
-    assert calibrate(cal, 0.99).threshold >= calibrate(cal, 0.8).threshold
+    return CalibrationScores(scores, correct, matching)
+
+
+def test_fpr_upper_bound_is_clopper_pearson():
+    # k = 0 has a closed form: (1 - u)^n = 1 - confidence.
+    for n in (10, 299, 1000):
+        assert fpr_upper_bound(0, n) == pytest.approx(1 - 0.05 ** (1 / n), rel=1e-9)
+    assert fpr_upper_bound(10, 10) == 1.0
+    up = fpr_upper_bound(np.arange(6), 500)
+    assert (np.diff(up) > 0).all() and (up > np.arange(6) / 500).all()
+
+
+def test_fpr_calibration_holds_the_bound_with_the_most_recall():
+    cal = synthetic_scores()
+    non = cal.scores[~cal.matching].astype(np.float64)
+    for fpr in (0.005, 0.01, 0.05):
+        thr = calibrate(cal, CopyTarget(fpr=fpr))
+        flagged = int((non >= thr.threshold).sum())
+        assert int((cal.scores[~cal.matching] >= thr.threshold).sum()) == flagged  # float32 compare agrees
+        assert thr.bound_met and thr.fpr == flagged / len(non)
+        assert thr.fpr_upper == pytest.approx(float(fpr_upper_bound(flagged, len(non)))) and thr.fpr_upper <= fpr
+        # One more flagged non-matching query (the next lower threshold) would break the bound.
+        assert fpr_upper_bound(flagged + 1, len(non)) > fpr
+        right = cal.matching & cal.correct & (cal.scores >= thr.threshold)
+        assert thr.recall == pytest.approx(right.sum() / cal.matching.sum())
+        assert f"{flagged} of {len(non)} non-matching" in thr.meaning and "unrelated images" in thr.meaning
+    assert calibrate(cal, CopyTarget(fpr=0.005)).threshold >= calibrate(cal, CopyTarget(fpr=0.05)).threshold
+
+
+def test_fpr_calibration_with_too_few_non_matching_queries_says_so(caplog):
+    cal = synthetic_scores(n_match=20, n_non=20)
+    thr = calibrate(cal, CopyTarget(fpr=0.01))
+    assert not thr.bound_met and thr.fpr == 0.0 and thr.threshold > cal.scores[~cal.matching].max()
+    assert "cannot show a false-positive rate" in caplog.text and "calibrate with more images" in thr.meaning
+
+
+def test_precision_calibration_needs_a_prior_and_reaches_it():
+    with pytest.raises(CalibrationError, match="--prior"):
+        CopyTarget(fpr=None, precision=0.9)
+    with pytest.raises(CalibrationError, match="not both"):
+        CopyTarget(fpr=0.01, precision=0.9, prior=1.0)
+    cal = synthetic_scores()
+    for prior in (1.0, 0.2):
+        thr = calibrate(cal, CopyTarget(fpr=None, precision=0.8, prior=prior))
+        assert thr.precision >= 0.8 and thr.target == "precision"
+        assert thr.precision == pytest.approx(implied_precision(thr.recall, thr.wrong, thr.fpr_upper, prior))
+        assert f"{prior:g} copies per non-copy" in thr.meaning
+    # A rarer copy needs a stricter threshold for the same precision.
+    assert (calibrate(cal, CopyTarget(fpr=None, precision=0.8, prior=0.2)).threshold
+            >= calibrate(cal, CopyTarget(fpr=None, precision=0.8, prior=1.0)).threshold)
+
+
+def test_implied_precision_counts_wrong_matches_and_false_positives():
+    # 1 copy per 10 non-copies: 0.1 * 0.8 right, 0.1 * 0.1 wrong, 0.01 false positives.
+    assert implied_precision(0.8, 0.1, 0.01, 0.1) == pytest.approx(0.08 / (0.09 + 0.01))
 
 
 def test_calibration_fails_loudly_when_no_threshold_reaches_the_precision():
@@ -62,9 +115,16 @@ def test_calibration_fails_loudly_when_no_threshold_reaches_the_precision():
     matching = np.arange(n) < 20
     scores = np.where(matching, 0.1, 0.9).astype(np.float32)  # non-copies score higher: hopeless
     with pytest.raises(CalibrationError, match="no threshold reaches precision"):
-        calibrate(CalibrationScores(scores, matching.copy(), matching), 0.9)
+        calibrate(CalibrationScores(scores, matching.copy(), matching), CopyTarget(fpr=None, precision=0.9, prior=1.0))
     with pytest.raises(CalibrationError, match="no matching"):
-        calibrate(CalibrationScores(scores, np.zeros(n, bool), np.zeros(n, bool)), 0.9)
+        calibrate(CalibrationScores(scores, np.zeros(n, bool), np.zeros(n, bool)))
+
+
+def test_describe_threshold_reads_collections_calibrated_for_a_precision():
+    old = {"threshold": 0.12, "precision_target": 0.9, "recall": 0.7, "precision": 0.92,
+           "n_matching": 10, "n_nonmatching": 10, "method": "x"}
+    assert "recalibrate" in describe_threshold(old) and "does not hold" in describe_threshold(old)
+    assert "not flagged" in describe_threshold(None)
 
 
 def test_split_training_is_disjoint_and_bounded():
@@ -84,23 +144,24 @@ def test_collection_scores_are_normalised_and_decided_at_the_threshold(tmp_path,
     assert (I[:, 0] == np.arange(1, 6)).all()
     assert all(m.copy is None for row in coll.search(xb[:5], 3) for m in row)  # not calibrated yet
 
-    matching = np.arange(60) < 30
+    matching = np.arange(600) < 300
     cal = CalibrationScores(np.where(matching, 0.5, 0.1).astype(np.float32), matching.copy(), matching)
-    thr = coll.calibrate(cal, 0.9, "test")
-    assert thr.threshold == pytest.approx(0.5)
+    thr = coll.calibrate(cal, CopyTarget(fpr=0.01), "test")
+    assert 0.1 < thr.threshold <= 0.5 and thr.recall == 1.0 and thr.fpr == 0.0
     coll.close()
     with Collection.open(tmp_path / "c") as again:  # threshold, normalisation and scores persist
-        assert again.config.threshold == pytest.approx(0.5) and again.background is not None
+        assert again.config.threshold == thr.threshold and again.background is not None
+        assert again.info()["copy_decision"] == thr.meaning
         rows = again.search(xb[:5], 3)
-        assert all(m.copy == (m.score >= 0.5) for row in rows for m in row)
-        assert again.calibrate(None, 0.95).method == "test"
+        assert all(m.copy == (m.score >= thr.threshold) for row in rows for m in row)
+        assert again.calibrate(None, CopyTarget(fpr=0.05)).method == "test"
 
 
 def test_calibration_scores_on_real_edits(tmp_path, tiny_extractor, train_vectors, image_dir):
     coll = Collection.create(tmp_path / "c", tiny_extractor, "IVF4,Flat", train_vectors, nprobe=4)
     images = [load_image(p) for p in sorted(image_dir.iterdir())[:40]]
     cal = calibration_scores(coll, calibration_set(tiny_extractor, images, seed=0))
-    assert cal.matching.sum() == 20 and not cal.correct[~cal.matching].any()
+    assert cal.matching.sum() == 10 and not cal.correct[~cal.matching].any()  # a quarter are references
     # Identity (edit 0) copies of the first references find themselves: the pipeline is wired up.
     assert cal.correct[0] and cal.scores[0] > 0.99
     assert coll.index.ntotal == 0  # calibration worked on a copy of the index
@@ -109,7 +170,7 @@ def test_calibration_scores_on_real_edits(tmp_path, tiny_extractor, train_vector
 def test_calibrate_without_stored_scores_says_how(tmp_path, tiny_extractor, train_vectors):
     coll = Collection.create(tmp_path / "c", tiny_extractor, "Flat", train_vectors)
     with pytest.raises(CollectionError, match="activeindex calibrate"):
-        coll.calibrate(None, 0.9)
+        coll.calibrate(None)
 
 
 def test_calibration_leaves_out_background_images(tmp_path, tiny_extractor, image_dir, caplog):
@@ -119,6 +180,52 @@ def test_calibration_leaves_out_background_images(tmp_path, tiny_extractor, imag
     paths = sorted(image_dir.iterdir())
     xb = extract_paths(paths[:30], tiny_extractor).features
     coll = Collection.create(tmp_path / "c", tiny_extractor, "Flat", xb, background=xb)
-    thr = calibrate_from_images(coll, paths, 0.01)  # 30 of the 64 are the background
+    thr = calibrate_from_images(coll, paths)  # 30 of the 64 are the background
     assert thr.n_matching + thr.n_nonmatching == 34
     assert "30 of 64 images are in the normalisation background" in caplog.text
+
+
+def test_create_collection_holds_calibration_images_out_of_index_training(tmp_path, tiny_extractor, image_dir,
+                                                                         monkeypatch):
+    # References drawn from the index's training vectors get better codes than the images a user
+    # adds, so the calibration images must stay out of index training.
+    from activeindex.calibration import MATCHING_SHARE, create_collection
+
+    seen = {}
+    create = Collection.create.__func__
+
+    def spy(cls, root, extractor, factory, xt, **kw):
+        seen["xt"], seen["background"] = xt, kw.get("background")
+        return create(cls, root, extractor, factory, xt, **kw)
+
+    monkeypatch.setattr(Collection, "create", classmethod(spy))
+    paths = sorted(image_dir.iterdir())
+    coll, thr = create_collection(tmp_path / "c", tiny_extractor, "Flat", paths)
+    bg, cal = split_training(len(paths))
+    assert len(seen["xt"]) == len(bg) and np.array_equal(seen["xt"], seen["background"])
+    assert thr.n_matching + thr.n_nonmatching == len(cal) and thr.n_matching == round(len(cal) * MATCHING_SHARE)
+    coll.close()
+
+
+def test_recalibrate_searches_the_stored_descriptors_against_the_grown_index(tmp_path, tiny_extractor, train_vectors,
+                                                                             image_dir):
+    from activeindex.calibration import calibrate_from_images, load_calibration_set, recalibrate
+
+    coll = Collection.create(tmp_path / "c", tiny_extractor, "Flat", train_vectors)
+    first = calibrate_from_images(coll, sorted(image_dir.iterdir()))
+    assert first.n_indexed == 0 and "against 0 indexed images" in first.meaning
+    xb = unit(np.random.default_rng(5), 300)
+    coll.add_vectors(xb, [f"r{i}" for i in range(300)], [f"h{i}" for i in range(300)])
+    again = recalibrate(coll)
+    expect = calibrate(calibration_scores(coll, load_calibration_set(coll)))
+    assert again.n_indexed == 300 and again.threshold == expect.threshold and again.n_nonmatching == first.n_nonmatching
+    assert "against 300 indexed images" in again.meaning and coll.config.threshold == again.threshold
+    coll.close()
+
+
+def test_recalibrate_without_stored_descriptors_says_how(tmp_path, tiny_extractor, train_vectors):
+    from activeindex.calibration import recalibrate
+
+    coll = Collection.create(tmp_path / "c", tiny_extractor, "Flat", train_vectors)
+    with pytest.raises(CollectionError, match="--images"):
+        recalibrate(coll)

@@ -88,6 +88,7 @@ def test_query_finds_the_indexed_image(client, image_dir):
     best = body["matches"][0]
     assert best["name"] == path.name
     assert best["copy"] is None  # no calibrated threshold: passed through as null
+    assert "no calibrated copy threshold" in body["copy_decision"]  # and said in words
     assert best["thumbnail"] == f"/api/images/{best['id']}/thumbnail"
     scores = [m["score"] for m in body["matches"]]
     assert scores == sorted(scores, reverse=True)
@@ -131,6 +132,7 @@ def test_health_info_and_image_record(client):
     info = client.get("/api/info").json()
     assert info["collection"]["images"] == 8 and info["collection"]["factory"] == "IVF4,PQ16x4"
     assert "path" not in info["collection"]  # the server's file system is not shown
+    assert "no calibrated copy threshold" in info["collection"]["copy_decision"]
     assert info["service"]["writes_enabled"] is True
     rec = client.get("/api/images/1").json()
     assert rec["id"] == 1 and rec["mode"] == "passive" and rec["released"] is False and len(rec["sha256"]) == 64
@@ -760,3 +762,21 @@ def test_an_upload_too_large_to_activate_is_a_413(make_client, image_dir):
     r = client.post("/api/images?activate=true&iterations=1", files=_file(path), headers=AUTH)
     assert r.status_code == 413 and "too large to activate" in r.json()["detail"]
     assert client.post("/api/images", files=_file(path), headers=AUTH).status_code == 201  # passive: fine
+
+
+def test_calibrated_decision_is_said_in_words(make_client, coll_path, image_dir):
+    import numpy as np
+
+    from activeindex.collection import Collection
+    from activeindex.scoring import CalibrationScores
+
+    matching = np.arange(800) < 200
+    scores = np.where(matching, 0.9, np.linspace(0.0, 0.5, 800)).astype(np.float32)
+    with Collection.open(coll_path) as c:
+        thr = c.calibrate(CalibrationScores(scores, matching.copy(), matching))
+    client = make_client()
+    assert client.get("/api/info").json()["collection"]["copy_decision"] == thr.meaning
+    assert "unrelated images" in thr.meaning and "1 in" in thr.meaning
+    body = client.post("/api/query?k=2", files=_file(sorted(image_dir.glob("*.png"))[0])).json()
+    assert body["copy_decision"] == thr.meaning
+    assert all(m["copy"] == (m["score"] >= thr.threshold) for m in body["matches"])

@@ -21,7 +21,7 @@ from activeindex.errors import ActiveIndexError
 # (tests/test_cli.py checks that --help loads neither).
 from activeindex.names import printable_name, storable_text
 from activeindex.settings import (
-    DEFAULT_PRECISION,
+    DEFAULT_FPR,
     MAX_ACTIVATION_PIXELS,
     FeatureLoss,
     Metric,
@@ -33,6 +33,7 @@ from activeindex.settings import (
 
 if TYPE_CHECKING:
     from activeindex.collection import AddReport, Collection
+    from activeindex.scoring import CopyTarget
     from activeindex.extractors import Extractor
     from activeindex.features import Failure
 
@@ -65,6 +66,27 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
 RayAddressOpt = Annotated[Optional[str], typer.Option(
     "--ray-address", help="run on the Ray cluster at this address (auto, HOST:6379, ray://HOST:10001)")]
 ShardSizeOpt = Annotated[int, typer.Option(help="images per Ray task (with --workers/--ray-address)", min=1)]
+TargetFprOpt = Annotated[Optional[float], typer.Option(
+    "--target-fpr", min=1e-6, max=0.5, show_default=False,
+    help=f"share of non-matching queries the copy threshold may flag [default: {DEFAULT_FPR}, about 1 in "
+         f"{1 / DEFAULT_FPR:.0f}]")]
+TargetPrecisionOpt = Annotated[Optional[float], typer.Option(
+    "--target-precision", min=0.01, max=0.999,
+    help="instead of --target-fpr: the share of flags that are copies, for the mix given by --prior")]
+PriorOpt = Annotated[Optional[float], typer.Option(
+    "--prior", min=1e-9,
+    help="copies per non-copy among your queries (0.01: 1 query in 101 is a copy): states the precision "
+         "the threshold implies; needed by --target-precision")]
+
+
+def _copy_target(target_fpr: float | None, target_precision: float | None, prior: float | None) -> CopyTarget:
+    """The calibration target from the options (checked before any work is done)."""
+    from activeindex.scoring import CopyTarget
+    if target_precision is None:
+        return CopyTarget(fpr=DEFAULT_FPR if target_fpr is None else target_fpr, prior=prior)
+    if target_fpr is not None:
+        raise ActiveIndexError("give --target-fpr or --target-precision (with --prior), not both")
+    return CopyTarget(fpr=None, precision=target_precision, prior=prior)
 
 
 def _err(msg: str) -> None:
@@ -209,7 +231,9 @@ def create(
     precision: PrecisionOpt = Precision.AUTO,
     metric: Annotated[Metric, typer.Option(help="l2 (as the paper) or ip")] = Metric.L2,
     nprobe: Annotated[int, typer.Option(help="IVF cells visited per query")] = 1,
-    target_precision: Annotated[float, typer.Option("--target-precision", help="precision the copy threshold is calibrated for", min=0.01, max=1.0)] = DEFAULT_PRECISION,
+    target_fpr: TargetFprOpt = None,
+    target_precision: TargetPrecisionOpt = None,
+    prior: PriorOpt = None,
     normalize: Annotated[bool, typer.Option(help="normalise scores against a background of training images")] = True,
     as_json: JsonOpt = False,
 ) -> None:
@@ -225,6 +249,7 @@ def create(
     from activeindex.collection import Collection
     from activeindex.scoring import Normalization
 
+    target = _copy_target(target_fpr, target_precision, prior)
     extractor = _build_extractor(model, input_size, resize, precision)
     if len(train) == 1 and train[0].suffix == ".npy":
         xt = np.load(train[0], allow_pickle=False)
@@ -235,7 +260,7 @@ def create(
         paths = _expand(train)
         with _progress(len(paths), "train descriptors") as update:
             coll, thr = create_collection(collection, extractor, index, paths, metric=metric, nprobe=nprobe,
-                                          precision=target_precision, normalization=Normalization() if normalize else None,
+                                          target=target, normalization=Normalization() if normalize else None,
                                           progress=update)
         source = f"{len(paths)} images"
     with coll:
@@ -251,28 +276,36 @@ def _print_threshold(coll: Collection) -> None:
     if info is None:
         _err("copy threshold: not calibrated (activeindex calibrate COLLECTION --images TRAINING_IMAGES)")
         return
-    _err(f"copy threshold {info['threshold']:.4f}: precision {info['precision']:.3f} (target "
-         f"{info['precision_target']}) and recall {info['recall']:.3f} on {info['n_matching']} matching + "
-         f"{info['n_nonmatching']} non-matching edited training images")
+    from activeindex.scoring import describe_threshold
+
+    _err(f"copy threshold: {describe_threshold(info)}")
 
 
 @app.command()
 def calibrate(
     collection: Annotated[Path, typer.Argument(help="collection folder")],
-    images: Annotated[Optional[list[Path]], typer.Option("--images", help="training images (not in the collection); default: reuse the stored calibration queries")] = None,
-    target_precision: Annotated[float, typer.Option("--target-precision", help="precision the copy threshold is calibrated for", min=0.01, max=1.0)] = DEFAULT_PRECISION,
+    images: Annotated[Optional[list[Path]], typer.Option("--images", help="training images (not in the collection); default: search the stored calibration descriptors against the index as it is now")] = None,
+    target_fpr: TargetFprOpt = None,
+    target_precision: TargetPrecisionOpt = None,
+    prior: PriorOpt = None,
 ) -> None:
-    """Set the copy threshold for a target precision (from new images, or the stored scores)."""
-    from activeindex.calibration import calibrate_from_images
+    """Set the copy threshold for a false-positive rate (or a precision at a prior), from new
+    images, or from the calibration descriptors the collection keeps, searched against the index
+    as it is now (do this after adding many images: the false-positive rate grows with them)."""
+    from activeindex.calibration import CALIBRATION_SET_FILE, calibrate_from_images, recalibrate
     from activeindex.collection import Collection
+
+    target = _copy_target(target_fpr, target_precision, prior)
 
     with Collection.open(collection) as coll:
         if images:
             paths = _expand(images)
             with _progress(len(paths), "calibrate") as update:
-                calibrate_from_images(coll, paths, target_precision, progress=update)
-        else:
-            coll.calibrate(None, target_precision)
+                calibrate_from_images(coll, paths, target, progress=update)
+        elif (coll.root / CALIBRATION_SET_FILE).exists():
+            recalibrate(coll, target)
+        else:  # a collection calibrated before descriptors were kept: its stored scores
+            coll.calibrate(None, target)
         _print_threshold(coll)
 
 
@@ -358,6 +391,15 @@ def add(
             else:
                 report = coll.add_images(paths, names=names, progress=update)
         _print_add(report, as_json)
+        _warn_stale_threshold(coll)
+
+
+def _warn_stale_threshold(coll: Collection) -> None:
+    """The false-positive rate of a fixed threshold grows with the index: say when to recalibrate."""
+    calibrated_at = (coll.config.threshold_info or {}).get("n_indexed")
+    if calibrated_at is not None and coll.count() > 2 * max(calibrated_at, 50):
+        _err(f"note: the copy threshold was calibrated with {calibrated_at} images in the index, it now holds "
+             f"{coll.count()}: it flags more unrelated images than it says; run: activeindex calibrate {coll.root}")
 
 
 @app.command()
@@ -380,7 +422,11 @@ def query(
             results, failures = coll.query_images(paths, k=k, progress=update)
     _report_failures(failures)
     if as_json:
-        out = [{"query": storable_text(r.query), "matches": [m.__dict__ for m in r.matches]} for r in results]
+        from activeindex.scoring import describe_threshold
+
+        decision = describe_threshold(coll.config.threshold_info)
+        out = [{"query": storable_text(r.query), "matches": [m.__dict__ for m in r.matches], "copy_decision": decision}
+               for r in results]
         out += [{"query": storable_text(str(f.path)), "error": f.reason, "matches": []} for f in failures]
         order = {str(p): i for i, p in enumerate(paths)}
         out.sort(key=lambda entry: order.get(entry["query"], len(order)))  # as the inputs came
@@ -441,10 +487,7 @@ def info(
     norm = data["normalization"]
     typer.echo("scores       " + ("raw similarities" if norm is None else
                f"normalised: s - {norm['beta']:g} x mean top-{norm['n']} of {norm['background']} background images"))
-    ti = data["threshold_info"]
-    typer.echo("copy thresh. " + ("not calibrated" if ti is None else
-               f"{ti['threshold']:.4f} (precision {ti['precision']:.3f} for target {ti['precision_target']}, "
-               f"recall {ti['recall']:.3f})"))
+    typer.echo(f"copy decision {data['copy_decision']}")
 
 
 @app.command()
@@ -540,7 +583,7 @@ def evaluate(
     iterations: Annotated[int, typer.Option(help="activation steps", min=0)] = 10,
     views: Annotated[int, typer.Option(help="edited views per step of robust activation", min=1)] = 3,
     target: Annotated[TargetKind, typer.Option(help="activation target")] = TargetKind.RECONSTRUCTION,
-    target_precision: Annotated[float, typer.Option("--target-precision", help="precision of the calibrated copy threshold", min=0.01, max=1.0)] = DEFAULT_PRECISION,
+    target_fpr: Annotated[float, typer.Option("--target-fpr", help="false-positive rate the copy threshold is calibrated for", min=1e-6, max=0.5)] = DEFAULT_FPR,
     n_train: Annotated[Optional[int], typer.Option(help="training images (synthetic: generated; DISC21: cap)")] = None,
     n_refs: Annotated[int, typer.Option(help="synthetic: references in the index, images under test included")] = 2048,
     n_distractors: Annotated[Optional[int], typer.Option(help="DISC21: cap on distractor references")] = None,
@@ -561,7 +604,7 @@ def evaluate(
     except ValueError:
         raise ActiveIndexError(f"--methods takes a comma-separated list of {', '.join(m.value for m in Method)}; got {methods!r}") from None
     settings = EvalSettings(factories=tuple(index or ["IVF256,PQ8x8"]), methods=chosen, nprobe=nprobe, psnr=psnr,
-                            iterations=iterations, views=views, target=target, precision=target_precision, seed=seed)
+                            iterations=iterations, views=views, target=target, target_fpr=target_fpr, seed=seed)
     extractor = _build_extractor(model, input_size, resize, Precision.AUTO)
     check_settings(settings, extractor)  # every factory string and option, before any image is made
     if disc21 is not None:

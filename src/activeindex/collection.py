@@ -7,8 +7,8 @@ Layout of the folder::
     index.faiss       the FAISS index, with ids (not positions); replaced atomically on every write
     meta.sqlite       one row per image: id, name, path, sha256, added, mode, quality, status
     background.npy    descriptors of training images that score normalisation compares queries to
-    calibration.npz   the calibration queries' top-1 scores, to re-derive the threshold at another
-                      precision without images (see :mod:`activeindex.scoring`)
+    calibration.npz   the calibration queries' top-1 scores, to re-derive the threshold for another
+                      target without images (see :mod:`activeindex.scoring`)
 
 Crash safety. Adding is a three-step protocol: (1) rows are inserted with status ``pending``, which
 reserves their ids (``AUTOINCREMENT`` never reuses an id, even after a rollback or a delete);
@@ -59,12 +59,14 @@ from activeindex.extractors import Extractor, create_extractor
 from activeindex.features import Failure, extract_paths
 from activeindex.images import file_sha256, storable_text
 from activeindex.scoring import (
-    DEFAULT_PRECISION,
     Background,
     CalibrationScores,
+    CopyTarget,
     Normalization,
+    SINGLE_VIEW,
     Threshold,
     calibrate,
+    describe_threshold,
 )
 
 logger = logging.getLogger(__name__)
@@ -186,7 +188,9 @@ class CollectionConfig:
     created: float
     format_version: int = FORMAT_VERSION
     threshold: float | None = None  # calibrated copy threshold on the score; None until calibrated
-    threshold_info: dict[str, Any] | None = None  # Threshold.to_dict(): target, recall, counts, how
+    # Threshold.to_dict(): the target (false-positive rate or precision at a prior), the FPR, its
+    # bound and the recall measured on calibration, the query counts, how they were drawn, in words.
+    threshold_info: dict[str, Any] | None = None
     normalization: dict[str, Any] | None = None  # Normalization.to_dict(); None: raw similarities
     uuid: str | None = None  # the collection's id, also in the database; None: made before ids existed
 
@@ -904,10 +908,14 @@ class Collection:
 
     # -- copy decisions ------------------------------------------------------------------------
     def calibrate(
-        self, scores: CalibrationScores | None = None, precision: float = DEFAULT_PRECISION, method: str = ""
+        self, scores: CalibrationScores | None = None, target: CopyTarget = CopyTarget(), method: str = ""
     ) -> Threshold:
-        """Set the copy threshold for ``precision`` from calibration ``scores`` (stored for later),
-        or, without ``scores``, from the ones stored by an earlier calibration."""
+        """Set the copy threshold for ``target`` from calibration ``scores`` (stored for later),
+        or, without ``scores``, from the ones stored by an earlier calibration. Only the
+        single-view query mode exists: a mode with several views per query would keep its own
+        scores file and threshold, calibrated the same way."""
+        if target.query_mode != SINGLE_VIEW:
+            raise CollectionError(f"query mode {target.query_mode!r} has no calibration yet (only {SINGLE_VIEW!r})")
         with self._write_lock():
             if scores is None:
                 try:
@@ -918,7 +926,9 @@ class Collection:
                         "(activeindex calibrate COLLECTION --images DIR)"
                     ) from None
                 method = method or (self.config.threshold_info or {}).get("method", "")
-            thr = calibrate(scores, precision, method)
+            thr = calibrate(scores, target, method)
+            thr = dataclasses.replace(thr, n_indexed=self.count())
+            thr = dataclasses.replace(thr, meaning=describe_threshold(thr.to_dict()))
             write_bytes_atomic(self.root / CALIBRATION_FILE, scores.to_bytes())
             self.config = dataclasses.replace(self.config, threshold=thr.threshold, threshold_info=thr.to_dict())
             self.config.save(self.root / CONFIG_FILE)
@@ -971,6 +981,7 @@ class Collection:
             "index_ntotal": int(self.index.ntotal),
             "index_bytes": (self.root / INDEX_FILE).stat().st_size,
             **asdict(self.config),
+            "copy_decision": describe_threshold(self.config.threshold_info),
         }
 
 

@@ -20,7 +20,6 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import faiss
 import numpy as np

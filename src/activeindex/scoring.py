@@ -9,16 +9,20 @@ white) sit near many images. Subtracting the query's mean similarity to its ``n`
 
 so one threshold fits all queries. The background is searched exactly (a flat index): it is small.
 
-Calibration. A copy decision is ``s' >= threshold``. The threshold is chosen, from queries whose
-answer is known, as the one with the largest recall among those reaching a target precision
-(:func:`activeindex.metrics.recall_at_precision`, ties against us). :class:`CalibrationScores`
-keeps the scores it was chosen from, so another precision can be asked for later without images.
+Calibration. A copy decision is ``s' >= threshold`` on a query's best match. The threshold is
+chosen, from queries whose answer is known, for a *false-positive rate*: the share of non-matching
+queries it flags. Unlike precision, that rate does not depend on how many of a user's queries are
+copies, which nobody knows; the precision it implies is stated only for an explicit prior
+(copies per non-copy). What is held is an upper confidence bound on the rate (Clopper–Pearson),
+so a small calibration set cannot promise more than it shows. :class:`CalibrationScores` keeps
+the scores it was chosen from, so another target can be asked for later without images.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import faiss
@@ -26,8 +30,12 @@ import numpy as np
 
 from activeindex import index as ix
 from activeindex.errors import ActiveIndexError
-from activeindex.metrics import recall_at_precision
-from activeindex.settings import DEFAULT_PRECISION  # re-exported (defined there: no torch/FAISS needed)
+from activeindex.settings import DEFAULT_FPR  # noqa: F401 re-exported (defined there: no torch/FAISS needed)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIDENCE = 0.95  # of the upper bound on the false-positive rate that is held
+SINGLE_VIEW = "single"  # the query mode: one descriptor per query image
 
 
 class CalibrationError(ActiveIndexError):
@@ -100,52 +108,211 @@ class CalibrationScores:
 
 
 @dataclass(frozen=True)
+class CopyTarget:
+    """What a copy threshold is calibrated for (built once at the edge, e.g. from CLI options).
+
+    ``fpr``: the share of non-matching queries flagged as copies (the default, 1 %). It does not
+    depend on how many of a user's queries are copies, so it means the same on every stream.
+    ``precision`` (with ``fpr=None``): the share of flags that are right, which depends on that
+    mix; it therefore needs ``prior``, the number of copies per non-copy among the queries
+    (0.01: one query in 101 is a copy). ``prior`` alone, with ``fpr``, only states the precision
+    the threshold implies. ``confidence``: the FPR that is held is an upper confidence bound
+    (one-sided Clopper–Pearson) on the calibration queries, not their raw rate (see
+    :func:`fpr_upper_bound`). ``query_mode`` names how queries are searched (one view now); a mode
+    that searches several views per query flags more non-matching queries and needs its own
+    calibration scores and threshold.
+    """
+
+    fpr: float | None = DEFAULT_FPR
+    precision: float | None = None
+    prior: float | None = None
+    confidence: float = DEFAULT_CONFIDENCE
+    query_mode: str = SINGLE_VIEW
+
+    def __post_init__(self) -> None:
+        if (self.fpr is None) == (self.precision is None):
+            raise CalibrationError("calibrate for a false-positive rate or for a precision, not both")
+        if self.fpr is not None and not 0.0 < self.fpr < 1.0:
+            raise CalibrationError(f"the target false-positive rate must be in (0, 1), got {self.fpr}")
+        if self.precision is not None:
+            if not 0.0 < self.precision < 1.0:
+                raise CalibrationError(f"the target precision must be in (0, 1), got {self.precision}")
+            if self.prior is None:
+                raise CalibrationError(
+                    "a target precision needs --prior (copies per non-copy among your queries, e.g. 0.01): "
+                    "precision depends on that mix; or calibrate for a false-positive rate (--target-fpr)"
+                )
+        if self.prior is not None and not self.prior > 0.0:
+            raise CalibrationError(f"the prior (copies per non-copy) must be > 0, got {self.prior}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise CalibrationError(f"confidence must be in [0.5, 1), got {self.confidence}")
+
+
+@dataclass(frozen=True)
 class Threshold:
-    """A calibrated copy threshold and how it was obtained (stored in ``collection.json``)."""
+    """A calibrated copy threshold and how it was obtained (stored in ``collection.json``).
+
+    Rates are measured on the calibration queries, a decision being "the query's best score is
+    ``>= threshold``": ``fpr`` is the share of non-matching queries flagged, ``fpr_upper`` its
+    one-sided upper confidence bound, ``recall`` the share of matching queries flagged *with
+    their true original as the best match*, ``wrong`` the share flagged with another image.
+    ``precision`` is the precision implied for ``prior`` (copies per non-copy), computed with
+    ``fpr_upper``; None without a prior.
+    """
 
     threshold: float
-    precision_target: float
-    recall: float  # recall of matching queries at this threshold, on the calibration queries
-    precision: float  # precision reached on the calibration queries
+    target: str  # "fpr" or "precision"
+    target_fpr: float | None
+    target_precision: float | None
+    prior: float | None
+    fpr: float
+    fpr_upper: float
+    confidence: float
+    bound_met: bool  # fpr_upper <= target_fpr (False: too few non-matching queries to show it)
+    recall: float
+    wrong: float
+    precision: float | None
     n_matching: int
     n_nonmatching: int
+    query_mode: str
     method: str
+    n_indexed: int | None = None  # images in the index when calibrated: the FPR grows with it
+    meaning: str = ""  # the decision in words (filled from the rest, see describe_threshold)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def calibrate(cal: CalibrationScores, precision: float = DEFAULT_PRECISION, method: str = "") -> Threshold:
-    """The threshold with the largest recall at ``precision`` or more on the calibration queries.
+def fpr_upper_bound(flagged: np.ndarray | int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> np.ndarray:
+    """One-sided Clopper–Pearson upper bound on a rate seen as ``flagged`` of ``n`` (exact, so it
+    holds for small counts, where the normal approximation does not). ``flagged = n`` gives 1."""
+    from scipy.stats import beta  # scipy comes with scikit-image; imported here, not at import time
 
-    Each query contributes one prediction, its top-1 (query, match, score); it is a true positive
-    when the match is its original. Raises :class:`CalibrationError` when no threshold reaches the
-    precision (the descriptor cannot separate copies from non-copies that well).
+    k = np.asarray(flagged, dtype=np.float64)
+    upper = beta.ppf(confidence, k + 1, np.maximum(n - k, 1e-12))
+    return np.where(k >= n, 1.0, upper)
+
+
+def implied_precision(recall: float, wrong: float, fpr: float, prior: float) -> float:
+    """Share of flags that are right when there are ``prior`` copies per non-copy.
+
+    Per non-matching query: ``prior`` matching ones, of which ``recall`` are flagged with their
+    original and ``wrong`` with another image; ``fpr`` of the non-matching one is flagged."""
+    tp = prior * recall
+    flagged = prior * (recall + wrong) + fpr
+    return float(tp / flagged) if flagged > 0 else 1.0
+
+
+def _rates(cal: CalibrationScores, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counts of (non-matching flagged, matching flagged right, matching flagged wrong) per threshold."""
+    def count_ge(x: np.ndarray) -> np.ndarray:
+        xs = np.sort(x)
+        return len(xs) - np.searchsorted(xs, thresholds, side="left")
+
+    s = cal.scores.astype(np.float64)
+    return (count_ge(s[~cal.matching]), count_ge(s[cal.matching & cal.correct]),
+            count_ge(s[cal.matching & ~cal.correct]))
+
+
+def calibrate(cal: CalibrationScores, target: CopyTarget = CopyTarget(), method: str = "") -> Threshold:
+    """The lowest threshold (the most recall) meeting ``target`` on the calibration queries.
+
+    For a false-positive rate F: the lowest threshold whose upper confidence bound on the FPR is at
+    most F. With few non-matching queries even flagging none cannot show F (e.g. fewer than 299 for
+    F = 1 % at 95 %): the threshold is then put above every non-matching score and ``bound_met`` is
+    False (a warning is logged). For a precision P at a prior: the lowest threshold whose implied
+    precision, with the FPR's upper bound, is at least P; :class:`CalibrationError` if none is.
+    Ties count against us: a decision is ``score >= threshold``.
     """
-    n = len(cal.scores)
-    if not 0.0 < precision <= 1.0:
-        raise CalibrationError(f"precision must be in (0, 1], got {precision}")
     if not cal.matching.any():
         raise CalibrationError("no matching calibration queries: cannot measure recall")
-    q = np.arange(n)
-    # Reference "id" of a prediction: the query itself when correct (a true pair), else -1 - q (a
-    # pair that is not in the ground truth).
-    refs = np.where(cal.correct, q, -1 - q)
-    gt = np.stack([q[cal.matching], q[cal.matching]], axis=1)
-    recall, thr = recall_at_precision((q, refs, cal.scores.astype(np.float64)), gt, precision)
-    if thr is None:
-        raise CalibrationError(
-            f"no threshold reaches precision {precision} on {int(cal.matching.sum())} matching and "
-            f"{int((~cal.matching).sum())} non-matching calibration queries; ask for a lower precision"
-        )
-    chosen = cal.scores >= thr
-    reached = float(cal.correct[chosen].sum() / max(1, chosen.sum()))
-    return Threshold(
-        threshold=float(thr),
-        precision_target=float(precision),
-        recall=float(recall),
-        precision=reached,
-        n_matching=int(cal.matching.sum()),
-        n_nonmatching=int((~cal.matching).sum()),
+    n_non, n_match = int((~cal.matching).sum()), int(cal.matching.sum())
+    if n_non == 0:
+        raise CalibrationError("no non-matching calibration queries: cannot measure the false-positive rate")
+    s = cal.scores.astype(np.float32)
+    # Candidates: just above each score (it and everything below stop being flagged), and the
+    # lowest score itself (everything flagged). Sorted from high to low threshold. The step up is
+    # a float32 one: scores are float32, and a threshold between two float32 values would round
+    # back onto the score it should exclude when compared with float32 arrays.
+    cands = np.unique(np.concatenate([np.nextafter(s, np.float32(np.inf)), [s.min()]])).astype(np.float64)[::-1]
+    n_fp, n_tp, n_wrong = _rates(cal, cands)
+    upper = fpr_upper_bound(n_fp, n_non, target.confidence)
+    recall, wrong = n_tp / n_match, n_wrong / n_match
+    if target.fpr is not None:
+        ok = np.flatnonzero(upper <= target.fpr)
+        bound_met = ok.size > 0
+        if not bound_met:
+            # Flag no non-matching calibration query: the best that can be shown with this few.
+            ok = np.flatnonzero(n_fp == 0)
+            logger.warning(
+                "%d non-matching calibration queries cannot show a false-positive rate of %g at %g "
+                "confidence (at best %.3g); the threshold flags none of them: calibrate with more images",
+                n_non, target.fpr, target.confidence, float(upper[ok[-1]]))
+        best = ok[-1]  # the lowest threshold that qualifies
+    else:
+        assert target.precision is not None and target.prior is not None
+        prec = np.asarray([implied_precision(r, w, f, target.prior) for r, w, f in zip(recall, wrong, upper)])
+        ok = np.flatnonzero((prec >= target.precision) & (n_tp > 0))
+        if ok.size == 0:
+            raise CalibrationError(
+                f"no threshold reaches precision {target.precision} for {target.prior:g} copies per "
+                f"non-copy on {n_match} matching and {n_non} non-matching calibration queries; ask for "
+                "a lower precision, a larger prior, or calibrate with more images"
+            )
+        best = ok[np.argmax(recall[ok])]
+        bound_met = True
+    thr = Threshold(
+        threshold=float(cands[best]),
+        target="fpr" if target.fpr is not None else "precision",
+        target_fpr=target.fpr,
+        target_precision=target.precision,
+        prior=target.prior,
+        fpr=float(n_fp[best] / n_non),
+        fpr_upper=float(upper[best]),
+        confidence=target.confidence,
+        bound_met=bool(bound_met),
+        recall=float(recall[best]),
+        wrong=float(wrong[best]),
+        precision=None if target.prior is None else implied_precision(
+            float(recall[best]), float(wrong[best]), float(upper[best]), target.prior),
+        n_matching=n_match,
+        n_nonmatching=n_non,
+        query_mode=target.query_mode,
         method=method,
     )
+    return replace(thr, meaning=describe_threshold(thr.to_dict()))
+
+
+def _one_in(rate: float) -> str:
+    """0.01 → "1 in 100"; 0.0035 → "1 in 290" (two significant digits)."""
+    if rate <= 0:
+        return "none"
+    n = 1.0 / rate
+    return f"1 in {float(f'{n:.2g}'):g}"
+
+
+def describe_threshold(info: dict[str, Any] | None) -> str:
+    """The copy decision in words, for ``info``, ``query --json``, the web page and the report.
+
+    Takes :meth:`Threshold.to_dict` (or what ``collection.json`` stores, including the precision
+    targets of collections calibrated before false-positive rates)."""
+    if info is None:
+        return "no calibrated copy threshold: matches are not flagged as copies"
+    thr = info.get("threshold")
+    if "fpr_upper" not in info:  # calibrated for a precision on a 1:1 mix (format of 0.1.0)
+        return (f"score >= {thr:.4f}: calibrated for precision {info.get('precision_target')} on as many "
+                "copies as non-copies, which does not hold for other mixes; recalibrate "
+                "(activeindex calibrate COLLECTION) for a false-positive rate")
+    n_non, n_fp = info["n_nonmatching"], round(info["fpr"] * info["n_nonmatching"])
+    text = (f"score >= {thr:.4f} flags at most about {_one_in(info['fpr_upper'])} unrelated images "
+            f"({info['confidence'] * 100:g} % upper bound: {n_fp} of {n_non} non-matching calibration queries "
+            f"flagged) and finds {info['recall'] * 100:.0f} % of edited copies (of {info['n_matching']})")
+    if info.get("n_indexed") is not None:
+        text += f", calibrated against {info['n_indexed']} indexed images"
+    if info.get("prior") is not None and info.get("precision") is not None:
+        text += (f"; with {info['prior']:g} copies per non-copy among the queries, at least "
+                 f"{info['precision'] * 100:.0f} % of flags are copies")
+    if info.get("target") == "fpr" and not info.get("bound_met", True):
+        text += (f"; too few non-matching calibration queries to show the target "
+                 f"{info['target_fpr'] * 100:g} %: calibrate with more images")
+    return text

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 
-DEFAULT_PRECISION = 0.9  # precision the copy threshold is calibrated for, by default
+DEFAULT_FPR = 0.01  # share of non-matching queries the copy threshold may flag: about 1 in 100
 
 # Largest image activated by default (16 MP, a 4896×3264 photo). Activation keeps about 180 bytes
 # per pixel alive at once (the image, its perturbation, their gradients and the optimiser's moments

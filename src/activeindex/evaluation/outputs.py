@@ -1,5 +1,12 @@
 """The evaluation's files: ``retr_df.csv``, ``icd_df.csv``, ISC-format predictions, ``summary.json``.
 
+``predictions/`` holds, per (index, method), ``INDEX__METHOD.csv`` (normalised scores) and
+``INDEX__METHOD__raw.csv`` (raw similarities), ``query_id,reference_id,score``, and one
+``ground_truth.csv`` (``query_id,reference_id``; an empty reference for a non-matching query, as
+DISC21 ships it), so the ISC21 tooling (``compute_metrics.py --preds_filepath ... --gt_filepath
+...``) runs on them unchanged. Scores are written with 9 significant digits, which gives back the
+float32 score exactly: metrics computed from the files equal the ones in ``summary.json``.
+
 Column names follow the paper's seed tool where it has them (``batch, image_index, attack,
 attack_param, retrieved_distances, retrieved_indices, rank, r@1, r@10, r@100, ap`` for retrieval;
 ``batch, image_index, attack, retrieved_distances, retrieved_ids`` for copy detection, with
@@ -31,6 +38,20 @@ def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def predictions_csv(preds: Sequence[tuple[str, str, float]]) -> str:
+    """ISC-format predictions; ``.9g`` round-trips a float32 score (ties stay ties, order is kept)."""
+    rows = [{"query_id": q, "reference_id": ref, "score": f"{s:.9g}"} for q, ref, s in preds]
+    return _csv_text(rows) or "query_id,reference_id,score\n"
+
+
+def ground_truth_csv(gt: Sequence[tuple[str, str]], queries: Sequence[str]) -> str:
+    """ISC-format ground truth: one row per true pair, then each query without one (empty reference)."""
+    with_pair = {q for q, _ in gt}
+    rows = [{"query_id": q, "reference_id": r} for q, r in gt]
+    rows += [{"query_id": q, "reference_id": ""} for q in queries if q not in with_pair]
+    return _csv_text(rows) or "query_id,reference_id\n"
+
+
 def write_outputs(out: str | Path, results: Sequence[RunResult], summary: dict[str, Any]) -> dict[str, Path]:
     """Write the CSVs, predictions and summary under ``out``; returns their paths by kind."""
     out = Path(out)
@@ -41,28 +62,43 @@ def write_outputs(out: str | Path, results: Sequence[RunResult], summary: dict[s
     pred_dir = out / "predictions"
     pred_dir.mkdir(exist_ok=True)
     for r in results:
-        name = f"{factory_slug(r.factory)}__{r.method.value}.csv"
-        rows = [{"query_id": q, "reference_id": ref, "score": f"{s:.6f}"} for q, ref, s in r.predictions]
-        write_text_atomic(pred_dir / name, _csv_text(rows) or "query_id,reference_id,score\n")
+        stem = f"{factory_slug(r.factory)}__{r.method.value}"
+        for name, preds in ((f"{stem}.csv", r.predictions), (f"{stem}__raw.csv", r.raw_predictions)):
+            write_text_atomic(pred_dir / name, predictions_csv(preds))
+    if results:
+        paths["ground_truth"] = pred_dir / "ground_truth.csv"
+        write_text_atomic(paths["ground_truth"], ground_truth_csv(results[0].ground_truth, results[0].queries))
     write_text_atomic(paths["summary"], json.dumps(summary, indent=2) + "\n")
     return paths
 
 
+def _ci(value: float, interval: Sequence[float] | None, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if not interval else f"{value:.{digits}f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def format_table(summary: dict[str, Any]) -> str:
-    """Markdown: per (index, method) mean R@1 over the 14 edits, µAP (normalised and raw), R@P90,
-    precision/recall at the calibrated threshold, and PSNR of the released files."""
+    """Markdown: per (index, method) the images under test (n), mean R@1 and R@10 over the 14 edits
+    and the gain in mean R@1 over passive, µAP (normalised and raw), R@P90, the false-positive rate
+    and recall of the calibrated copy decision, and the PSNR of the released files. Brackets: 95 %
+    intervals (bootstrap over images or queries, Wilson for rates; see
+    :mod:`activeindex.evaluation.uncertainty`)."""
     lines = [
-        "| index | method | mean R@1 | µAP | µAP raw | R@P90 | P / R at threshold | PSNR (dB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| index | method | n | mean R@1 | gain R@1 | mean R@10 | µAP | µAP raw | R@P90 | FPR / recall at threshold | PSNR (dB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["results"].values():
         rel = r.get("release") or {}
+        ci = r.get("intervals", {})
         at = r["at_calibrated_threshold"]
-        pr = "—" if at["threshold"] is None else (
-            f"{at['precision']:.2f} / {at['recall']:.2f}" if at["precision"] is not None else f"— / {at['recall']:.2f}")
+        dec = "—" if at["threshold"] is None or at.get("fpr") is None else f"{at['fpr']:.3f} / {at['recall']:.2f}"
+        gain = r.get("gain_over_passive", {}).get("r@1")
+        g = "—" if gain is None else f"{gain['gain']:+.3f} [{gain['interval'][0]:+.2f}, {gain['interval'][1]:+.2f}]"
         psnr = f"{rel['psnr_mean']:.2f} (min {rel['psnr_min']:.2f})" if rel else "—"
-        lines.append(f"| {r['factory']} | {r['method']} | {r['r@1']['mean']:.3f} | {r['uap']:.3f} | "
-                     f"{r['uap_raw']:.3f} | {r['recall_at_p90']:.3f} | {pr} | {psnr} |")
+        lines.append(
+            f"| {r['factory']} | {r['method']} | {r.get('n_images', r['n_matching_queries'])} | "
+            f"{_ci(r['r@1']['mean'], ci.get('r@1', {}).get('mean'))} | {g} | "
+            f"{_ci(r['r@10']['mean'], ci.get('r@10', {}).get('mean'))} | {_ci(r['uap'], ci.get('uap'))} | "
+            f"{r['uap_raw']:.3f} | {r['recall_at_p90']:.3f} | {dec} | {psnr} |")
     return "\n".join(lines)
 
 

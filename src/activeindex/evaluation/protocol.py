@@ -2,8 +2,8 @@
 
 For each FAISS factory:
 
-1. a collection is created: the index trained on the training images' descriptors, a part of them
-   kept as the score-normalisation background;
+1. a collection is created: the index trained on a part of the training images' descriptors, the
+   score-normalisation background (the other part calibrates, unseen by the index);
 2. the distractors and the images under test are added *as originals* (the index always holds
    the original's code), then the copy threshold is calibrated on the other training images
    (:mod:`activeindex.calibration`; their copies are described once for all factories);
@@ -59,14 +59,16 @@ from activeindex.extractors import Extractor
 from activeindex.features import describe_images, extract_paths
 from activeindex.hardware import machine_summary
 from activeindex.images import load_image
-from activeindex.scoring import DEFAULT_PRECISION, Normalization
+from activeindex.evaluation.uncertainty import gain_interval, recall_intervals, uap_interval
+from activeindex.intervals import wilson_interval
+from activeindex.scoring import DEFAULT_FPR, CopyTarget, Normalization, describe_threshold
 
 logger = logging.getLogger(__name__)
 
 AUTO = NamedEdit("auto", "auto", {})
 ICD_EDIT_KEY = 1000  # edit key of the copy-detection "auto" copies (the 14 edits use 0..13)
 CSV_NEIGHBOURS = 10  # retrieved ids/scores written per row of retr_df.csv / icd_df.csv
-CHECKPOINT_VERSION = 2  # 2: ISC ids are file stems
+CHECKPOINT_VERSION = 3  # 2: ISC ids are file stems; 3: ranks, raw predictions, intervals
 
 
 class Method(str, enum.Enum):
@@ -88,7 +90,7 @@ class EvalSettings:
     iterations: int = 10
     views: int = 3  # edited views per step, robust activation
     target: TargetKind = TargetKind.RECONSTRUCTION
-    precision: float = DEFAULT_PRECISION  # the calibrated copy threshold's target
+    target_fpr: float = DEFAULT_FPR  # the calibrated copy threshold's false-positive rate
     beta: float = 1.0
     n_background: int = 3  # score normalisation's top-n
     batch_size: int = 16  # images activated together
@@ -132,6 +134,10 @@ class RunResult:
     retrieval: list[dict[str, Any]] = field(default_factory=list)
     icd: list[dict[str, Any]] = field(default_factory=list)
     predictions: list[tuple[str, str, float]] = field(default_factory=list)
+    raw_predictions: list[tuple[str, str, float]] = field(default_factory=list)  # raw similarities
+    ground_truth: list[tuple[str, str]] = field(default_factory=list)  # (query_id, reference_id) pairs
+    queries: list[str] = field(default_factory=list)  # every copy-detection query id, matching first
+    ranks: np.ndarray | None = None  # (14 edits, n images): rank of the original, k if not found
     summary: dict[str, Any] = field(default_factory=dict)
     curve: tuple[np.ndarray, np.ndarray] | None = None  # (recall, precision) of the pooled predictions
     psnr: np.ndarray | None = None
@@ -225,7 +231,9 @@ def build_collection(root: Path, factory: str, ex: Extractor, shared: Shared, se
     and the originals of the images under test; returns it and the originals' ids. Built from
     descriptors: the image names stand in for content hashes."""
     shutil.rmtree(root, ignore_errors=True)
-    coll = Collection.create(root, ex, factory, shared.xt, nprobe=settings.nprobe, background=shared.bg,
+    # Trained on the background part only: the calibration images stay unseen by the index, as
+    # the images under test are (see activeindex.calibration).
+    coll = Collection.create(root, ex, factory, shared.bg, nprobe=settings.nprobe, background=shared.bg,
                              normalization=Normalization(settings.beta, settings.n_background))
     names = shared.distractor_names
     coll.add_vectors(shared.x_distractors, names, [f"distractor:{n}" for n in names])
@@ -233,7 +241,7 @@ def build_collection(root: Path, factory: str, ex: Extractor, shared: Shared, se
     # Calibrated on the filled index, as `activeindex calibrate` does after adding: non-matching
     # calibration queries then meet the neighbours real queries meet.
     try:
-        coll.calibrate(calibration_scores(coll, shared.cal), settings.precision, shared.cal.method)
+        coll.calibrate(calibration_scores(coll, shared.cal), CopyTarget(fpr=settings.target_fpr), shared.cal.method)
     except ActiveIndexError as exc:
         logger.warning("%s: copy threshold not calibrated: %s", factory, exc)
     return coll, ids
@@ -294,11 +302,13 @@ def evaluate_run(coll: Collection, ids: list[int], copies: dict[str, EditedCopie
     ids_arr = np.asarray(ids)
     r1: dict[str, float] = {}
     r10: dict[str, float] = {}
+    ranks = []
     for name in paper_edits():
         c = copies[name]
         S, I, raw = coll.search_arrays(c.features, settings.k)
         hit = I == ids_arr[:, None]
         rank = np.where(hit.any(axis=1), hit.argmax(axis=1), settings.k)
+        ranks.append(rank)
         r1[name] = float((rank < 1).mean())
         r10[name] = float((rank < 10).mean())
         for i in range(len(ids)):
@@ -322,7 +332,7 @@ def evaluate_run(coll: Collection, ids: list[int], copies: dict[str, EditedCopie
     qnames = [f"pos{i:06d}" for i in range(len(ids))] + [f"neg{j:06d}" for j in range(len(shared.nonmatch_names))]
     S, I, raw = coll.search_arrays(xq, settings.k_icd)
     names = coll.names(np.unique(I[I >= 0]).tolist())
-    raw_preds: list[tuple[str, str, float]] = []
+    raw_preds = run.raw_predictions
     for qi, qn in enumerate(qnames):
         keep = I[qi] >= 0
         for s, r, i in zip(S[qi][keep], raw[qi][keep], I[qi][keep]):
@@ -339,24 +349,51 @@ def evaluate_run(coll: Collection, ids: list[int], copies: dict[str, EditedCopie
             "retrieved_ids": " ".join(map(str, I[qi, :CSV_NEIGHBOURS])),
         })
     gt = [(qnames[i], shared.test_names[i]) for i in range(len(ids))]
+    run.ground_truth, run.queries, run.ranks = gt, qnames, np.stack(ranks)
     m = metrics.evaluate(_as_triples(run.predictions), gt)
     uap_raw = metrics.micro_average_precision(_as_triples(raw_preds), gt)
     precision, recall, _ = metrics.precision_recall_curve(_as_triples(run.predictions), gt)
     run.curve = (recall, precision)
-    thr = coll.config.threshold
-    at_thr: dict[str, float | None] = {"threshold": thr, "precision": None, "recall": None}
-    if thr is not None:
-        gts = set(gt)
-        chosen = [(q, r) for q, r, s in run.predictions if s >= thr]
-        tp = sum(p in gts for p in chosen)
-        at_thr.update(precision=tp / len(chosen) if chosen else None, recall=tp / len(gt))
     run.summary = {
         "r@1": r1, "r@10": r10,
         "uap": m.uap, "uap_raw": uap_raw, "recall_at_p90": m.recall_at_p90, "threshold_at_p90": m.threshold_at_p90,
-        "icd_recall_at_1": m.recall_at_1, "at_calibrated_threshold": at_thr,
-        "n_matching_queries": len(ids), "n_nonmatching_queries": len(shared.nonmatch_names),
+        "icd_recall_at_1": m.recall_at_1, "icd_recall_at_10": m.recall_at_10, "at_calibrated_threshold": at_threshold(coll, run, len(ids)),
+        "n_images": len(ids), "n_matching_queries": len(ids), "n_nonmatching_queries": len(shared.nonmatch_names),
+        "intervals": {
+            "r@1": dict(zip([*paper_edits(), "mean"], recall_intervals(run.ranks, 1, seed=settings.seed).values())),
+            "r@10": dict(zip([*paper_edits(), "mean"], recall_intervals(run.ranks, 10, seed=settings.seed).values())),
+            "uap": uap_interval(run.predictions, gt, qnames, seed=settings.seed),
+            "uap_raw": uap_interval(raw_preds, gt, qnames, seed=settings.seed),
+        },
     }
     return run
+
+
+def at_threshold(coll: Collection, run: RunResult, n_matching: int) -> dict[str, Any]:
+    """The collection's copy decision on this run's copy-detection queries: a query is flagged when
+    its best score is >= the threshold; ``fpr`` is the share of non-matching queries flagged,
+    ``recall`` the share of matching ones flagged with their original, ``precision`` the share of
+    flagged (query, reference) pairs that are right at this evaluation's mix."""
+    thr = coll.config.threshold
+    out: dict[str, Any] = {"threshold": thr, "precision": None, "recall": None, "fpr": None, "fpr_interval": None,
+                           "recall_interval": None, "copy_decision": describe_threshold(coll.config.threshold_info)}
+    if thr is None:
+        return out
+    gts = set(run.ground_truth)
+    best: dict[str, tuple[float, str]] = {}
+    for q, r, s in run.predictions:
+        if q not in best or s > best[q][0]:
+            best[q] = (s, r)
+    flagged = {q for q, (s, _) in best.items() if s >= thr}
+    right = sum((q, best[q][1]) in gts for q in flagged)
+    non = run.queries[n_matching:]
+    n_fp = sum(q in flagged for q in non)
+    chosen = [(q, r) for q, r, s in run.predictions if s >= thr]
+    tp = sum(p in gts for p in chosen)
+    out.update(precision=tp / len(chosen) if chosen else None, recall=right / max(1, n_matching),
+               fpr=n_fp / len(non) if non else None, fpr_interval=list(wilson_interval(n_fp, len(non))),
+               recall_interval=list(wilson_interval(right, n_matching)))
+    return out
 
 
 def _as_triples(preds: list[tuple[str, str, float]]) -> tuple[list[str], list[str], np.ndarray]:
@@ -416,6 +453,7 @@ def run_evaluation(
                 s = run.summary
                 _say(log, f"   {factory:24s} {method.value:8s} mean R@1 {s['r@1']['mean']:.3f}  µAP {s['uap']:.3f}  "
                           f"R@P90 {s['recall_at_p90']:.3f}" + (f"  PSNR {stats['psnr_mean']:.2f} dB" if stats else ""))
+    add_gains(results, settings.seed)
     summary = {
         "source": data.name, "counts": data.counts(), "notes": data.notes, "model": ex.spec_string,
         "model_digest": ex.digest, "settings": settings.to_dict(), "factories": factories,
@@ -426,6 +464,21 @@ def run_evaluation(
         "machine": {**machine_summary().to_dict(), "extractor_precision": ex.precision.value},
     }
     return results, summary
+
+
+def add_gains(results: Sequence[RunResult], seed: int = 0) -> None:
+    """Each activated run's gain in mean R@1 and R@10 over the passive run of its index, with a
+    paired bootstrap interval over images (``summary["gain_over_passive"]``)."""
+    passive = {r.factory: r for r in results if r.method is Method.PASSIVE and r.ranks is not None}
+    for r in results:
+        base = passive.get(r.factory)
+        if r.method is Method.PASSIVE or base is None or r.ranks is None:
+            continue
+        r.summary["gain_over_passive"] = {
+            f"r@{k}": {"gain": r.summary[f"r@{k}"]["mean"] - base.summary[f"r@{k}"]["mean"],
+                       "interval": gain_interval(r.ranks, base.ranks, k, seed=seed)}
+            for k in (1, 10)
+        }
 
 
 def run_key(data: EvalData, ex: Extractor, settings: EvalSettings) -> str:

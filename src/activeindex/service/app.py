@@ -39,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from activeindex import __version__
 from activeindex.activation import ActivationConfig
 from activeindex.errors import ActiveIndexError, ImageLoadError
+from activeindex.scoring import describe_threshold
 from activeindex.service.auth import TokenCheck, bearer
 from activeindex.service.describers import DescriberLost
 from activeindex.service.hosts import LOCAL_NAMES, HostCheckMiddleware, default_allowed_hosts
@@ -169,6 +170,7 @@ def create_app(
         return JSONResponse({
             "query": upload.name,
             "k": k,
+            "copy_decision": describe_threshold(service.collection.config.threshold_info),
             "matches": [
                 {"id": m.id, "name": m.name, "score": m.score, "copy": m.copy,
                  "thumbnail": f"/api/images/{m.id}/thumbnail"}

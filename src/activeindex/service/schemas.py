@@ -12,7 +12,8 @@ class MatchOut(BaseModel):
     name: str
     score: float = Field(description="similarity, higher = closer (the cosine for unit descriptors)")
     copy_: bool | None = Field(
-        alias="copy", description="score ≥ the collection's calibrated copy threshold; null until it has one"
+        alias="copy", description="score ≥ the collection's copy threshold, calibrated for a false-positive rate (see "
+                    "copy_decision); null until it has one"
     )
     thumbnail: str = Field(description="URL of a small JPEG of the indexed image")
 
@@ -22,6 +23,8 @@ class MatchOut(BaseModel):
 class QueryOut(BaseModel):
     query: str = Field(description="the uploaded file's name (a label)")
     k: int
+    copy_decision: str = Field(description="what `copy` means, in words: the false-positive rate the threshold "
+                                           "was calibrated for and the recall it kept")
     matches: list[MatchOut]
 
 

@@ -65,6 +65,8 @@ async function loadInfo() {
     $("query-k").max = s.max_k;
     const model = c.extractor.name || c.extractor.path || c.extractor.kind;
     const thr = c.threshold == null ? "no calibrated copy threshold" : `copy threshold ${c.threshold.toFixed(3)}`;
+    // What "copy" means here, in words (the calibrated false-positive rate and recall).
+    $("copy-decision").textContent = `Copy decision: ${c.copy_decision}.`;
     $("collection-info").textContent =
       `${c.images} images · ${c.factory} (nprobe ${c.nprobe}) · model ${model}, ${c.dim}-d · ${thr}` +
       (s.writes_enabled ? "" : " · read-only");
@@ -80,6 +82,7 @@ function decision(copy) {
   if (copy === true) { b.classList.add("copy"); b.textContent = "copy"; }
   else if (copy === false) { b.classList.add("not-copy"); b.textContent = "not a copy"; }
   else { b.textContent = "no threshold"; b.title = "the collection has no calibrated copy threshold"; }
+  if (copy !== null && copy !== undefined) b.title = $("copy-decision").textContent;
   return b;
 }
 
