@@ -107,8 +107,8 @@ class EvalSettings:
         for name in ("nprobe", "k", "k_icd", "n_background", "batch_size", "views"):
             if getattr(self, name) < 1:
                 raise ActiveIndexError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.precision <= 1.0:
-            raise ActiveIndexError(f"the target precision must be in (0, 1], got {self.precision}")
+        if not 0.0 < self.target_fpr < 1.0:
+            raise ActiveIndexError(f"the target false-positive rate must be in (0, 1), got {self.target_fpr}")
         for method in self.methods:
             if method is not Method.PASSIVE:
                 self.activation(method)  # its own checks: the PSNR budget, iterations
