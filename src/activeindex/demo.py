@@ -3,7 +3,7 @@
 1. make synthetic images (training, references, non-matching);
 2. create a collection: train the index, keep a normalisation background, calibrate the copy
    threshold to flag about 1 in 100 unrelated images (a false-positive rate of 0.01);
-3. add the references, the first 100 *activated* (released files written beside the collection),
+3. add the references, the first 64 *activated* (released files written beside the collection),
    and recalibrate the threshold against the filled index;
 4. query an edited copy of a released image and an unrelated image: matches and copy decisions;
 5. evaluate (the paper's protocol on these images): R@1 under the 14 edits and copy detection,
@@ -35,7 +35,7 @@ from activeindex.hardware import machine_summary
 FACTORY = "IVF32,PQ8x8"
 
 
-def run(out: Path, n_train: int = 1024, n_refs: int = 1024, n_active: int = 100, n_nonmatch: int = 400) -> dict:
+def run(out: Path, n_train: int = 1024, n_refs: int = 1024, n_active: int = 64, n_nonmatch: int = 256) -> dict:
     t0 = time.perf_counter()
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     say(f"activeindex demo → {out}")
