@@ -22,11 +22,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
 
-# The suite as an AVX2-only CPU without native bf16 runs it (an AMD EPYC of the CI pool, say): oneDNN
-# and ATen restricted to AVX2, so bf16 is reported absent and every fp32 kernel is the AVX2 one.
+# The suite as an AVX2-only CPU without native bf16 runs it (an AMD EPYC of the CI pool, say): oneDNN,
+# ATen and MKL restricted to AVX2, so bf16 is reported absent and every fp32 kernel is the AVX2 one.
 # .ci/run adds this pass on machines that have more than AVX2, so every CI run covers both kinds.
+AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 test-avx2: $(STAMP)
-	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -n 2 -q
+	$(AVX2_ONLY) $(BIN)/python -m pytest -n 2 -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/extract.py

@@ -6,9 +6,9 @@ bf16 matmuls and convolutions hundreds of times slower than fp32. Every choice o
 through :func:`native_bf16`, and every figure the project prints names the machine with
 :func:`machine_summary`, so that a number measured on one kind is never read as the other's.
 
-oneDNN's ``ONEDNN_MAX_CPU_ISA=AVX2`` (with ``ATEN_CPU_CAPABILITY=avx2`` for ATen's own kernels)
-makes an AVX-512 machine behave as an AVX2 one, bf16 included: that is how the AVX2 path is tested
-on a machine that has more.
+oneDNN's ``ONEDNN_MAX_CPU_ISA=AVX2`` (with ``ATEN_CPU_CAPABILITY=avx2`` for ATen's own kernels and
+``MKL_ENABLE_INSTRUCTIONS=AVX2`` for MKL's matmuls) makes an AVX-512 machine behave as an AVX2 one,
+bf16 included: that is how ``make test-avx2`` tests the AVX2 path on a machine that has more.
 """
 
 from __future__ import annotations
