@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from activeindex import cli
 from activeindex.collection import Collection
 from activeindex.datasets.synthetic import synthetic_image
 from activeindex.errors import DimensionError, ImageLoadError, ModelError
 from activeindex.extractors import BUILTIN_MODELS, create_extractor
 from activeindex.features import extract_paths
 from activeindex.images import list_images, load_image
+from helpers import run_main
 
 # -- makers of the bad (and merely odd) files ------------------------------------------------
 
@@ -387,16 +387,6 @@ def test_batch_extraction_reports_every_broken_file(tmp_path, tiny_extractor):
 
 
 # -- the command line ------------------------------------------------------------------------
-
-
-def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run ``activeindex.cli.main`` in-process (it maps ActiveIndexError to exit 2 + ``error:``)."""
-    monkeypatch.setattr(sys, "argv", ["activeindex", *map(str, args)])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    out = capsys.readouterr()
-    code = info.value.code
-    return (code if isinstance(code, int) else (0 if code is None else 1)), out.out, out.err
 
 
 def run_subprocess(*args, cwd: Path) -> subprocess.CompletedProcess:

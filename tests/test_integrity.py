@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from activeindex.cli import app
 from activeindex.collection import Collection, check_collection
 from activeindex.errors import CollectionError
+from helpers import run_main
 
 
 @pytest.fixture()
@@ -234,17 +235,6 @@ def test_walk_follows_folder_links_and_reports_what_it_skips(tmp_path, image_dir
     assert "dangling" in reasons["gone.png"]
     assert "Permission denied" in reasons["locked"]
     assert "walked already" in reasons["loop"]
-
-
-def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from activeindex import cli
-
-    monkeypatch.setattr(sys, "argv", ["activeindex", *map(str, args)])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    out = capsys.readouterr()
-    code = info.value.code
-    return (code if isinstance(code, int) else (0 if code is None else 1)), out.out, out.err
 
 
 def test_cli_reports_skipped_walk_entries(coll_root, image_dir, tmp_path, monkeypatch, capsys):

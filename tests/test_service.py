@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import shutil
 import sqlite3
@@ -27,6 +26,7 @@ from activeindex.service import ServiceLimits, create_app  # noqa: E402
 from activeindex.service.batcher import Batcher  # noqa: E402
 from activeindex.service.locks import RWLock  # noqa: E402
 from activeindex.service.uploads import clean_name  # noqa: E402
+from helpers import served
 
 TOKEN = "test-token-☃"  # non-ASCII on purpose: compared as bytes
 AUTH = {"Authorization": f"Bearer {TOKEN}".encode()}  # raw UTF-8 bytes on the wire
@@ -322,31 +322,6 @@ def test_uploads_over_the_byte_limit_are_413(make_client, image_dir):
     assert r.status_code == 413
 
 
-@contextlib.contextmanager
-def _served(app):
-    """A real uvicorn server (h11 or httptools, as `activeindex serve` picks) on a free loopback port."""
-    import socket
-
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(400):
-        if srv.started:
-            break
-        thread.join(0.05)
-    assert srv.started, "uvicorn did not start"
-    try:
-        yield port
-    finally:
-        srv.should_exit = True
-        thread.join(10)
-
-
 def _multipart(*parts: tuple[str, bytes], boundary: str = "b0undary") -> tuple[bytes, dict]:
     body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n\r\n'
                     .encode() + data + b"\r\n" for name, data in parts) + f"--{boundary}--\r\n".encode()
@@ -378,7 +353,7 @@ def test_multipart_parts_part_headers_and_parsing_time_are_bounded(make_client, 
 def test_a_body_that_stops_arriving_is_408_and_closed(coll_path):
     import socket
 
-    with _served(create_app(coll_path, limits=ServiceLimits(body_seconds=1.0))) as port:
+    with served(create_app(coll_path, limits=ServiceLimits(body_seconds=1.0))) as port:
         with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
             head = _multipart(("file", b"\x89PNG" + b"\0" * 100))[0][:80]
             sock.sendall(b"POST /api/query HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -399,7 +374,7 @@ def test_clients_that_send_the_whole_oversized_body_first_still_read_the_413(col
 
     body, headers = _multipart(("file", b"\0" * (32 * 1024 * 1024)))  # larger than the socket buffers
     data = body if announced else (body[i:i + 65536] for i in range(0, len(body), 65536))  # chunked
-    with _served(create_app(coll_path, limits=ServiceLimits(max_bytes=100_000))) as port:
+    with served(create_app(coll_path, limits=ServiceLimits(max_bytes=100_000))) as port:
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/query", data=data, headers=headers)
         if not announced:
             req.add_header("Transfer-Encoding", "chunked")

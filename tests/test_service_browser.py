@@ -4,14 +4,13 @@ chromedriver). Skipped only where /usr/bin/chromium is absent (CI installs it: s
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
 
 from activeindex.collection import Collection
+from helpers import served
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -26,27 +25,13 @@ pytestmark = pytest.mark.skipif(
 def server(tmp_path, tiny_extractor, train_vectors, image_dir):
     """A uvicorn server on a free loopback port, in a thread, over a small collection, with its
     model processes (the default of `activeindex serve`)."""
-    import uvicorn
-
     from activeindex.service import create_app
 
     with Collection.create(tmp_path / "c", tiny_extractor, "IVF4,PQ16x4", train_vectors, nprobe=4) as c:
         c.add_images(sorted(image_dir.glob("*.png"))[:8])
     app = create_app(tmp_path / "c", token=TOKEN, model_processes=None)  # as `activeindex serve` runs it
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        thread.join(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with served(app) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture()

@@ -1,0 +1,49 @@
+"""Helpers shared by test modules (plain functions, not fixtures): the CLI run in-process and a real
+uvicorn server in a thread."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run ``activeindex.cli.main`` in-process (it maps ActiveIndexError to exit 2 + ``error:``)
+    → (exit code, stdout, stderr)."""
+    from activeindex import cli
+
+    monkeypatch.setattr(sys, "argv", ["activeindex", *map(str, args)])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    out = capsys.readouterr()
+    code = info.value.code
+    return (code if isinstance(code, int) else (0 if code is None else 1)), out.out, out.err
+
+
+@contextlib.contextmanager
+def served(app) -> Iterator[int]:
+    """A real uvicorn server (h11 or httptools, as `activeindex serve` picks) for ``app`` on a free
+    loopback port, in a thread; yields the port and stops the server on exit."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(400):
+        if srv.started:
+            break
+        thread.join(0.05)
+    assert srv.started, "uvicorn did not start"
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        thread.join(10)
