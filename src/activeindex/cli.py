@@ -28,6 +28,7 @@ from activeindex.settings import (
     OutputFormat,
     Precision,
     ResizePolicy,
+    Runtime,
     TargetKind,
 )
 
@@ -57,6 +58,10 @@ InputSizeOpt = Annotated[
     Optional[int], typer.Option(help="input size of a TorchScript/ONNX model (default: the file's or the named model's, else 224 with a warning)")
 ]
 ResizeOpt = Annotated[Optional[ResizePolicy], typer.Option(help="resize policy of a TorchScript/ONNX model")]
+RuntimeOpt = Annotated[
+    Runtime, typer.Option(help="what describes images with an ONNX model: auto (onnxruntime on the CPU), "
+                               "onnxruntime or torch (the converted module activation differentiates)")
+]
 PrecisionOpt = Annotated[
     Precision, typer.Option(help="auto: bf16 where it stays within cosine 0.99 of fp32")
 ]
@@ -111,10 +116,12 @@ def _ray_options(workers: int | None, ray_address: str | None, shard_size: int) 
     return RayOptions(workers=workers, address=ray_address, shard_size=shard_size)
 
 
-def _build_extractor(model: str, input_size: int | None, resize: ResizePolicy | None, precision: Precision) -> Extractor:
+def _build_extractor(model: str, input_size: int | None, resize: ResizePolicy | None, precision: Precision,
+                     runtime: Runtime = Runtime.AUTO) -> Extractor:
     from activeindex.extractors import create_extractor
 
-    extractor = create_extractor(model, input_size=input_size, resize=resize, precision=precision)
+    extractor = create_extractor(model, input_size=input_size, resize=resize, precision=precision,
+                                 runtime=runtime)
     _warn_untrained(extractor)
     return extractor
 
@@ -190,6 +197,7 @@ def extract(
     input_size: InputSizeOpt = None,
     resize: ResizeOpt = None,
     precision: PrecisionOpt = Precision.AUTO,
+    runtime: RuntimeOpt = Runtime.AUTO,
     batch_size: Annotated[int, typer.Option(help="images per model call")] = 32,
     torch_out: Annotated[bool, typer.Option("--torch", help="also write fts.pt (a torch tensor)")] = False,
     workers: WorkersOpt = None,
@@ -199,7 +207,7 @@ def extract(
     """Describe images: writes OUT/features.npy (float32, n×d) and OUT/names.txt."""
     from activeindex.features import extract_paths
 
-    extractor = _build_extractor(model, input_size, resize, precision)
+    extractor = _build_extractor(model, input_size, resize, precision, runtime)
     paths = _expand(images)
     ray_options = _ray_options(workers, ray_address, shard_size)
     with _progress(len(paths), "extract") as update:
@@ -229,6 +237,7 @@ def create(
     input_size: InputSizeOpt = None,
     resize: ResizeOpt = None,
     precision: PrecisionOpt = Precision.AUTO,
+    runtime: RuntimeOpt = Runtime.AUTO,
     metric: Annotated[Metric, typer.Option(help="l2 (as the paper) or ip")] = Metric.L2,
     nprobe: Annotated[int, typer.Option(help="IVF cells visited per query")] = 1,
     target_fpr: TargetFprOpt = None,
@@ -250,7 +259,7 @@ def create(
     from activeindex.scoring import Normalization
 
     target = _copy_target(target_fpr, target_precision, prior)
-    extractor = _build_extractor(model, input_size, resize, precision)
+    extractor = _build_extractor(model, input_size, resize, precision, runtime)
     if len(train) == 1 and train[0].suffix == ".npy":
         xt = np.load(train[0], allow_pickle=False)
         bg = xt[split_training(len(xt))[0]] if normalize else None
@@ -478,8 +487,9 @@ def info(
     typer.echo(f"images       {data['images']}  {data['by_mode'] or ''}")
     typer.echo(f"index        {data['factory']}  metric {data['metric']}  nprobe {data['nprobe']}  "
                f"{data['index_bytes'] / 1e6:.2f} MB")
+    runtime = f"  runtime {ex['runtime']}" if "runtime" in ex else ""
     typer.echo(f"model        {ex['kind']}:{ex.get('name') or ex.get('path')}  {data['dim']}-d  "
-               f"{'trained' if ex.get('trained', True) else 'UNTRAINED'}  digest {ex['digest'][:12]}")
+               f"{'trained' if ex.get('trained', True) else 'UNTRAINED'}  digest {ex['digest'][:12]}{runtime}")
     rq = data["released_quality"]
     if rq:
         typer.echo(f"released     PSNR min {rq['psnr_min']:.2f} dB, mean {rq['psnr_mean']:.2f} dB; "
@@ -578,6 +588,7 @@ def evaluate(
     model: ModelOpt = "builtin",
     input_size: InputSizeOpt = None,
     resize: ResizeOpt = None,
+    runtime: RuntimeOpt = Runtime.AUTO,
     nprobe: Annotated[int, typer.Option(help="IVF cells visited per query (the paper: 1)")] = 1,
     psnr: Annotated[float, typer.Option(help="quality floor of activated images, dB")] = 42.0,
     iterations: Annotated[int, typer.Option(help="activation steps", min=0)] = 10,
@@ -605,7 +616,7 @@ def evaluate(
         raise ActiveIndexError(f"--methods takes a comma-separated list of {', '.join(m.value for m in Method)}; got {methods!r}") from None
     settings = EvalSettings(factories=tuple(index or ["IVF256,PQ8x8"]), methods=chosen, nprobe=nprobe, psnr=psnr,
                             iterations=iterations, views=views, target=target, target_fpr=target_fpr, seed=seed)
-    extractor = _build_extractor(model, input_size, resize, Precision.AUTO)
+    extractor = _build_extractor(model, input_size, resize, Precision.AUTO, runtime)
     check_settings(settings, extractor)  # every factory string and option, before any image is made
     if disc21 is not None:
         data = disc21_source(disc21, ground_truth=ground_truth, n_train=n_train, n_distractors=n_distractors,

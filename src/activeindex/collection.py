@@ -1141,5 +1141,11 @@ def check_extractor(config: CollectionConfig, extractor: Extractor) -> None:
             f"(weights digest {str(stored.get('digest'))[:12]}…), not {extractor.spec_string} "
             f"(digest {extractor.digest[:12]}…); descriptors of different models cannot be compared"
         )
+    stored_runtime = stored.get("runtime", "torch")
+    if extractor.runtime.value != stored_runtime:
+        raise CollectionError(
+            f"this collection's descriptors were computed by {stored_runtime}, not "
+            f"{extractor.runtime.value}: the two paths differ slightly (cosine ~0.999) and are never mixed"
+        )
     if extractor.dim != config.dim:
         raise CollectionError(f"extractor dimension {extractor.dim} != collection dimension {config.dim}")
