@@ -595,11 +595,11 @@ def evaluate(
     views: Annotated[int, typer.Option(help="edited views per step of robust activation", min=1)] = 3,
     target: Annotated[TargetKind, typer.Option(help="activation target")] = TargetKind.RECONSTRUCTION,
     target_fpr: Annotated[float, typer.Option("--target-fpr", help="false-positive rate the copy threshold is calibrated for", min=1e-6, max=0.5)] = DEFAULT_FPR,
-    n_train: Annotated[Optional[int], typer.Option(help="training images (synthetic: generated; DISC21: cap)")] = None,
-    n_refs: Annotated[int, typer.Option(help="synthetic: references in the index, images under test included")] = 2048,
-    n_distractors: Annotated[Optional[int], typer.Option(help="DISC21: cap on distractor references")] = None,
-    n_test: Annotated[Optional[int], typer.Option(help="images under test (synthetic default 200; DISC21: cap)")] = None,
-    n_nonmatch: Annotated[Optional[int], typer.Option(help="non-matching queries (synthetic default 200; DISC21: cap)")] = None,
+    n_train: Annotated[Optional[int], typer.Option(help="training images (synthetic: generated; DISC21: cap)", min=1)] = None,
+    n_refs: Annotated[int, typer.Option(help="synthetic: references in the index, images under test included", min=1)] = 2048,
+    n_distractors: Annotated[Optional[int], typer.Option(help="DISC21: cap on distractor references", min=1)] = None,
+    n_test: Annotated[Optional[int], typer.Option(help="images under test (synthetic default 200; DISC21: cap)", min=1)] = None,
+    n_nonmatch: Annotated[Optional[int], typer.Option(help="non-matching queries (synthetic default 200; DISC21: cap)", min=1)] = None,
     seed: Annotated[int, typer.Option(help="seed of the edits, splits and synthetic images")] = 0,
 ) -> None:
     """The paper's experiment: passive vs activated images, retrieval under the 14 edits and copy
@@ -622,10 +622,11 @@ def evaluate(
         data = disc21_source(disc21, ground_truth=ground_truth, n_train=n_train, n_distractors=n_distractors,
                              n_test=n_test, n_nonmatch=n_nonmatch)
     else:
-        n_img = (n_train or 2048) + n_refs + (n_nonmatch or 200)
-        with _progress(n_img, "make images") as update:
-            data = synthetic_source(out / "images", n_train=n_train or 2048, n_refs=n_refs, n_test=n_test or 200,
-                                    n_nonmatch=n_nonmatch or 200, seed=seed + 7, progress=update)
+        n_train, n_test, n_nonmatch = (2048 if n_train is None else n_train, 200 if n_test is None else n_test,
+                                       200 if n_nonmatch is None else n_nonmatch)
+        with _progress(n_train + n_refs + n_nonmatch, "make images") as update:
+            data = synthetic_source(out / "images", n_train=n_train, n_refs=n_refs, n_test=n_test,
+                                    n_nonmatch=n_nonmatch, seed=seed + 7, progress=update)
     _err(f"evaluating on {data.name}")
     for note in data.notes:
         _err(f"  subset: {note}")
