@@ -405,10 +405,12 @@ def add(
 
 def _warn_stale_threshold(coll: Collection) -> None:
     """The false-positive rate of a fixed threshold grows with the index: say when to recalibrate."""
-    calibrated_at = (coll.config.threshold_info or {}).get("n_indexed")
-    if calibrated_at is not None and coll.count() > 2 * max(calibrated_at, 50):
-        _err(f"note: the copy threshold was calibrated with {calibrated_at} images in the index, it now holds "
-             f"{coll.count()}: it flags more unrelated images than it says; run: activeindex calibrate {coll.root}")
+    from activeindex.scoring import threshold_is_stale
+
+    if threshold_is_stale(coll.config.threshold_info, coll.count()):
+        _err(f"note: the copy threshold was calibrated with {coll.config.threshold_info['n_indexed']} images in "
+             f"the index, it now holds {coll.count()}: it flags more unrelated images than it says; run: "
+             f"activeindex calibrate {coll.root}")
 
 
 @app.command()
@@ -431,9 +433,7 @@ def query(
             results, failures = coll.query_images(paths, k=k, progress=update)
     _report_failures(failures)
     if as_json:
-        from activeindex.scoring import describe_threshold
-
-        decision = describe_threshold(coll.config.threshold_info)
+        decision = coll.copy_decision()
         out = [{"query": storable_text(r.query), "matches": [m.__dict__ for m in r.matches], "copy_decision": decision}
                for r in results]
         out += [{"query": storable_text(str(f.path)), "error": f.reason, "matches": []} for f in failures]

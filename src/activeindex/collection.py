@@ -981,8 +981,12 @@ class Collection:
             "index_ntotal": int(self.index.ntotal),
             "index_bytes": (self.root / INDEX_FILE).stat().st_size,
             **asdict(self.config),
-            "copy_decision": describe_threshold(self.config.threshold_info),
+            "copy_decision": self.copy_decision(),
         }
+
+    def copy_decision(self) -> str:
+        """What a match's ``copy`` flag means, in words, and whether the calibration is stale."""
+        return describe_threshold(self.config.threshold_info, indexed_now=self.count())
 
 
 def _load_index(root: Path, config: CollectionConfig, mmap: bool) -> faiss.Index:
