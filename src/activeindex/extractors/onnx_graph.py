@@ -924,8 +924,102 @@ def _conv(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
     pads = _pads(x, w.shape[2:], strides, dilations, a)
     if not _symmetric(pads):  # torch convs only pad symmetrically
         x, pads = F.pad(x, _torch_pad(pads)), [(0, 0)] * n
+    padding, groups = [b for b, _ in pads], a.get("group", 1)
+    if _prepacked_conv_applies(x, w, bias):
+        geometry = (tuple(strides), tuple(padding), tuple(dilations), groups)
+        cache = a.get("_packed")
+        if cache is None:
+            cache = a["_packed"] = _WeightCache()
+        return _PrepackedConvFn.apply(x, w, bias, geometry, cache)
     conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
-    return conv(x, w, bias, strides, [b for b, _ in pads], dilations, a.get("group", 1))
+    return conv(x, w, bias, strides, padding, dilations, groups)
+
+
+# --- 2-D float32 convolutions on a CPU with prepacked weights ---------------------------------------
+# F.conv2d hands oneDNN plain (OIHW) weights, which it reorders into its blocked layout at every call:
+# per SSCD forward, 53 reorders of 100 MB of weights, 19 % of the convolution time measured on this
+# project's shared 2-core CPU (ONEDNN_VERBOSE). Here each weight is reordered once per input shape and
+# kept (the graph's weights are constant buffers); the input gradient is a convolution too, with the
+# flipped, transposed weight, likewise prepacked, for unit strides (every 3×3 and 1×1 of a ResNet
+# block); strided ones use aten's convolution_backward.
+
+
+class _WeightCache(dict):
+    """One node's prepacked weights: derived from its buffers, so a copy of the module starts empty
+    (oneDNN's opaque tensors cannot be copied)."""
+
+    def __deepcopy__(self, memo: dict) -> _WeightCache:
+        return _WeightCache()
+
+    def __reduce__(self) -> tuple:
+        return (_WeightCache, ())
+
+
+def _prepacked_conv_applies(x: Tensor, w: Tensor, bias: Value) -> bool:
+    return (x.device.type == "cpu" and w.dim() == 4 and x.dtype == w.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
+            and not w.requires_grad and (bias is None or bias.dtype == torch.float32 and not bias.requires_grad))
+
+
+def _packed_weight(cache: dict[str, Any], slot: str, w: Tensor, x_shape: Sequence[int],
+                   geometry: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]) -> Tensor:
+    """``w`` in oneDNN's layout for inputs of ``x_shape``, reordered once and kept in ``cache``
+    (the node's attributes) until the weight or the input shape changes."""
+    key = (w.data_ptr(), w._version, tuple(x_shape))
+    hit = cache.get(slot)
+    if hit is None or hit[0] != key:
+        stride, padding, dilation, groups = geometry
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            w.contiguous().to_mkldnn(), list(padding), list(stride), list(dilation), groups, list(x_shape))
+        cache[slot] = hit = (key, packed)
+    return hit[1]
+
+
+def _transposed_weight(w: Tensor, groups: int) -> Tensor:
+    """The weight whose unit-stride convolution is the input gradient: (in, out/g, kh, kw), flipped."""
+    o, i_g, kh, kw = w.shape
+    w = w.reshape(groups, o // groups, i_g, kh, kw).transpose(1, 2).reshape(groups * i_g, o // groups, kh, kw)
+    return w.flip(2, 3).contiguous()
+
+
+class _PrepackedConvFn(torch.autograd.Function):
+    """``F.conv2d`` on prepacked weights; gradient to the input only (the weights are constants)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Value, geometry: Any, cache: dict[str, Any]) -> Tensor:
+        stride, padding, dilation, groups = geometry
+        packed = _packed_weight(cache, "forward", w, x.shape, geometry)
+        y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, list(padding), list(stride),
+                                                    list(dilation), groups, "none", [], "")
+        if ctx.needs_input_grad[0]:
+            ctx.w, ctx.geometry, ctx.cache = w, geometry, cache
+            # Unit strides: the gradient is a convolution of the output gradient (padding
+            # d·(k-1) - p ≥ 0 recovers the input size); otherwise aten needs the input's shape/layout.
+            ctx.as_conv = all(s == 1 for s in stride) and all(
+                d * (k - 1) >= p for d, k, p in zip(dilation, w.shape[2:], padding))
+            ctx.save_for_backward(None if ctx.as_conv else x)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        w, (stride, padding, dilation, groups) = ctx.w, ctx.geometry
+        if not ctx.as_conv:
+            (x,) = ctx.saved_tensors
+            gx = torch.ops.aten.convolution_backward(grad, x, w, None, list(stride), list(padding),
+                                                     list(dilation), False, [0, 0], groups,
+                                                     [True, False, False])[0]
+            return gx, None, None, None, None
+        back_pad = tuple(d * (k - 1) - p for d, k, p in zip(dilation, w.shape[2:], padding))
+        back = ((1, 1), back_pad, tuple(dilation), groups)
+        cache = ctx.cache
+        wt = cache.get("transposed")
+        if wt is None or wt[0] != (w.data_ptr(), w._version):
+            cache["transposed"] = wt = ((w.data_ptr(), w._version), _transposed_weight(w, groups))
+        packed = _packed_weight(cache, "backward", wt[1], grad.shape, back)
+        gx = torch.ops.mkldnn._convolution_pointwise(grad, packed, None, list(back_pad), [1, 1],
+                                                     list(dilation), groups, "none", [], "")
+        return gx, None, None, None, None
 
 
 def _pool_args(
