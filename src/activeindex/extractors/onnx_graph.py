@@ -7,6 +7,10 @@ this package pins, so here is a small interpreter instead: initializers become b
 module and :meth:`OnnxGraphModule.forward` executes the graph's nodes in order, each with
 ``torch`` / ``torch.nn.functional`` code written from the ONNX operator specification.
 
+Speed (bench/onnx_speed.py measures it against onnxruntime): constants are folded at load,
+per-tensor fake quantisation reads its scalars once, inference overwrites tensors nothing else
+reads, and float32 CPU convolutions run on weights reordered once for oneDNN, not at every call.
+
 Every op type of a graph is checked when it is loaded, so an unsupported model fails at once with
 one :class:`~activeindex.errors.ModelError` naming all missing ops, not halfway through a run.
 """
@@ -749,10 +753,13 @@ class _FakeQuantFn(torch.autograd.Function):
 
     Adding the zero point after rounding is ONNX's order (round half to even, then + z); clamping
     ``round(x / s)`` to ``[lo - z, hi - z]`` is the same as clamping ``round(x / s) + z`` to
-    ``[lo, hi]`` and saves a pass. Elementwise passes, not the convolutions, dominate a quantised
-    network's time on a CPU here, hence a custom Function rather than a chain of differentiable
-    ops (and ``torch.fake_quantize_per_tensor_affine`` measured slower still, and multiplies by
-    1/s where ONNX divides).
+    ``[lo, hi]`` and saves a pass. A custom Function rather than a chain of differentiable ops:
+    autograd would keep every intermediate (``torch.fake_quantize_per_tensor_affine`` measured
+    slower still, and multiplies by 1/s where ONNX divides).
+
+    The general form: tensor parameters, per axis or computed in the graph. Pairs with per-tensor
+    constants (all of SSCD's) take :class:`_FakeQuantScalarFn`, the same numbers with scalar
+    operands and a gradient that needs no mask.
 
     Backward: straight-through for the rounding, times s'/s, zero where the value saturated.
     """
@@ -964,8 +971,10 @@ def _prepacked_conv_applies(x: Tensor, w: Tensor, bias: Value) -> bool:
 def _packed_weight(cache: dict[str, Any], slot: str, w: Tensor, x_shape: Sequence[int],
                    geometry: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]) -> Tensor:
     """``w`` in oneDNN's layout for inputs of ``x_shape``, reordered once and kept in ``cache``
-    (the node's attributes) until the weight or the input shape changes."""
-    key = (w.data_ptr(), w._version, tuple(x_shape))
+    (the node's attributes) until the weight or the input's channels/size change. The batch size
+    is left out of the key: the layout depends on the channels, and a last, smaller batch (or the
+    service's slots running different batch sizes at once) must not re-pack at every call."""
+    key = (w.data_ptr(), w._version, tuple(x_shape[1:]))
     hit = cache.get(slot)
     if hit is None or hit[0] != key:
         stride, padding, dilation, groups = geometry
