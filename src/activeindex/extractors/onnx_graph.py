@@ -264,7 +264,12 @@ def dequantized_model(model: onnx.ModelProto) -> onnx.ModelProto:
             readers.setdefault(i, []).append(n)
 
     def param(n: onnx.NodeProto, k: int) -> Tensor | None:
-        return consts[n.input[k]] if len(n.input) > k and n.input[k] else None
+        if len(n.input) <= k or not n.input[k]:
+            return None
+        if n.input[k] not in consts:
+            raise ModelError(f"{n.op_type} {n.name or n.output[0]!r}: scale/zero point {n.input[k]!r} "
+                             "is computed in the graph; no float graph to compare with")
+        return consts[n.input[k]]
 
     new_inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
