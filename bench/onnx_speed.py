@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, register_flop_formula
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onnx_agreement import real_photos  # noqa: E402  (a sibling script)
@@ -53,6 +53,14 @@ from activeindex.hardware import machine_summary, matmul_rate  # noqa: E402
 
 TARGET_VS_ORT_FP32 = 0.9
 TARGET_OF_LIMIT = 0.5
+
+
+# The converter's float32 CPU convolutions (forward, and input gradients of unit-stride ones) run as
+# oneDNN's convolution on prepacked weights, which FlopCounterMode does not know: count it like aten's
+# convolution, from the input, weight and output shapes.
+@register_flop_formula(torch.ops.mkldnn._convolution_pointwise)
+def _prepacked_conv_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
