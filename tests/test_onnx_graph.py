@@ -323,3 +323,43 @@ def test_missing_file_rejected(tmp_path: Path) -> None:
         load_onnx_module(tmp_path / "nope.onnx")
     with pytest.raises(ModelError, match="not found"):
         onnx_input_shape(tmp_path / "nope.onnx")
+
+
+CONV_GEOMETRIES = {  # name: (in, out, kernel, stride, pads, dilation, group)
+    "1x1": (8, 16, 1, 1, 0, 1, 1),
+    "3x3": (8, 16, 3, 1, 1, 1, 1),
+    "3x3-stride-2": (8, 16, 3, 2, 1, 1, 1),
+    "7x7-stride-2": (3, 8, 7, 2, 3, 1, 1),
+    "3x3-grouped": (8, 12, 3, 1, 1, 1, 4),
+    "3x3-dilated": (8, 8, 3, 1, 2, 2, 1),
+    "5x5-narrow-pad": (4, 6, 5, 1, 1, 1, 1),
+    "1x1-stride-2": (8, 16, 1, 2, 0, 1, 1),
+}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("case", list(CONV_GEOMETRIES))
+def test_prepacked_conv_equals_torch_conv_and_its_input_gradient(case: str, layout: torch.memory_format) -> None:
+    """float32 CPU convolutions run on weights reordered once for oneDNN, their input gradient as a
+    convolution with the flipped weight (unit strides) or aten's (strided): both equal F.conv2d's."""
+    from activeindex.extractors import onnx_graph
+
+    cin, cout, k, stride, pad, dil, group = CONV_GEOMETRIES[case]
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(cout, cin // group, k, k, generator=g), torch.randn(cout, generator=g)
+    x = torch.randn(2, cin, 11, 13, generator=g).contiguous(memory_format=layout)
+    attrs = {"strides": [stride] * 2, "pads": [pad] * 4, "dilations": [dil] * 2, "group": group}
+    grad_out = None
+    results = []
+    for run in (lambda t: onnx_graph._conv(None, [t, w, b], attrs),  # type: ignore[arg-type]
+                lambda t: F.conv2d(t, w, b, stride, pad, dil, group)):
+        for _ in range(2):  # the second call reuses the packed weights
+            t = x.clone().requires_grad_(True)
+            y = run(t)
+            grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)) if grad_out is None else grad_out
+            y.backward(grad_out)
+        results.append((y.detach(), t.grad))
+    assert "forward" in attrs["_packed"]
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)

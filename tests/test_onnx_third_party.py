@@ -19,7 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 from activeindex.errors import ModelError
 from activeindex.extractors import InputLayout, Precision, Runtime, ValueRange, create_extractor
 from activeindex.extractors.base import IMAGENET_MEAN, IMAGENET_STD
-from activeindex.extractors.onnx_graph import load_onnx_module
+from activeindex.extractors import onnx_graph
+from activeindex.extractors.onnx_graph import dequantized_model, load_onnx_module
 
 ort = pytest.importorskip("onnxruntime")
 quantization = pytest.importorskip("onnxruntime.quantization")
@@ -189,6 +190,80 @@ def test_qdq_input_gradient(qdq_models: dict[str, Path], form: str) -> None:
     assert F.cosine_similarity(g_ste.flatten(1), g_clamp.flatten(1)).min() > 0.8
 
 
+@pytest.mark.parametrize("form", list(QDQ_FORMS))
+def test_dequantized_model_is_the_graph_less_its_rounding(qdq_models: dict[str, Path], form: str) -> None:
+    """bench/onnx_speed.py's fp32 reference: onnxruntime on dequantized_model computes what the
+    converter computes with the rounding off, with no Q/DQ left and float weights only."""
+    path = qdq_models[form]
+    reference = dequantized_model(onnx.load(str(path)))
+    ops = {n.op_type for n in reference.graph.node}
+    assert not ops & {"QuantizeLinear", "DequantizeLinear"} and "Clip" in ops
+    assert all(t.data_type == TensorProto.FLOAT for t in reference.graph.initializer if len(t.dims) > 1)
+    x = np.random.default_rng(2).random((3, 3, SIZE, SIZE), dtype=np.float32)
+    sess = ort.InferenceSession(reference.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"image": x})[0]
+    with torch.no_grad():
+        got = load_onnx_module(path, fake_quant=False)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rounding", [True, False])
+@pytest.mark.parametrize("zeros", [(0, 0), (7, 7), (7, 3)])
+def test_scalar_fake_quantisation_equals_the_tensor_one(rounding: bool, zeros: tuple[int, int]) -> None:
+    """The per-tensor path (constants read once at load, gradient by hardtanh_backward on the saved
+    input) gives the numbers and the gradient of the general one (tensor parameters, saved mask)."""
+    g = torch.Generator().manual_seed(3)
+    s, s2 = torch.tensor(0.05), torch.tensor(0.05 if zeros[0] == zeros[1] else 0.04)
+    zq, zd = torch.tensor(zeros[0], dtype=torch.uint8), torch.tensor(zeros[1], dtype=torch.uint8)
+    x = torch.randn(2, 4, 9, 9, generator=g, dtype=torch.float64) * 8
+    x.view(-1)[:4] = torch.tensor([0.025, 0.075, -0.025, 100.0], dtype=torch.float64)  # ties, saturation
+    attrs = {"q_axis": 1, "dq_axis": 1, "output_dtype": 0, "round": rounding}
+    scalars = onnx_graph._fake_quant_scalars(s, zq, s2, zd, a=attrs)
+    grad_out = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    outs = []
+    for fn, params in ((onnx_graph._fake_quantize_scalar, []), (onnx_graph._fake_quantize, [s, zq, s2, zd])):
+        xr = x.clone().requires_grad_(True)
+        y = fn(None, [xr, *params], {**attrs, "scalars": scalars})  # type: ignore[arg-type]
+        y.backward(grad_out)
+        outs.append((y.detach(), xr.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=1e-12)
+    assert (outs[0][1] == 0).any() and (outs[0][1] != 0).any()  # saturated and passing values
+
+
+@pytest.mark.parametrize("form", list(QDQ_FORMS))
+def test_inference_in_place_leaves_the_input_and_matches_autograd(qdq_models: dict[str, Path], form: str) -> None:
+    """Without autograd, fake quantisation and residual sums overwrite tensors nothing else reads;
+    the caller's input is not one of them, and the result is autograd mode's."""
+    module = load_onnx_module(qdq_models[form])
+    assert any(n.attrs.get("overwrite") for n in module._nodes)
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    before = x.clone()
+    with torch.no_grad():
+        got = module(x)
+    assert torch.equal(x, before)
+    want = module(x.clone().requires_grad_(True)).detach()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_inference_in_place_spares_views_of_live_values(tmp_path: Path) -> None:
+    """A Q/DQ pair on a view (Reshape) of a value read again later must not overwrite it."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("Reshape", ["c", "shape"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("Add", ["d", "c"], ["y"])]
+    inits = [_t("w", np.random.default_rng(0).normal(size=(4, 3, 1, 1)).astype(np.float32)),
+             _t("shape", np.array([2, 4, 5, 5], np.int64)), _t("s", np.float32(0.1)), _t("z", np.uint8(128))]
+    path = _single_op_model(tmp_path / "m.onnx", nodes,
+                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 5])],
+                            helper.make_tensor_value_info("y", TensorProto.FLOAT, None), inits)
+    x = np.random.default_rng(1).normal(size=(2, 3, 5, 5)).astype(np.float32)
+    with torch.no_grad():
+        got = load_onnx_module(path)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, _ort(path, x, optimise=False), rtol=0, atol=1e-5)
+
+
 def _single_op_model(path: Path, nodes: list, inputs: list, output: onnx.ValueInfoProto,
                      inits: list, opset: int = 17) -> Path:
     graph = helper.make_graph(nodes, "g", inputs, [output], initializer=inits)
@@ -218,6 +293,10 @@ QUANT_CASES = {
                           _t("z", np.array([0, -3, 5], np.int8)),
                           _t("s2", np.array([0.1, 0.2, 0.3], np.float32)),
                           _t("z2", np.array([1, 0, -1], np.int8))], TensorProto.FLOAT),
+    "qdq-pair-per-axis": ([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], axis=1),
+                           helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=1)],
+                          [_t("s", np.array([0.5, 0.25, 1.0], np.float32)),
+                           _t("z", np.array([0, -3, 5], np.int8))], TensorProto.FLOAT),
     "qdq-pair-different-scales": ([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
                                    helper.make_node("DequantizeLinear", ["q", "s2", "z2"], ["y"])],
                                   [_t("s", np.float32(0.5)), _t("z", np.uint8(100)),

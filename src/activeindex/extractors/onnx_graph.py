@@ -7,6 +7,10 @@ this package pins, so here is a small interpreter instead: initializers become b
 module and :meth:`OnnxGraphModule.forward` executes the graph's nodes in order, each with
 ``torch`` / ``torch.nn.functional`` code written from the ONNX operator specification.
 
+Speed (bench/onnx_speed.py measures it against onnxruntime): constants are folded at load,
+per-tensor fake quantisation reads its scalars once, inference overwrites tensors nothing else
+reads, and float32 CPU convolutions run on weights reordered once for oneDNN, not at every call.
+
 Every op type of a graph is checked when it is loaded, so an unsupported model fails at once with
 one :class:`~activeindex.errors.ModelError` naming all missing ops, not halfway through a run.
 """
@@ -31,8 +35,8 @@ from torch import Tensor
 
 from activeindex.errors import ModelError
 
-__all__ = ["GraphInput", "OnnxGraphModule", "graph_input", "load_onnx_module", "onnx_input_shape",
-           "supported_ops"]
+__all__ = ["GraphInput", "OnnxGraphModule", "dequantized_model", "graph_input", "load_onnx_module",
+           "onnx_input_shape", "supported_ops"]
 
 Value = Tensor | None
 OpFn = Callable[["OnnxGraphModule", list[Value], dict[str, Any]], "Tensor | tuple[Tensor, ...]"]
@@ -229,6 +233,110 @@ def load_onnx_module(path: str | os.PathLike, *, fake_quant: bool = True) -> Onn
     return OnnxGraphModule(_read_model(path), source=str(path), fake_quant=fake_quant)
 
 
+def dequantized_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The float graph of a QDQ-quantised model: what onnxruntime runs as its fp32 reference.
+
+    Each weight ``DequantizeLinear`` (and ``Cast`` of a constant: fp16 weights) becomes the float
+    initializer it computes, and each activation
+    ``QuantizeLinear → DequantizeLinear`` pair becomes the clamp to the range it can represent,
+    ``Clip(x, (qmin - z)·s, (qmax - z)·s)`` (per axis: ``Max``/``Min`` with per-channel bounds;
+    differing Q and DQ parameters: then ``Mul``/``Add`` to the DQ side's units). This is the
+    converter's ``fake_quant=False`` graph, the quantised network less its rounding: the same
+    convolutions on the same weights, and — unlike dropping the pairs — the same nonlinearity, since
+    a quantised graph has no Relu nodes (the uint8 saturation is its ReLU) and would otherwise compute
+    another function. Graphs without Q/DQ or constant Casts come back unchanged.
+
+    Raises :class:`ModelError` for a Q/DQ that is neither (a Q not read only by DQs, a DQ of a
+    non-constant that no Q feeds).
+    """
+    g = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.value_info, *inferred.input]
+             if v.type.tensor_type.HasField("shape")}
+    consts: dict[str, Tensor] = {t.name: _to_tensor(t) for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = _constant_value({a.name: _attr_value(a) for a in n.attribute})
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def param(n: onnx.NodeProto, k: int) -> Tensor | None:
+        if len(n.input) <= k or not n.input[k]:
+            return None
+        if n.input[k] not in consts:
+            raise ModelError(f"{n.op_type} {n.name or n.output[0]!r}: scale/zero point {n.input[k]!r} "
+                             "is computed in the graph; no float graph to compare with")
+        return consts[n.input[k]]
+
+    new_inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def constant(name: str, value: Tensor | np.ndarray) -> str:
+        new_inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    for n in g.node:
+        if n.op_type in ("DequantizeLinear", "Cast") and n.input[0] in consts:
+            attrs = {a.name: _attr_value(a) for a in n.attribute}
+            fn = _dequantize_linear if n.op_type == "DequantizeLinear" else _cast
+            w = fn(None, [consts[i] if i else None for i in n.input], attrs)  # type: ignore[arg-type]
+            consts[n.output[0]] = w
+            constant(n.output[0], w.numpy())
+        elif n.op_type == "QuantizeLinear":
+            if not all(r.op_type == "DequantizeLinear" for r in readers.get(n.output[0], [])):
+                raise ModelError(f"QuantizeLinear {n.name or n.output[0]!r} is read by other ops than "
+                                 "DequantizeLinear: no float graph to compare with")
+        elif n.op_type == "DequantizeLinear":
+            q = producer.get(n.input[0])
+            if q is None or q.op_type != "QuantizeLinear":
+                raise ModelError(f"DequantizeLinear {n.name or n.output[0]!r} of a non-constant that no "
+                                 "QuantizeLinear feeds: no float graph to compare with")
+            qa = {a.name: _attr_value(a) for a in q.attribute}
+            da = {a.name: _attr_value(a) for a in n.attribute}
+            s, zq = param(q, 1), param(q, 2)
+            s2, zd = param(n, 1), param(n, 2)
+            assert s is not None and s2 is not None
+            lo, hi = _quant_range(_quant_dtype(zq, qa.get("output_dtype", 0)))
+            zq_f = torch.zeros(()) if zq is None else zq.double()
+            zd_f = torch.zeros(()) if zd is None else zd.double()
+            lo_t, hi_t = ((lo - zq_f) * s.double()).float(), ((hi - zq_f) * s.double()).float()
+            base, x = n.output[0], q.input[0]
+            gain, offset = s2.double() / s.double(), (zq_f - zd_f) * s2.double()
+            same = bool((gain == 1).all() and (offset == 0).all())
+            out = base if same else base + "/clamped"
+            if lo_t.dim() == 0:
+                nodes.append(onnx.helper.make_node("Clip", [x, constant(base + "/lo", lo_t.numpy()),
+                                                            constant(base + "/hi", hi_t.numpy())], [out]))
+            else:  # per axis: bounds shaped to broadcast along the axis (Clip takes scalars only)
+                axis = qa.get("axis", 1)
+                if axis >= 0:  # numpy broadcasting aligns on the right: it needs the rank
+                    if x not in ranks:
+                        raise ModelError(f"per-axis QuantizeLinear {q.name or x!r}: rank of {x!r} unknown")
+                    axis -= ranks[x]
+                shape = [-1] + [1] * (-axis - 1)
+                nodes.append(onnx.helper.make_node("Max", [x, constant(base + "/lo", lo_t.reshape(shape).numpy())],
+                                                   [base + "/max"]))
+                nodes.append(onnx.helper.make_node("Min", [base + "/max", constant(base + "/hi", hi_t.reshape(shape).numpy())],
+                                                   [out]))
+            if not same:
+                nodes.append(onnx.helper.make_node("Mul", [out, constant(base + "/gain", gain.float().numpy())],
+                                                   [base + "/scaled"]))
+                nodes.append(onnx.helper.make_node("Add", [base + "/scaled", constant(base + "/offset", offset.float().numpy())],
+                                                   [base]))
+        else:
+            nodes.append(n)
+    used = {i for n in nodes for i in n.input}
+    inits = [t for t in g.initializer if t.name in used] + [t for t in new_inits if t.name in used]
+    graph = onnx.helper.make_graph(nodes, g.name, list(g.input), list(g.output), inits,
+                                   value_info=list(g.value_info))
+    out_model = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
+    out_model.ir_version = model.ir_version
+    return out_model
+
+
 def supported_ops() -> frozenset[str]:
     """ONNX op types (default domain) that :class:`OnnxGraphModule` can execute."""
     return frozenset(_OPS) | {"Constant"}
@@ -307,6 +415,16 @@ class OnnxGraphModule(torch.nn.Module):
         for name, i in last_use.items():
             if name not in self._buffer_of and name not in self.output_names:
                 self._nodes[i].drop.append(name)
+        # Without autograd, a node may overwrite its first input when no later node reads it and
+        # it is a tensor of its own (made by an op that always allocates, not a view of a value
+        # still in use, not the caller's input): see _fake_quantize_scalar and _add.
+        producer = {out: node.op for node in self._nodes for out in node.outputs}
+        for i, node in enumerate(self._nodes):
+            first = node.inputs[0] if node.inputs else ""
+            if (node.op in ("_FakeQuantize", "Add") and first in producer and last_use[first] == i
+                    and first not in self.output_names and node.inputs.count(first) == 1
+                    and producer[first] in _FRESH_OUTPUT):
+                node.attrs["overwrite"] = True
 
     def _add_constant(self, onnx_name: str, value: Tensor) -> None:
         base = re.sub(r"\W", "_", onnx_name).strip("_") or "const"
@@ -364,8 +482,18 @@ def _fuse_quantize_pairs(nodes: list[_Node], constants: dict[str, Tensor], outpu
             dq_in = (dq.inputs + ["", ""])[:3]
             attrs = {"q_axis": q.attrs.get("axis", 1), "dq_axis": dq.attrs.get("axis", 1),
                      "output_dtype": q.attrs.get("output_dtype", 0), "round": fake_quant}
-            fused[id(dq)] = _Node("_FakeQuantize", _fake_quantize, [*q_in, dq_in[1], dq_in[2]],
-                                  list(dq.outputs), attrs)
+            params = [*q_in[1:], *dq_in[1:]]
+            if all(not name or name in constants and constants[name].numel() == 1 for name in params):
+                # Per-tensor constants (every activation pair quantize_static writes): the numbers
+                # are read once here, so forward runs four scalar passes and no per-call tensor
+                # arithmetic (see _FakeQuantScalarFn).
+                attrs["scalars"] = _fake_quant_scalars(*(constants[n] if n else None for n in params),
+                                                       a=attrs)
+                fused[id(dq)] = _Node("_FakeQuantize", _fake_quantize_scalar, [q_in[0]],
+                                      list(dq.outputs), attrs)
+            else:
+                fused[id(dq)] = _Node("_FakeQuantize", _fake_quantize, [*q_in, dq_in[1], dq_in[2]],
+                                      list(dq.outputs), attrs)
         dropped.add(id(q))
     return [fused.get(id(n), n) for n in nodes if id(n) not in dropped]
 
@@ -424,6 +552,9 @@ def _variant(node: onnx.NodeProto) -> str | None:
 
 _OPS: dict[str, OpFn] = {}
 
+# Ops whose output is always a new tensor (never a view or one of their inputs).
+_FRESH_OUTPUT = frozenset({"Conv", "Add", "Gemm", "MatMul", "MaxPool", "AveragePool", "_FakeQuantize"})
+
 
 def _op(*names: str) -> Callable[[OpFn], OpFn]:
     def register(fn: OpFn) -> OpFn:
@@ -461,8 +592,20 @@ for _name, _fn in {
 }.items():
     _OPS[_name] = _unary(_fn)
 
+@_op("Add")
+def _add(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x, y = i[0], i[1]
+    assert x is not None and y is not None
+    # In place (no autograd, x read by nothing else, set at load) when x already has the result's
+    # shape and type: a residual sum then allocates nothing.
+    if (a.get("overwrite") and not torch.is_grad_enabled() and x.dtype == torch.result_type(x, y)
+            and x.shape == torch.broadcast_shapes(x.shape, y.shape)):
+        return x.add_(y)
+    return torch.add(x, y)
+
+
 for _name, _fn in {
-    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Equal": torch.eq, "Less": torch.lt,
+    "Sub": torch.sub, "Mul": torch.mul, "Equal": torch.eq, "Less": torch.lt,
     "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge,
     "And": torch.logical_and, "Or": torch.logical_or, "MatMul": torch.matmul,
 }.items():
@@ -615,10 +758,13 @@ class _FakeQuantFn(torch.autograd.Function):
 
     Adding the zero point after rounding is ONNX's order (round half to even, then + z); clamping
     ``round(x / s)`` to ``[lo - z, hi - z]`` is the same as clamping ``round(x / s) + z`` to
-    ``[lo, hi]`` and saves a pass. Elementwise passes, not the convolutions, dominate a quantised
-    network's time on a CPU here, hence a custom Function rather than a chain of differentiable
-    ops (and ``torch.fake_quantize_per_tensor_affine`` measured slower still, and multiplies by
-    1/s where ONNX divides).
+    ``[lo, hi]`` and saves a pass. A custom Function rather than a chain of differentiable ops:
+    autograd would keep every intermediate (``torch.fake_quantize_per_tensor_affine`` measured
+    slower still, and multiplies by 1/s where ONNX divides).
+
+    The general form: tensor parameters, per axis or computed in the graph. Pairs with per-tensor
+    constants (all of SSCD's) take :class:`_FakeQuantScalarFn`, the same numbers with scalar
+    operands and a gradient that needs no mask.
 
     Backward: straight-through for the rounding, times s'/s, zero where the value saturated.
     """
@@ -666,6 +812,86 @@ def _fake_quantize(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Ten
     return _FakeQuantFn.apply(xf, s, lo - zq, hi - zq, shift,
                               _along(dq_scale.to(dtype), xf, a["dq_axis"]), bool(a["round"]))
 
+
+@dataclass(frozen=True)
+class _FakeQuantScalars:
+    """A per-tensor Q→DQ pair as Python numbers (read once at load from the graph's constants)."""
+
+    scale: float  # s of QuantizeLinear (its float32 value)
+    lo: float  # qmin - z: the lowest level of round(x / s), zero point taken out
+    hi: float  # qmax - z
+    shift: float  # z - z' (0 when both zero points are equal, as quantisation tools write them)
+    out_scale: float  # s' of DequantizeLinear
+    rounding: bool  # False: clamp only (bench/onnx_agreement.py's comparison)
+
+
+def _fake_quant_scalars(q_scale: Tensor, q_zp: Value, dq_scale: Tensor, dq_zp: Value, *,
+                        a: dict[str, Any]) -> _FakeQuantScalars:
+    lo, hi = _quant_range(_quant_dtype(q_zp, a["output_dtype"]))
+    zq = 0 if q_zp is None else int(q_zp.reshape(()).item())
+    zd = 0 if dq_zp is None else int(dq_zp.reshape(()).item())
+    return _FakeQuantScalars(scale=float(q_scale.reshape(()).float()), lo=float(lo - zq),
+                             hi=float(hi - zq), shift=float(zq - zd),
+                             out_scale=float(dq_scale.reshape(()).float()), rounding=bool(a["round"]))
+
+
+def _fake_quant_passes_(q: Tensor, p: _FakeQuantScalars) -> Tensor:
+    """``q`` holds ``x / s``; finish the round trip in place: round half to even (``torch.round``,
+    ONNX's rule), clamp to the integer range, shift, scale. Scalar operands: no broadcasting."""
+    if p.rounding:
+        q.round_()
+    q.clamp_(p.lo, p.hi)  # clamp(round(v)) == round(clamp(v)): the bounds are integers
+    if p.shift:
+        q.add_(p.shift)
+    return q.mul_(p.out_scale)
+
+
+class _FakeQuantScalarFn(torch.autograd.Function):
+    """Per-tensor fake quantisation, ``(clamp(round(x / s), qmin - z, qmax - z) + z - z') * s'``.
+
+    Forward: one new tensor and four scalar passes. It divides by ``s`` as ONNX does (and
+    onnxruntime's QuantizeLinear); ``torch.fake_quantize_per_tensor_affine`` multiplies by
+    ``1 / s`` instead, which moves a value near a rounding tie to the other level, and its CPU
+    kernel is a scalar loop, about 4× slower here than these passes (SSCD's activation shapes).
+
+    Backward: straight-through for the rounding, zero where ``round(x / s)`` saturates, times
+    ``s' / s``: ``hardtanh_backward`` on the saved input with the bounds ``(qmin - z ∓ ½) · s`` in
+    input units — one pass, nothing computed for it in forward (the old mask cost three). It keeps
+    the pre-quantisation input alive until backward (4 bytes per value instead of a 1-byte mask);
+    the two agree except for an input within an ulp of a half-level bound.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, p: _FakeQuantScalars) -> Tensor:
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(x)
+            ctx.p = p
+        return _fake_quant_passes_(torch.div(x, p.scale), p)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        p = ctx.p
+        half = 0.5 if p.rounding else 0.0
+        g = torch.ops.aten.hardtanh_backward(grad, x, (p.lo - half) * p.scale, (p.hi + half) * p.scale)
+        gain = p.out_scale / p.scale
+        return (g if gain == 1.0 else g.mul_(gain)), None
+
+
+def _fake_quantize_scalar(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    """A fused Q/DQ pair with per-tensor constant parameters (``a["scalars"]``); same numbers and
+    gradient as :func:`_fake_quantize`. Without autograd, an input nothing else reads (``a``'s
+    ``overwrite``, set at load) is quantised in place: no new tensor, whose first touch (page
+    faults) costs about one more pass over it."""
+    x = i[0]
+    assert x is not None
+    p: _FakeQuantScalars = a["scalars"]
+    if x.dtype not in (torch.float32, torch.float64):  # bf16/fp16 activations: float32 as ONNX
+        x = x.float()
+    elif a.get("overwrite") and not torch.is_grad_enabled():
+        return _fake_quant_passes_(x.div_(p.scale), p)
+    return _FakeQuantScalarFn.apply(x, p)
+
 # --- convolution and pooling --------------------------------------------------------------------
 
 _AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
@@ -710,8 +936,104 @@ def _conv(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
     pads = _pads(x, w.shape[2:], strides, dilations, a)
     if not _symmetric(pads):  # torch convs only pad symmetrically
         x, pads = F.pad(x, _torch_pad(pads)), [(0, 0)] * n
+    padding, groups = [b for b, _ in pads], a.get("group", 1)
+    if _prepacked_conv_applies(x, w, bias):
+        geometry = (tuple(strides), tuple(padding), tuple(dilations), groups)
+        cache = a.get("_packed")
+        if cache is None:
+            cache = a["_packed"] = _WeightCache()
+        return _PrepackedConvFn.apply(x, w, bias, geometry, cache)
     conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
-    return conv(x, w, bias, strides, [b for b, _ in pads], dilations, a.get("group", 1))
+    return conv(x, w, bias, strides, padding, dilations, groups)
+
+
+# --- 2-D float32 convolutions on a CPU with prepacked weights ---------------------------------------
+# F.conv2d hands oneDNN plain (OIHW) weights, which it reorders into its blocked layout at every call:
+# per SSCD forward, 53 reorders of 100 MB of weights, 19 % of the convolution time measured on this
+# project's shared 2-core CPU (ONEDNN_VERBOSE). Here each weight is reordered once per input shape and
+# kept (the graph's weights are constant buffers); the input gradient is a convolution too, with the
+# flipped, transposed weight, likewise prepacked, for unit strides (every 3×3 and 1×1 of a ResNet
+# block); strided ones use aten's convolution_backward.
+
+
+class _WeightCache(dict):
+    """One node's prepacked weights: derived from its buffers, so a copy of the module starts empty
+    (oneDNN's opaque tensors cannot be copied)."""
+
+    def __deepcopy__(self, memo: dict) -> _WeightCache:
+        return _WeightCache()
+
+    def __reduce__(self) -> tuple:
+        return (_WeightCache, ())
+
+
+def _prepacked_conv_applies(x: Tensor, w: Tensor, bias: Value) -> bool:
+    return (x.device.type == "cpu" and w.dim() == 4 and x.dtype == w.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
+            and not w.requires_grad and (bias is None or bias.dtype == torch.float32 and not bias.requires_grad))
+
+
+def _packed_weight(cache: dict[str, Any], slot: str, w: Tensor, x_shape: Sequence[int],
+                   geometry: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]) -> Tensor:
+    """``w`` in oneDNN's layout for inputs of ``x_shape``, reordered once and kept in ``cache``
+    (the node's attributes) until the weight or the input's channels/size change. The batch size
+    is left out of the key: the layout depends on the channels, and a last, smaller batch (or the
+    service's slots running different batch sizes at once) must not re-pack at every call."""
+    key = (w.data_ptr(), w._version, tuple(x_shape[1:]))
+    hit = cache.get(slot)
+    if hit is None or hit[0] != key:
+        stride, padding, dilation, groups = geometry
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            w.contiguous().to_mkldnn(), list(padding), list(stride), list(dilation), groups, list(x_shape))
+        cache[slot] = hit = (key, packed)
+    return hit[1]
+
+
+def _transposed_weight(w: Tensor, groups: int) -> Tensor:
+    """The weight whose unit-stride convolution is the input gradient: (in, out/g, kh, kw), flipped."""
+    o, i_g, kh, kw = w.shape
+    w = w.reshape(groups, o // groups, i_g, kh, kw).transpose(1, 2).reshape(groups * i_g, o // groups, kh, kw)
+    return w.flip(2, 3).contiguous()
+
+
+class _PrepackedConvFn(torch.autograd.Function):
+    """``F.conv2d`` on prepacked weights; gradient to the input only (the weights are constants)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Value, geometry: Any, cache: dict[str, Any]) -> Tensor:
+        stride, padding, dilation, groups = geometry
+        packed = _packed_weight(cache, "forward", w, x.shape, geometry)
+        y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, list(padding), list(stride),
+                                                    list(dilation), groups, "none", [], "")
+        if ctx.needs_input_grad[0]:
+            ctx.w, ctx.geometry, ctx.cache = w, geometry, cache
+            # Unit strides: the gradient is a convolution of the output gradient (padding
+            # d·(k-1) - p ≥ 0 recovers the input size); otherwise aten needs the input's shape/layout.
+            ctx.as_conv = all(s == 1 for s in stride) and all(
+                d * (k - 1) >= p for d, k, p in zip(dilation, w.shape[2:], padding))
+            ctx.save_for_backward(None if ctx.as_conv else x)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        w, (stride, padding, dilation, groups) = ctx.w, ctx.geometry
+        if not ctx.as_conv:
+            (x,) = ctx.saved_tensors
+            gx = torch.ops.aten.convolution_backward(grad, x, w, None, list(stride), list(padding),
+                                                     list(dilation), False, [0, 0], groups,
+                                                     [True, False, False])[0]
+            return gx, None, None, None, None
+        back_pad = tuple(d * (k - 1) - p for d, k, p in zip(dilation, w.shape[2:], padding))
+        back = ((1, 1), back_pad, tuple(dilation), groups)
+        cache = ctx.cache
+        wt = cache.get("transposed")
+        if wt is None or wt[0] != (w.data_ptr(), w._version):
+            cache["transposed"] = wt = ((w.data_ptr(), w._version), _transposed_weight(w, groups))
+        packed = _packed_weight(cache, "backward", wt[1], grad.shape, back)
+        gx = torch.ops.mkldnn._convolution_pointwise(grad, packed, None, list(back_pad), [1, 1],
+                                                     list(dilation), groups, "none", [], "")
+        return gx, None, None, None, None
 
 
 def _pool_args(
