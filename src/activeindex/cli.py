@@ -431,9 +431,9 @@ def query(
         paths = _expand(images)
         with _progress(len(paths), "query") as update:
             results, failures = coll.query_images(paths, k=k, progress=update)
+        decision = coll.copy_decision()  # it counts the images: while the database is open
     _report_failures(failures)
     if as_json:
-        decision = coll.copy_decision()
         out = [{"query": storable_text(r.query), "matches": [m.__dict__ for m in r.matches], "copy_decision": decision}
                for r in results]
         out += [{"query": storable_text(str(f.path)), "error": f.reason, "matches": []} for f in failures]
