@@ -39,7 +39,6 @@ from starlette.concurrency import run_in_threadpool
 from activeindex import __version__
 from activeindex.activation import ActivationConfig
 from activeindex.errors import ActiveIndexError, ImageLoadError
-from activeindex.scoring import describe_threshold
 from activeindex.service.auth import TokenCheck, bearer
 from activeindex.service.describers import DescriberLost
 from activeindex.service.hosts import LOCAL_NAMES, HostCheckMiddleware, default_allowed_hosts
@@ -161,16 +160,24 @@ def create_app(
 
     # -- search --------------------------------------------------------------------------------
     @app.post("/api/query", response_model=QueryOut, tags=["search"], openapi_extra=IMAGE_BODY)
-    async def query(request: Request, k: Annotated[int, Query(ge=1, le=limits.max_k)] = 10) -> Any:
+    async def query(
+        request: Request,
+        k: Annotated[int, Query(ge=1, le=limits.max_k)] = 10,
+        dihedral: Annotated[bool, Query(description=(
+            "also search the upload's rotations by 90/180/270 degrees and their mirror images (8 views, "
+            "8x the model's work), each match's best score kept; copies flagged at the dihedral threshold"))] = False,
+    ) -> Any:
         """The k indexed images nearest to an uploaded image, best first."""
         upload = await image_upload(request)
-        matches = (await asyncio.wrap_future(service.query(upload, k))).matches or []
+        matches = (await asyncio.wrap_future(service.query(upload, k, dihedral))).matches or []
+        mode = "dihedral" if dihedral else "single"
         # A JSONResponse skips FastAPI's response validation on the hot path; the shape is
         # QueryOut's, which documents it.
         return JSONResponse({
             "query": upload.name,
             "k": k,
-            "copy_decision": describe_threshold(service.collection.config.threshold_info),
+            "query_mode": mode,
+            "copy_decision": redact_paths(service.collection.copy_decision(mode)),
             "matches": [
                 {"id": m.id, "name": m.name, "score": m.score, "copy": m.copy,
                  "thumbnail": f"/api/images/{m.id}/thumbnail"}
