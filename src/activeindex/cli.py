@@ -607,6 +607,10 @@ def evaluate(
     n_test: Annotated[Optional[int], typer.Option(help="images under test (synthetic default 200; DISC21: cap)")] = None,
     n_nonmatch: Annotated[Optional[int], typer.Option(help="non-matching queries (synthetic default 200; DISC21: cap)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the edits, splits and synthetic images")] = 0,
+    dihedral: Annotated[bool, typer.Option(
+        "--dihedral", help="also evaluate dihedral queries (each query under its 8 rotations/flips, each reference's "
+                           "best score, judged at its own calibrated threshold) beside single ones; 8x the "
+                           "queries' model work")] = False,
 ) -> None:
     """The paper's experiment: passive vs activated images, retrieval under the 14 edits and copy
     detection, for one or more indexes. Writes retr_df.csv, icd_df.csv, ISC-format predictions,
@@ -614,14 +618,15 @@ def evaluate(
     from activeindex.evaluation import (
         EvalSettings, Method, check_settings, disc21_source, evaluate_and_report, synthetic_source,
     )
-    from activeindex.evaluation.outputs import format_edit_table, format_table
+    from activeindex.evaluation.outputs import format_dihedral_table, format_edit_table, format_table
 
     try:
         chosen = tuple(Method(m.strip()) for m in methods.split(",") if m.strip())
     except ValueError:
         raise ActiveIndexError(f"--methods takes a comma-separated list of {', '.join(m.value for m in Method)}; got {methods!r}") from None
     settings = EvalSettings(factories=tuple(index or ["IVF256,PQ8x8"]), methods=chosen, nprobe=nprobe, psnr=psnr,
-                            iterations=iterations, views=views, target=target, target_fpr=target_fpr, seed=seed)
+                            iterations=iterations, views=views, target=target, target_fpr=target_fpr, seed=seed,
+                            dihedral=dihedral)
     extractor = _build_extractor(model, input_size, resize, Precision.AUTO)
     check_settings(settings, extractor)  # every factory string and option, before any image is made
     if disc21 is not None:
@@ -639,6 +644,9 @@ def evaluate(
     typer.echo(format_table(summary))
     typer.echo("")
     typer.echo(format_edit_table(summary))
+    if dihedral:
+        typer.echo("")
+        typer.echo(format_dihedral_table(summary))
     _err(f"report: {paths['report']}\nsummary: {paths['summary']}; per-copy rows: {paths['retr_df']}, {paths['icd_df']}")
 
 
