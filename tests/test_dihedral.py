@@ -272,3 +272,29 @@ def test_service_query_takes_the_dihedral_option(dihedral_collection, old_collec
         assert body["matches"] and all(m["copy"] is None for m in body["matches"])
         assert "no dihedral copy threshold" in body["copy_decision"]
         assert str(old_collection.parent) not in body["copy_decision"]  # no server path leaves it
+
+
+# -- the evaluation --------------------------------------------------------------------------------
+def test_evaluate_dihedral_is_an_extra_query_mode(tmp_path, tiny_extractor):
+    from activeindex.evaluation import EvalSettings, Method, evaluate_and_report, synthetic_source
+    from activeindex.evaluation.outputs import format_dihedral_table
+
+    # 32-px images, the tiny model's input: a quarter turn is undone exactly by one view, and a
+    # Flat index adds no error of its own, so every rotated-90° copy is found at rank 1.
+    data = synthetic_source(tmp_path / "img", n_train=60, n_refs=30, n_test=8, n_nonmatch=8, size=32, workers=1)
+    settings = EvalSettings(factories=("Flat",), methods=(Method.PASSIVE,), dihedral=True)
+    (run,), summary, paths = evaluate_and_report(data, tiny_extractor, settings, tmp_path / "out")
+    d = run.summary["dihedral"]
+    assert set(d["r@1"]) == set(run.summary["r@1"])
+    assert d["r@1"]["rotation 90"] == 1.0
+    assert d["gain_r@1"]["rotation 90"] == pytest.approx(1.0 - run.summary["r@1"]["rotation 90"])
+    at = d["at_calibrated_threshold"]
+    assert at["threshold"] == summary["factories"]["Flat"]["dihedral_threshold"]["threshold"]
+    assert at["threshold"] != run.summary["at_calibrated_threshold"]["threshold"]
+    assert at["copy_decision"].startswith("dihedral queries")
+    cost = d["cost"]
+    assert cost["images"] == 8 and cost["ratio"] > 1  # 8 views cost more than one
+    table = format_dihedral_table(summary)
+    assert "Flat passive dihedral" in table and "rotation 90" in table and "×" in table
+    assert "Dihedral queries" in paths["report"].read_text()
+    assert "dihedral" in json.loads(paths["summary"].read_text())["results"]["Flat | passive"]
