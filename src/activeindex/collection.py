@@ -987,8 +987,9 @@ class Collection:
                     scores = CalibrationScores.from_bytes(path.read_bytes())
                 except FileNotFoundError:
                     raise CollectionError(
-                        f"{self.root} has no {mode.value} calibration queries yet; calibrate it from training "
-                        "images (activeindex calibrate COLLECTION --images DIR)"
+                        f"{self.root} has no calibration queries yet"
+                        + (" for dihedral queries" if mode is QueryMode.DIHEDRAL else "")
+                        + "; calibrate it from training images (activeindex calibrate COLLECTION --images DIR)"
                     ) from None
                 method = method or (self.threshold_info(mode) or {}).get("method", "")
             thr = calibrate(scores, target, method)
