@@ -79,7 +79,7 @@ def main() -> None:
           f"onnxruntime {ort.__version__}; torch {torch.__version__}")
     photos = real_photos(args.crops)
     for name in args.models.split(","):
-        ex = create_extractor(name)
+        ex = create_extractor(name, runtime="torch")
         batch = np.stack([ex.preprocessing.prepare(p) for p in photos])
         print(f"\n{name}: {len(batch)} real photos at {ex.preprocessing.input_size} px "
               f"({ex.preprocessing.resize.value}); converter precision {ex.precision.value}")
@@ -98,12 +98,12 @@ def main() -> None:
         rows["converter"] = describe(ex.features, batch)
         print(f"  converter ({ex.precision.value}): {len(batch) / (time.perf_counter() - t):.1f} img/s")
         if ex.precision is not Precision.FP32:
-            fp32 = create_extractor(name, precision=Precision.FP32)
+            fp32 = create_extractor(name, precision=Precision.FP32, runtime="torch")
             t = time.perf_counter()
             rows["converter fp32"] = describe(fp32.features, batch)
             print(f"  converter (fp32): {len(batch) / (time.perf_counter() - t):.1f} img/s")
         else:
-            bf16 = create_extractor(name, precision=Precision.BF16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+            bf16 = create_extractor(name, precision=Precision.BF16, runtime="torch") if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
             if bf16 is not None:
                 rows["converter bf16 (forced)"] = describe(bf16.features, batch)
         if "QuantizeLinear" in {n.op_type for n in __import__("onnx").load(ex.spec["path"]).graph.node}:

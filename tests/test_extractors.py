@@ -179,7 +179,7 @@ def test_onnx_model_matches_its_torch_source(tmp_path):
         warnings.simplefilter("ignore")
         torch.onnx.export(net, torch.zeros(1, 3, 40, 40), str(path), dynamo=False, opset_version=17,
                           input_names=["x"], dynamic_axes={"x": {0: "b"}})
-    ex = create_extractor(f"onnx:{path}", precision=Precision.FP32)
+    ex = create_extractor(f"onnx:{path}", precision=Precision.FP32, runtime="torch")
     assert ex.preprocessing.input_size == 40  # read from the file's static input shape
     x = calibration_batch(40, n=3).requires_grad_(True)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (ex.preprocessing.mean, ex.preprocessing.std))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from activeindex.errors import ModelError
-from activeindex.extractors import InputLayout, Precision, ValueRange, create_extractor
+from activeindex.extractors import InputLayout, Precision, Runtime, ValueRange, create_extractor
 from activeindex.extractors.base import IMAGENET_MEAN, IMAGENET_STD
 from activeindex.extractors.onnx_graph import load_onnx_module
 
@@ -264,7 +264,7 @@ def pixel_models(net: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 def test_uint8_nhwc_graph_is_fed_pixels(pixel_models: dict[str, Path]) -> None:
-    ex = create_extractor(f"onnx:{pixel_models['static']}", precision=Precision.FP32)
+    ex = create_extractor(f"onnx:{pixel_models['static']}", precision=Precision.FP32, runtime="torch")
     pre = ex.preprocessing
     assert pre.layout is InputLayout.NHWC and pre.value_range is ValueRange.BYTE
     assert pre.mean == (0.0, 0.0, 0.0) and pre.std == (1.0, 1.0, 1.0)  # the graph normalises
@@ -280,7 +280,7 @@ def test_uint8_nhwc_graph_is_fed_pixels(pixel_models: dict[str, Path]) -> None:
 
 
 def test_uint8_nhwc_graph_input_gradient(pixel_models: dict[str, Path]) -> None:
-    ex = create_extractor(f"onnx:{pixel_models['static']}", precision=Precision.FP32)
+    ex = create_extractor(f"onnx:{pixel_models['static']}", precision=Precision.FP32, runtime="torch")
     w = torch.randn(2, 12, generator=torch.Generator().manual_seed(1))
     x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     # float32: step 1e-2 on a unit direction over 1536 pixels (~0.07 grey levels each) keeps the
@@ -292,12 +292,12 @@ def test_uint8_nhwc_graph_input_gradient(pixel_models: dict[str, Path]) -> None:
 def test_symbolic_input_size_is_never_silent(pixel_models: dict[str, Path], caplog) -> None:
     path = pixel_models["any-size"]
     with caplog.at_level(logging.WARNING, logger="activeindex.extractors"):
-        ex = create_extractor(f"onnx:{path}", precision=Precision.FP32)
+        ex = create_extractor(f"onnx:{path}", precision=Precision.FP32, runtime="torch")
     assert ex.preprocessing.input_size == 224 and ex.preprocessing.layout is InputLayout.NHWC
     assert "does not fix its input size; using 224 px" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="activeindex.extractors"):
-        ex = create_extractor(f"onnx:{path}", input_size=24, precision=Precision.FP32)
+        ex = create_extractor(f"onnx:{path}", input_size=24, precision=Precision.FP32, runtime="torch")
     assert ex.preprocessing.input_size == 24 and not caplog.text
     batch = np.random.default_rng(3).integers(0, 256, (2, 24, 24, 3), dtype=np.uint8)
     np.testing.assert_allclose(ex.features(batch), _ort(path, batch), atol=1e-5)
@@ -370,3 +370,58 @@ def test_cli_create_add_query_activate_with_a_uint8_nhwc_model(pixel_models, ima
     assert len(out["added"]) == 2 and len(list((tmp_path / "rel").iterdir())) == 2
     q = json.loads(invoke("query", c, *images[:6], "-k", "1", "--json").stdout)
     assert [r["matches"][0]["name"] for r in q] == [p.name for p in images[:6]]
+
+
+# -- runtimes: onnxruntime describes, the converted module is differentiated ------------------------
+
+@pytest.mark.parametrize("which", ["float", "uint8-nhwc", "per-tensor-int8"])
+def test_onnxruntime_runtime_is_the_default_and_describes_like_onnxruntime(
+    which: str, float_onnx: Path, pixel_models: dict[str, Path], qdq_models: dict[str, Path]
+) -> None:
+    path = {"float": float_onnx, "uint8-nhwc": pixel_models["static"]}.get(which) or qdq_models[which]
+    ex = create_extractor(f"onnx:{path}", precision=Precision.FP32)
+    conv = create_extractor(f"onnx:{path}", precision=Precision.FP32, runtime="torch")
+    assert ex.runtime is Runtime.ONNXRUNTIME and ex.describe()["runtime"] == "onnxruntime"
+    assert conv.runtime is Runtime.TORCH and conv.describe()["runtime"] == "torch"
+    batch = np.random.default_rng(5).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    pre = ex.preprocessing
+    feed = batch if pre.value_range is ValueRange.BYTE else (
+        ((batch / 255.0 - np.array(pre.mean)) / np.array(pre.std)).astype(np.float32).transpose(0, 3, 1, 2))
+    want = _ort(path, np.ascontiguousarray(feed))
+    np.testing.assert_allclose(ex.features(batch), want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
+    # The converted module, which activation differentiates, stays close to what is stored.
+    assert _cosines(conv.features(batch), ex.features(batch)).min() >= 0.99
+    assert 0.99 <= ex.runtime_agreement() <= 1.0 + 1e-6 and conv.runtime_agreement() == 1.0
+    # Gradients still come from the converted module.
+    x = torch.rand(1, 3, SIZE, SIZE, requires_grad=True)
+    ex.embed(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_a_stored_runtime_is_kept_and_never_switched(float_onnx: Path) -> None:
+    ex = create_extractor(f"onnx:{float_onnx}")
+    assert create_extractor(ex.describe()).runtime is Runtime.ONNXRUNTIME
+    legacy = {k: v for k, v in ex.describe().items() if k != "runtime"}  # written before runtimes
+    assert create_extractor(legacy).runtime is Runtime.TORCH
+    with pytest.raises(ModelError, match="computed by onnxruntime"):
+        create_extractor(ex.describe(), runtime="torch")
+    with pytest.raises(ModelError, match="runs ONNX files"):
+        create_extractor("builtin:tiny", runtime="onnxruntime")
+
+
+def test_a_collection_refuses_descriptors_of_the_other_runtime(float_onnx: Path, tmp_path: Path) -> None:
+    from activeindex.collection import Collection
+    from activeindex.errors import CollectionError
+
+    ex = create_extractor(f"onnx:{float_onnx}")
+    train = np.random.default_rng(0).standard_normal((64, ex.dim)).astype(np.float32)
+    Collection.create(tmp_path / "c", ex, "Flat", train / np.linalg.norm(train, axis=1, keepdims=True)).close()
+    with pytest.raises(CollectionError, match="computed by onnxruntime, not torch"):
+        Collection.open(tmp_path / "c", extractor=create_extractor(f"onnx:{float_onnx}", runtime="torch"))
+    with Collection.open(tmp_path / "c") as coll:
+        assert coll.extractor.runtime is Runtime.ONNXRUNTIME
+
+
+def test_a_uint8_graph_with_outside_normalisation_is_refused_by_onnxruntime(pixel_models: dict[str, Path]) -> None:
+    with pytest.raises(ModelError, match="must normalise its input itself"):
+        create_extractor(f"onnx:{pixel_models['static']}", mean=IMAGENET_MEAN, std=IMAGENET_STD)

@@ -49,7 +49,7 @@ def test_packaged_models_agree_with_onnxruntime(name, input_size):
     ort = pytest.importorskip("onnxruntime")
     # SSCD's ResNet-50 at 288 px costs seconds per image on 2 cores: test it at 64 px (the file takes
     # any size); the distilled model runs at its own 288.
-    ex = create_extractor(name, input_size=input_size, precision=Precision.FP32)
+    ex = create_extractor(name, input_size=input_size, precision=Precision.FP32, runtime="torch")
     pre = ex.preprocessing
     assert ex.dim == 512 and ex.spec["kind"] == "packaged" and ex.spec_string == name
     assert pre.layout is InputLayout.NHWC and pre.value_range is ValueRange.BYTE

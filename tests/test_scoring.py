@@ -18,6 +18,7 @@ from activeindex.scoring import (
     Normalization,
     calibrate,
     describe_threshold,
+    threshold_is_stale,
     fpr_upper_bound,
     implied_precision,
 )
@@ -229,3 +230,21 @@ def test_recalibrate_without_stored_descriptors_says_how(tmp_path, tiny_extracto
     coll = Collection.create(tmp_path / "c", tiny_extractor, "Flat", train_vectors)
     with pytest.raises(CollectionError, match="--images"):
         recalibrate(coll)
+
+
+def _separable_scores(n: int = 400) -> CalibrationScores:
+    rng = np.random.default_rng(0)
+    matching = np.arange(n) < n // 2
+    scores = np.where(matching, rng.normal(0.8, 0.05, n), rng.normal(0.2, 0.05, n)).astype(np.float32)
+    return CalibrationScores(scores, matching.copy(), matching)
+
+
+def test_a_calibration_goes_stale_as_the_index_grows_and_says_so():
+    info = {**calibrate(_separable_scores(), CopyTarget(fpr=0.05)).to_dict(), "n_indexed": 60}
+    assert not threshold_is_stale(info, 120) and threshold_is_stale(info, 121)
+    assert not threshold_is_stale({**info, "n_indexed": None}, 10**6) and not threshold_is_stale(None, 10**6)
+    assert not threshold_is_stale({**info, "n_indexed": 3}, 100)  # small indexes: at least 50 more
+    fresh, stale = describe_threshold(info, indexed_now=100), describe_threshold(info, indexed_now=500)
+    assert "STALE" not in fresh and fresh == describe_threshold(info)
+    assert stale.startswith("STALE: calibrated with 60 images indexed, now 500") and "activeindex calibrate" in stale
+    assert stale.endswith(describe_threshold(info))

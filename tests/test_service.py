@@ -755,3 +755,22 @@ def test_calibrated_decision_is_said_in_words(make_client, coll_path, image_dir)
     body = client.post("/api/query?k=2", files=_file(sorted(image_dir.glob("*.png"))[0])).json()
     assert body["copy_decision"] == thr.meaning
     assert all(m["copy"] == (m["score"] >= thr.threshold) for m in body["matches"])
+
+
+def test_an_add_that_makes_the_threshold_stale_says_so(client, coll_path, image_dir, monkeypatch):
+    import activeindex.scoring as scoring
+
+    with Collection.open(coll_path) as c:
+        rng = np.random.default_rng(0)
+        matching = np.arange(200) < 100
+        scores = np.where(matching, rng.normal(0.8, 0.05, 200), rng.normal(0.2, 0.05, 200)).astype(np.float32)
+        c.calibrate(scoring.CalibrationScores(scores, matching.copy(), matching), scoring.CopyTarget(fpr=0.05))
+    paths = sorted(image_dir.glob("*.png"))
+    first = client.post("/api/images", files=_file(paths[20]), headers=AUTH).json()
+    assert first["warning"] is None  # 9 indexed, calibrated with 8: far from stale
+    assert "STALE" not in client.post("/api/query?k=1", files=_file(paths[20])).json()["copy_decision"]
+    monkeypatch.setattr(scoring, "STALE_MIN_INDEXED", 1)
+    monkeypatch.setattr(scoring, "STALE_FACTOR", 1)
+    second = client.post("/api/images", files=_file(paths[21]), headers=AUTH).json()
+    assert second["warning"].startswith("STALE: calibrated with 8 images indexed, now 10")
+    assert client.post("/api/query?k=1", files=_file(paths[21])).json()["copy_decision"].startswith("STALE")

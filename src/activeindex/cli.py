@@ -28,6 +28,7 @@ from activeindex.settings import (
     OutputFormat,
     Precision,
     ResizePolicy,
+    Runtime,
     TargetKind,
 )
 
@@ -57,6 +58,10 @@ InputSizeOpt = Annotated[
     Optional[int], typer.Option(help="input size of a TorchScript/ONNX model (default: the file's or the named model's, else 224 with a warning)")
 ]
 ResizeOpt = Annotated[Optional[ResizePolicy], typer.Option(help="resize policy of a TorchScript/ONNX model")]
+RuntimeOpt = Annotated[
+    Runtime, typer.Option(help="what describes images with an ONNX model: auto (onnxruntime on the CPU), "
+                               "onnxruntime or torch (the converted module activation differentiates)")
+]
 PrecisionOpt = Annotated[
     Precision, typer.Option(help="auto: bf16 where it stays within cosine 0.99 of fp32")
 ]
@@ -115,10 +120,12 @@ def _ray_options(workers: int | None, ray_address: str | None, shard_size: int) 
     return RayOptions(workers=workers, address=ray_address, shard_size=shard_size)
 
 
-def _build_extractor(model: str, input_size: int | None, resize: ResizePolicy | None, precision: Precision) -> Extractor:
+def _build_extractor(model: str, input_size: int | None, resize: ResizePolicy | None, precision: Precision,
+                     runtime: Runtime = Runtime.AUTO) -> Extractor:
     from activeindex.extractors import create_extractor
 
-    extractor = create_extractor(model, input_size=input_size, resize=resize, precision=precision)
+    extractor = create_extractor(model, input_size=input_size, resize=resize, precision=precision,
+                                 runtime=runtime)
     _warn_untrained(extractor)
     return extractor
 
@@ -194,6 +201,7 @@ def extract(
     input_size: InputSizeOpt = None,
     resize: ResizeOpt = None,
     precision: PrecisionOpt = Precision.AUTO,
+    runtime: RuntimeOpt = Runtime.AUTO,
     batch_size: Annotated[int, typer.Option(help="images per model call")] = 32,
     torch_out: Annotated[bool, typer.Option("--torch", help="also write fts.pt (a torch tensor)")] = False,
     workers: WorkersOpt = None,
@@ -203,7 +211,7 @@ def extract(
     """Describe images: writes OUT/features.npy (float32, n×d) and OUT/names.txt."""
     from activeindex.features import extract_paths
 
-    extractor = _build_extractor(model, input_size, resize, precision)
+    extractor = _build_extractor(model, input_size, resize, precision, runtime)
     paths = _expand(images)
     ray_options = _ray_options(workers, ray_address, shard_size)
     with _progress(len(paths), "extract") as update:
@@ -233,6 +241,7 @@ def create(
     input_size: InputSizeOpt = None,
     resize: ResizeOpt = None,
     precision: PrecisionOpt = Precision.AUTO,
+    runtime: RuntimeOpt = Runtime.AUTO,
     metric: Annotated[Metric, typer.Option(help="l2 (as the paper) or ip")] = Metric.L2,
     nprobe: Annotated[int, typer.Option(help="IVF cells visited per query")] = 1,
     target_fpr: TargetFprOpt = None,
@@ -255,7 +264,7 @@ def create(
     from activeindex.scoring import Normalization
 
     target = _copy_target(target_fpr, target_precision, prior)
-    extractor = _build_extractor(model, input_size, resize, precision)
+    extractor = _build_extractor(model, input_size, resize, precision, runtime)
     if len(train) == 1 and train[0].suffix == ".npy":
         xt = np.load(train[0], allow_pickle=False)
         bg = xt[split_training(len(xt))[0]] if normalize else None
@@ -405,9 +414,13 @@ def add(
 
 def _warn_stale_threshold(coll: Collection, mode: str = "single") -> None:
     """The false-positive rate of a fixed threshold grows with the index: say when to recalibrate."""
-    calibrated_at = (coll.threshold_info(mode) or {}).get("n_indexed")
-    if calibrated_at is not None and coll.count() > 2 * max(calibrated_at, 50):
-        _err(f"note: the copy threshold was calibrated with {calibrated_at} images in the index, it now holds "
+    from activeindex.scoring import threshold_is_stale
+
+    info = coll.threshold_info(mode)
+    if threshold_is_stale(info, coll.count()):
+        assert info is not None
+        what = "the dihedral copy threshold" if mode == "dihedral" else "the copy threshold"
+        _err(f"note: {what} was calibrated with {info['n_indexed']} images in the index, it now holds "
              f"{coll.count()}: it flags more unrelated images than it says; run: activeindex calibrate {coll.root}")
 
 
@@ -494,8 +507,9 @@ def info(
     typer.echo(f"images       {data['images']}  {data['by_mode'] or ''}")
     typer.echo(f"index        {data['factory']}  metric {data['metric']}  nprobe {data['nprobe']}  "
                f"{data['index_bytes'] / 1e6:.2f} MB")
+    runtime = f"  runtime {ex['runtime']}" if "runtime" in ex else ""
     typer.echo(f"model        {ex['kind']}:{ex.get('name') or ex.get('path')}  {data['dim']}-d  "
-               f"{'trained' if ex.get('trained', True) else 'UNTRAINED'}  digest {ex['digest'][:12]}")
+               f"{'trained' if ex.get('trained', True) else 'UNTRAINED'}  digest {ex['digest'][:12]}{runtime}")
     rq = data["released_quality"]
     if rq:
         typer.echo(f"released     PSNR min {rq['psnr_min']:.2f} dB, mean {rq['psnr_mean']:.2f} dB; "
@@ -595,17 +609,18 @@ def evaluate(
     model: ModelOpt = "builtin",
     input_size: InputSizeOpt = None,
     resize: ResizeOpt = None,
+    runtime: RuntimeOpt = Runtime.AUTO,
     nprobe: Annotated[int, typer.Option(help="IVF cells visited per query (the paper: 1)")] = 1,
     psnr: Annotated[float, typer.Option(help="quality floor of activated images, dB")] = 42.0,
     iterations: Annotated[int, typer.Option(help="activation steps", min=0)] = 10,
     views: Annotated[int, typer.Option(help="edited views per step of robust activation", min=1)] = 3,
     target: Annotated[TargetKind, typer.Option(help="activation target")] = TargetKind.RECONSTRUCTION,
     target_fpr: Annotated[float, typer.Option("--target-fpr", help="false-positive rate the copy threshold is calibrated for", min=1e-6, max=0.5)] = DEFAULT_FPR,
-    n_train: Annotated[Optional[int], typer.Option(help="training images (synthetic: generated; DISC21: cap)")] = None,
-    n_refs: Annotated[int, typer.Option(help="synthetic: references in the index, images under test included")] = 2048,
-    n_distractors: Annotated[Optional[int], typer.Option(help="DISC21: cap on distractor references")] = None,
-    n_test: Annotated[Optional[int], typer.Option(help="images under test (synthetic default 200; DISC21: cap)")] = None,
-    n_nonmatch: Annotated[Optional[int], typer.Option(help="non-matching queries (synthetic default 200; DISC21: cap)")] = None,
+    n_train: Annotated[Optional[int], typer.Option(help="training images (synthetic: generated; DISC21: cap)", min=1)] = None,
+    n_refs: Annotated[int, typer.Option(help="synthetic: references in the index, images under test included", min=1)] = 2048,
+    n_distractors: Annotated[Optional[int], typer.Option(help="DISC21: cap on distractor references", min=1)] = None,
+    n_test: Annotated[Optional[int], typer.Option(help="images under test (synthetic default 200; DISC21: cap)", min=1)] = None,
+    n_nonmatch: Annotated[Optional[int], typer.Option(help="non-matching queries (synthetic default 200; DISC21: cap)", min=1)] = None,
     seed: Annotated[int, typer.Option(help="seed of the edits, splits and synthetic images")] = 0,
     dihedral: Annotated[bool, typer.Option(
         "--dihedral", help="also evaluate dihedral queries (each query under its 8 rotations/flips, each reference's "
@@ -627,16 +642,17 @@ def evaluate(
     settings = EvalSettings(factories=tuple(index or ["IVF256,PQ8x8"]), methods=chosen, nprobe=nprobe, psnr=psnr,
                             iterations=iterations, views=views, target=target, target_fpr=target_fpr, seed=seed,
                             dihedral=dihedral)
-    extractor = _build_extractor(model, input_size, resize, Precision.AUTO)
+    extractor = _build_extractor(model, input_size, resize, Precision.AUTO, runtime)
     check_settings(settings, extractor)  # every factory string and option, before any image is made
     if disc21 is not None:
         data = disc21_source(disc21, ground_truth=ground_truth, n_train=n_train, n_distractors=n_distractors,
                              n_test=n_test, n_nonmatch=n_nonmatch)
     else:
-        n_img = (n_train or 2048) + n_refs + (n_nonmatch or 200)
-        with _progress(n_img, "make images") as update:
-            data = synthetic_source(out / "images", n_train=n_train or 2048, n_refs=n_refs, n_test=n_test or 200,
-                                    n_nonmatch=n_nonmatch or 200, seed=seed + 7, progress=update)
+        n_train, n_test, n_nonmatch = (2048 if n_train is None else n_train, 200 if n_test is None else n_test,
+                                       200 if n_nonmatch is None else n_nonmatch)
+        with _progress(n_train + n_refs + n_nonmatch, "make images") as update:
+            data = synthetic_source(out / "images", n_train=n_train, n_refs=n_refs, n_test=n_test,
+                                    n_nonmatch=n_nonmatch, seed=seed + 7, progress=update)
     _err(f"evaluating on {data.name}")
     for note in data.notes:
         _err(f"  subset: {note}")

@@ -913,12 +913,13 @@ class Collection:
         return None if info is None else float(info["threshold"])
 
     def copy_decision(self, mode: QueryMode | str = QueryMode.SINGLE) -> str:
-        """What a ``mode`` query's copy flag means, in words; for a collection without a dihedral
-        threshold, that dihedral matches carry no verdict and the command that calibrates one."""
+        """What a ``mode`` query's copy flag means, in words, and whether the calibration is stale;
+        for a collection without a dihedral threshold, that dihedral matches carry no verdict and
+        the command that calibrates one."""
         fix = f"activeindex calibrate {self.root}"
         if QueryMode(mode) is QueryMode.DIHEDRAL and not self.calibration_has_views():
             fix += " --images TRAINING_IMAGES (its stored calibration descriptors have no dihedral views)"
-        return describe_threshold(self.threshold_info(mode), mode, fix)
+        return describe_threshold(self.threshold_info(mode), mode, fix, indexed_now=self.count())
 
     def calibration_has_views(self) -> bool:
         """Whether the stored calibration descriptors include the 8 views of each query (then
@@ -1050,7 +1051,7 @@ class Collection:
             "index_ntotal": int(self.index.ntotal),
             "index_bytes": (self.root / INDEX_FILE).stat().st_size,
             **asdict(self.config),
-            "copy_decision": describe_threshold(self.config.threshold_info),
+            "copy_decision": self.copy_decision(),
             "dihedral_copy_decision": self.copy_decision(QueryMode.DIHEDRAL),
         }
 
@@ -1210,6 +1211,12 @@ def check_extractor(config: CollectionConfig, extractor: Extractor) -> None:
             f"this collection was built with {stored.get('kind')}:{stored.get('name') or stored.get('path')} "
             f"(weights digest {str(stored.get('digest'))[:12]}…), not {extractor.spec_string} "
             f"(digest {extractor.digest[:12]}…); descriptors of different models cannot be compared"
+        )
+    stored_runtime = stored.get("runtime", "torch")
+    if extractor.runtime.value != stored_runtime:
+        raise CollectionError(
+            f"this collection's descriptors were computed by {stored_runtime}, not "
+            f"{extractor.runtime.value}: the two paths differ slightly (cosine ~0.999) and are never mixed"
         )
     if extractor.dim != config.dim:
         raise CollectionError(f"extractor dimension {extractor.dim} != collection dimension {config.dim}")

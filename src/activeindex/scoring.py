@@ -297,6 +297,19 @@ def _one_in(rate: float) -> str:
     return f"1 in {float(f'{n:.2g}'):g}"
 
 
+# A threshold calibrated with n images indexed is stale once the index holds more than this many
+# times as many (and at least STALE_MIN_INDEXED more): each non-matching query meets more codes.
+STALE_FACTOR = 2
+STALE_MIN_INDEXED = 50
+
+
+def threshold_is_stale(info: dict[str, Any] | None, indexed_now: int) -> bool:
+    """Whether the index has grown enough since calibration that the stated false-positive rate no
+    longer holds (the rate of a fixed threshold grows with the number of stored codes)."""
+    calibrated_at = (info or {}).get("n_indexed")
+    return calibrated_at is not None and indexed_now > STALE_FACTOR * max(calibrated_at, STALE_MIN_INDEXED)
+
+
 DIHEDRAL_FIX = "activeindex calibrate COLLECTION"
 
 
@@ -310,17 +323,24 @@ def no_dihedral_threshold(fix: str = DIHEDRAL_FIX) -> str:
 
 
 def describe_threshold(info: dict[str, Any] | None, mode: QueryMode | str = QueryMode.SINGLE,
-                       fix: str = DIHEDRAL_FIX) -> str:
+                       fix: str = DIHEDRAL_FIX, *, indexed_now: int | None = None) -> str:
     """The copy decision in words, for ``info``, ``query --json``, the web page and the report.
 
     Takes :meth:`Threshold.to_dict` (or what ``collection.json`` stores, including the precision
     targets of collections calibrated before false-positive rates) of the query ``mode``'s
-    threshold; ``fix`` is named when a dihedral threshold is missing."""
+    threshold; ``fix`` is named when a dihedral threshold is missing. With ``indexed_now`` (the
+    collection's size), a stale calibration is said first."""
     mode = QueryMode(mode)
     if mode is QueryMode.DIHEDRAL:
         if info is None:
             return no_dihedral_threshold(fix)
-        return "dihedral queries (8 rotations/flips, each reference's best): " + describe_threshold(info)
+        return "dihedral queries (8 rotations/flips, each reference's best): " + describe_threshold(
+            info, indexed_now=indexed_now)
+    if indexed_now is not None and threshold_is_stale(info, indexed_now):
+        assert info is not None
+        return (f"STALE: calibrated with {info['n_indexed']} images indexed, now {indexed_now}, so it flags "
+                f"more unrelated images than stated; recalibrate (activeindex calibrate COLLECTION). "
+                f"As calibrated: {describe_threshold(info)}")
     if info is None:
         return "no calibrated copy threshold: matches are not flagged as copies"
     thr = info.get("threshold")

@@ -33,6 +33,16 @@ class Precision(str, enum.Enum):
     BF16 = "bf16"
 
 
+class Runtime(str, enum.Enum):
+    """What computes an ONNX model's descriptors for extraction and queries. Activation always
+    differentiates through the converted PyTorch module; only the stored and query descriptors
+    come from the runtime, so a collection's descriptors all come from one path."""
+
+    AUTO = "auto"  # onnxruntime for ONNX files on the CPU, torch otherwise
+    TORCH = "torch"  # the converted PyTorch module (TorchScript and built-in models: always)
+    ONNXRUNTIME = "onnxruntime"  # onnxruntime's CPU provider on the original file (int8 kernels)
+
+
 class Metric(str, enum.Enum):
     L2 = "l2"
     IP = "ip"

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from activeindex.datasets.synthetic import Family, synthetic_image, synthetic_image_info
 from activeindex.edits import paper_edits, paper_extra_edits
-from activeindex.extractors import Extractor, create_extractor
+from activeindex.extractors import Extractor, ResizePolicy, create_extractor
 from activeindex.metrics import Predictions, micro_average_precision, recall_at_k_from_knn
 
 Describe = Callable[[Sequence[Image.Image]], np.ndarray]  # images → (n, d) float32, IP similarity
@@ -41,7 +41,7 @@ class EvalConfig:
     n_originals: int = 250
     n_distractors: int = 2000
     n_nonmatching: int = 250
-    size: int = 256
+    size: tuple[int, int] = (256, 256)  # width, height of every image before its edits
     seed: int = 1000  # the synthetic source seed; training used seed 0
     k: int = 10
 
@@ -94,7 +94,7 @@ def evaluate_descriptors(
     """→ {edit label: {method: {"R@1", "uAP"}}}, every method on exactly the same images."""
     n_o, n_d, n_n = cfg.n_originals, cfg.n_distractors, cfg.n_nonmatching
     held_out = _held_out_indices(cfg.seed, n_o + n_d + n_n)
-    gen = lambda i: synthetic_image(int(held_out[i]), seed=cfg.seed, size=(cfg.size, cfg.size))  # noqa: E731
+    gen = lambda i: synthetic_image(int(held_out[i]), seed=cfg.seed, size=tuple(cfg.size))  # noqa: E731
     originals = [gen(i) for i in range(n_o)]
     database = originals + [gen(n_o + i) for i in range(n_d)]
     nonmatching = [gen(n_o + n_d + i) for i in range(n_n)]
@@ -147,13 +147,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="extractor spec(s) to judge (default: builtin)")
     parser.add_argument("--n-distractors", type=int, default=EvalConfig.n_distractors)
     parser.add_argument("--n-originals", type=int, default=EvalConfig.n_originals)
+    parser.add_argument("--seed", type=int, default=EvalConfig.seed,
+                        help="synthetic source seed (1000: the model card's; training used 0)")
+    parser.add_argument("--size", default="256x256", help="WIDTHxHEIGHT of the originals (e.g. 384x288: 4:3)")
+    parser.add_argument("--resize", action="append", choices=[p.value for p in ResizePolicy], default=None,
+                        help="file models: judge each model under this resize policy (repeat for several)")
+    parser.add_argument("--no-phash", action="store_true", help="leave the pHash baseline out")
     args = parser.parse_args(argv)
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        parser.error(f"--size takes WIDTHxHEIGHT, e.g. 384x288; got {args.size!r}")
     cfg = EvalConfig(n_distractors=args.n_distractors, n_originals=args.n_originals,
-                     n_nonmatching=args.n_originals)
+                     n_nonmatching=args.n_originals, size=(width, height), seed=args.seed)
     methods: dict[str, Describe] = {}
     for spec in args.model or ["builtin"]:
-        ex = create_extractor(spec)
-        methods[f"{ex.spec_string}{'' if ex.trained else ' (untrained)'}"] = extractor_describer(ex)
+        for resize in args.resize or [None]:
+            ex = create_extractor(spec, resize=resize) if resize else create_extractor(spec)
+            label = f"{ex.spec_string}{f' ({resize})' if resize else ''}"
+            methods[f"{label}{'' if ex.trained else ' (untrained)'}"] = extractor_describer(ex)
         if ex.trained and ex.spec.get("kind") == "builtin":
             from activeindex.extractors.builtin import build_builtin
             from activeindex.extractors.base import state_dict_digest
@@ -163,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
             raw = Extractor(module, entry.preprocessing, {"kind": "builtin", "name": ex.spec["name"]},
                             state_dict_digest(module), trained=False)
             methods[f"{ex.spec_string} (untrained)"] = extractor_describer(raw)
-    methods["pHash (imagehash)"] = phash_describer()
+    if not args.no_phash:
+        methods["pHash (imagehash)"] = phash_describer()
     t0 = time.perf_counter()
     results = evaluate_descriptors(methods, cfg)
     table = markdown_table(results, mean_over=list(paper_edits()))

@@ -12,6 +12,11 @@ The input layout (NCHW/NHWC), value range (0..1 or 0..255) and normalisation of 
 read from its graph (:func:`~activeindex.extractors.onnx_graph.graph_input`): a graph that takes
 uint8 NHWC pixels and normalises them itself is fed pixel values as float, so gradients reach them.
 
+An ONNX model has two runtimes (:class:`Runtime`): activation always differentiates through the
+converted module, while extraction and queries run either that module or onnxruntime on the same
+file (:mod:`activeindex.extractors.ort`; the default on the CPU: its int8 kernels are several times
+faster). The runtime is part of the stored spec: a collection's descriptors all come from one path.
+
 A spec may also be the dict a collection stored (:meth:`Extractor.describe`), which rebuilds the same
 extractor with the same preprocessing.
 """
@@ -35,6 +40,7 @@ from activeindex.extractors.base import (
     Precision,
     Preprocessing,
     ResizePolicy,
+    Runtime,
     ValueRange,
     state_dict_digest,
 )
@@ -53,6 +59,7 @@ __all__ = [
     "Precision",
     "Preprocessing",
     "ResizePolicy",
+    "Runtime",
     "ValueRange",
     "create_extractor",
     "parse_spec",
@@ -128,6 +135,7 @@ def create_extractor(
     std: tuple[float, float, float] | None = None,
     precision: Precision | str = Precision.AUTO,
     device: str | torch.device = "cpu",
+    runtime: Runtime | str | None = None,
 ) -> Extractor:
     """Build an extractor from a spec string or a stored description.
 
@@ -137,19 +145,33 @@ def create_extractor(
     about itself (layout, uint8 pixels, in-graph normalisation, a static size); a packaged model's
     size and resize; a stored description; the arguments. When nothing fixes the input size, 224
     is used and a warning says so.
+
+    ``runtime`` (ONNX files only) chooses what computes :meth:`Extractor.features`: ``auto`` is
+    onnxruntime on the CPU, torch on other devices. A stored description keeps the runtime that
+    fed the collection (``torch`` for descriptions written before runtimes existed).
     """
     stored_pre: dict[str, Any] = {}
     if isinstance(spec, dict):
         parsed = {k: spec[k] for k in ("kind", "name", "path") if k in spec}
         stored_pre = dict(spec.get("preprocessing") or {})
+        stored_runtime = Runtime(spec.get("runtime", Runtime.TORCH))
+        if runtime not in (None, Runtime.AUTO, stored_runtime):
+            raise ModelError(
+                f"this collection's descriptors were computed by {stored_runtime.value}; "
+                f"runtime {Runtime(runtime).value} would make descriptors it cannot be compared with"
+            )
+        runtime = stored_runtime
     else:
         parsed = parse_spec(spec)
+    runtime = Runtime(runtime or Runtime.AUTO)
     overrides = {
         k: v
         for k, v in {"input_size": input_size, "resize": resize, "mean": mean, "std": std}.items()
         if v is not None
     }
     kind = parsed.get("kind")
+    if runtime is Runtime.ONNXRUNTIME and kind not in ("onnx", "packaged"):
+        raise ModelError(f"runtime onnxruntime runs ONNX files; {kind} models run on torch")
     if kind == "builtin":
         if overrides:
             raise ModelError(
@@ -195,6 +217,20 @@ def create_extractor(
         preprocessing = Preprocessing(**pre_args)
     except (TypeError, ValueError) as exc:
         raise ModelError(f"invalid preprocessing for {path}: {exc}") from exc
+    device = torch.device(device)
+    describer = None
+    if file_kind == "onnx":
+        if runtime is Runtime.AUTO:
+            runtime = Runtime.ONNXRUNTIME if device.type == "cpu" else Runtime.TORCH
+        if runtime is Runtime.ONNXRUNTIME:
+            if device.type != "cpu":
+                raise ModelError(f"runtime onnxruntime runs on the CPU here, not {device}; use --runtime torch")
+            from activeindex.extractors.ort import OrtDescriber
+
+            describer = OrtDescriber(path, preprocessing, threads=torch.get_num_threads())
+        spec_out["runtime"] = runtime.value
+    else:
+        runtime = Runtime.TORCH
     try:
         return Extractor(
             model=module,
@@ -202,7 +238,9 @@ def create_extractor(
             spec=spec_out,
             digest=file_sha256(path),
             precision=Precision(precision),
-            device=torch.device(device),
+            device=device,
+            runtime=runtime,
+            describer=describer,
         )
     except ModelError:
         raise

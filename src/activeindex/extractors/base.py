@@ -24,6 +24,7 @@ import threading
 import warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from PIL import Image
 
 from activeindex.errors import ModelError
 from activeindex.hardware import cpu_model, native_bf16
-from activeindex.settings import Precision, ResizePolicy  # re-exported (defined there: no torch/FAISS needed)
+from activeindex.settings import Precision, ResizePolicy, Runtime  # re-exported (defined there: no torch/FAISS needed)
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +159,15 @@ class Extractor:
     trained: bool = True
     precision: Precision = Precision.AUTO
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # Runtime.ONNXRUNTIME: ``features`` (extraction, queries) runs ``describer``, an onnxruntime
+    # session on the same file; ``embed`` (activation) stays on the converted module.
+    runtime: Runtime = Runtime.TORCH
+    describer: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
+        self.runtime = Runtime(self.runtime)
+        if (self.runtime is Runtime.ONNXRUNTIME) != (self.describer is not None):
+            raise ModelError("runtime onnxruntime needs a describer, and only it takes one")
         self._traces: dict[torch.dtype, torch.nn.Module] = {}
         self._trace_lock = threading.Lock()
         self.model.eval().to(self.device)
@@ -268,11 +276,25 @@ class Extractor:
 
     @torch.no_grad()
     def features(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
-        """uint8 images (B, S, S, 3) (as ``Preprocessing.prepare`` gives) → (B, dim) float32."""
+        """uint8 images (B, S, S, 3) (as ``Preprocessing.prepare`` gives) → (B, dim) float32, by the
+        extractor's runtime."""
         if isinstance(batch, np.ndarray):
             batch = torch.from_numpy(batch)
         if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
             raise ValueError(f"expected uint8 (B, S, S, 3) images, got {batch.dtype} {tuple(batch.shape)}")
+        if self.describer is not None:
+            try:
+                return self.describer(batch.cpu().numpy())
+            except ModelError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+                raise ModelError(
+                    f"{self.spec_string} (onnxruntime) failed on a batch of {tuple(batch.shape)} images: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        return self._torch_features(batch)
+
+    def _torch_features(self, batch: torch.Tensor) -> np.ndarray:
         batch = batch.to(self.device)
         dtype = self.autocast_dtype
         try:
@@ -287,6 +309,21 @@ class Extractor:
             raise ModelError(
                 f"{self.spec_string} failed on a batch of {tuple(batch.shape)} images: {type(exc).__name__}: {exc}"
             ) from exc
+
+    @torch.no_grad()
+    def runtime_agreement(self) -> float:
+        """Min cosine, on a calibration batch, between the runtime's descriptors and the converted
+        module's (1.0 for the torch runtime): how faithfully activation, which differentiates the
+        module, optimises what the collection stores. Computed once."""
+        if self.describer is None:
+            return 1.0
+        if getattr(self, "_agreement", None) is None:
+            x = calibration_batch(self.preprocessing.input_size)
+            pixels = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+            ours = self._torch_features(pixels)
+            theirs = self.describer(pixels.numpy())
+            self._agreement = float((ours * theirs).sum(axis=1).min())
+        return self._agreement
 
     def describe(self) -> dict:
         """What a collection stores about this extractor."""

@@ -39,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from activeindex import __version__
 from activeindex.activation import ActivationConfig
 from activeindex.errors import ActiveIndexError, ImageLoadError
+from activeindex.scoring import threshold_is_stale
 from activeindex.service.auth import TokenCheck, bearer
 from activeindex.service.describers import DescriberLost
 from activeindex.service.hosts import LOCAL_NAMES, HostCheckMiddleware, default_allowed_hosts
@@ -206,7 +207,10 @@ def create_app(
             out = await run_in_threadpool(service.add_passive, upload)
         if out.duplicate:
             response.status_code = 200
-        return {"id": out.id, "name": out.name, "mode": out.mode, "duplicate": out.duplicate, "released": out.released}
+        coll = service.collection
+        stale = threshold_is_stale(coll.config.threshold_info, coll.count())
+        return {"id": out.id, "name": out.name, "mode": out.mode, "duplicate": out.duplicate, "released": out.released,
+                "warning": coll.copy_decision() if stale else None}
 
     @app.delete("/api/images/{image_id}", response_model=RemoveOut, dependencies=writer, tags=["images"])
     def remove_image(image_id: ImageId) -> Any:

@@ -50,6 +50,8 @@ class AddOut(BaseModel):
     mode: str = Field(description="passive | activated")
     duplicate: bool = Field(description="the same bytes were already in the collection under this id")
     released: ReleasedOut | None = None
+    warning: str | None = Field(default=None, description="set when the copy threshold's calibration is stale "
+                                                          "after this add: recalibrate the collection")
 
 
 class RemoveOut(BaseModel):
