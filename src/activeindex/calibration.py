@@ -41,7 +41,7 @@ from PIL import Image
 from activeindex import index as ix
 from activeindex.collection import Collection, write_bytes_atomic
 from activeindex.copies import describe_copies
-from activeindex.dihedral import N_VIEWS, dihedral_views
+from activeindex.dihedral import N_VIEWS
 from activeindex.edits import paper_edits
 from activeindex.edits.registry import NamedEdit, paper_extra_edits
 from activeindex.errors import ActiveIndexError, CollectionError, ImageLoadError
