@@ -126,7 +126,7 @@ def test_a_lost_model_process_is_a_503_for_the_requests_of_its_batch(coll_path, 
     with TestClient(create_app(coll_path, model_processes=1), base_url="http://localhost") as client:
         (describer,) = client.app.state.service._describers
 
-        def lost(items):
+        def lost(items, dihedral=()):
             raise DescriberLost(f"the model process describing this batch of {len(items)} exited (exit code -9)")
 
         monkeypatch.setattr(describer, "describe", lost)

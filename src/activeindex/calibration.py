@@ -17,6 +17,12 @@ drawn from the training vectors score higher, against copies *and* against unrel
 the images a user adds: calibrated on them, the threshold was too strict on copies and said
 nothing true about false positives. Why three non-matching queries per matching one: the
 false-positive rate is the promise, and its upper confidence bound tightens with their number.
+
+Dihedral queries (:mod:`activeindex.dihedral`) keep each reference's best score over 8 views of the
+query, so unrelated images score higher than in single queries: the dihedral mode gets its own
+threshold, for the same target and by the same method, from the same calibration queries described
+under their 8 views (the identity view is the single query: 8 descriptions per calibration query
+in all, not 9).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import io
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -35,13 +41,14 @@ from PIL import Image
 from activeindex import index as ix
 from activeindex.collection import Collection, write_bytes_atomic
 from activeindex.copies import describe_copies
+from activeindex.dihedral import N_VIEWS
 from activeindex.edits import paper_edits
 from activeindex.edits.registry import NamedEdit, paper_extra_edits
 from activeindex.errors import ActiveIndexError, CollectionError, ImageLoadError
 from activeindex.extractors import Extractor
 from activeindex.features import describe_images, extract_paths
 from activeindex.images import load_image
-from activeindex.scoring import CalibrationError, CalibrationScores, CopyTarget, Normalization, Threshold
+from activeindex.scoring import CalibrationError, CalibrationScores, CopyTarget, Normalization, QueryMode, Threshold
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +82,13 @@ def split_training(n: int, seed: int = 0, max_calibration: int = MAX_CALIBRATION
 class CalibrationSet:
     """Described calibration images: ``refs`` (m, d) of the first :data:`MATCHING_SHARE` of them,
     and ``queries`` (n, d) of every image's edited copy (query i < m is a copy of reference i; the
-    rest match nothing)."""
+    rest match nothing); ``query_views`` (n * 8, d): the 8 D4 views of each query, query-major
+    (row 8 i is ``queries[i]``), or None when described without them."""
 
     refs: np.ndarray
     queries: np.ndarray
     seed: int
+    query_views: np.ndarray | None = None
 
     @property
     def method(self) -> str:
@@ -97,8 +106,10 @@ def calibration_set(
     *,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    dihedral: bool = True,
 ) -> CalibrationSet:
-    """Describe calibration images and their edited copies (independent of any index)."""
+    """Describe calibration images and their edited copies (independent of any index);
+    ``dihedral``: each copy under its 8 rotations/flips too (8 descriptions per copy instead of 1)."""
     n = len(images)
     if n < MIN_CALIBRATION_IMAGES:
         raise ActiveIndexError(f"calibration needs at least {MIN_CALIBRATION_IMAGES} images, got {n}")
@@ -106,19 +117,32 @@ def calibration_set(
     edits = calibration_edits()
     keys = [(i if i < m else i - m) % len(edits) for i in range(n)]  # both parts cycle through the edits
     copies = describe_copies(images, [edits[k] for k in keys], extractor, seed=seed, image_keys=list(range(n)),
-                             edit_keys=keys, progress=progress)
-    return CalibrationSet(describe_images(images[:m], extractor), copies.features, seed)
+                             edit_keys=keys, progress=progress, dihedral=dihedral)
+    return CalibrationSet(describe_images(images[:m], extractor), copies.features, seed, copies.views)
 
 
-def calibration_scores(coll: Collection, cal: CalibrationSet) -> CalibrationScores:
+def calibration_scores(coll: Collection, cal: CalibrationSet,
+                       mode: QueryMode | str = QueryMode.SINGLE) -> CalibrationScores:
     """Top-1 scores of the calibration queries against ``coll`` plus the calibration references
-    (see the module docstring); ``coll`` itself is not changed."""
+    (see the module docstring), searched as ``mode`` queries; ``coll`` itself is not changed."""
+    mode = QueryMode(mode)
     n, m = len(cal.queries), len(cal.refs)
     index = faiss.clone_index(coll.index)
     ix.set_nprobe(index, coll.config.nprobe)
     ix.add_with_ids(index, cal.refs, CALIBRATION_ID_BASE + np.arange(m))
-    raw, I = ix.search(index, cal.queries, 1, coll.metric)
-    S = raw if coll.background is None else coll.background.normalize(raw, cal.queries)
+    if mode is QueryMode.DIHEDRAL:
+        if cal.query_views is None:
+            raise CollectionError("the calibration descriptors have no dihedral views: calibrate from images "
+                                  "(activeindex calibrate COLLECTION --images DIR)")
+        xq = cal.query_views
+    else:
+        xq = cal.queries
+    raw, I = ix.search(index, xq, 1, coll.metric)
+    S = raw if coll.background is None else coll.background.normalize(raw, xq)
+    if mode is QueryMode.DIHEDRAL:  # top-1 of the best view: the best of each view's top-1
+        best = S.reshape(n, N_VIEWS).argmax(axis=1)
+        S = S.reshape(n, N_VIEWS)[np.arange(n), best][:, None]
+        I = I.reshape(n, N_VIEWS)[np.arange(n), best][:, None]
     matching = np.arange(n) < m
     correct = matching & (I[:, 0] == CALIBRATION_ID_BASE + (np.arange(n) % m))
     return CalibrationScores(S[:, 0].astype(np.float32), correct, matching)
@@ -128,14 +152,16 @@ def save_calibration_set(coll: Collection, cal: CalibrationSet) -> None:
     """Keep the calibration descriptors in the collection (atomically), so that the threshold can be
     recalibrated against the index as it grows, without the images (:func:`recalibrate`)."""
     buf = io.BytesIO()
-    np.savez(buf, refs=cal.refs, queries=cal.queries, seed=np.int64(cal.seed))
+    views = {} if cal.query_views is None else {"query_views": cal.query_views}
+    np.savez(buf, refs=cal.refs, queries=cal.queries, seed=np.int64(cal.seed), **views)
     write_bytes_atomic(coll.root / CALIBRATION_SET_FILE, buf.getvalue())
 
 
 def load_calibration_set(coll: Collection) -> CalibrationSet:
     try:
         with np.load(coll.root / CALIBRATION_SET_FILE, allow_pickle=False) as z:
-            return CalibrationSet(z["refs"].astype(np.float32), z["queries"].astype(np.float32), int(z["seed"]))
+            views = z["query_views"].astype(np.float32) if "query_views" in z.files else None
+            return CalibrationSet(z["refs"].astype(np.float32), z["queries"].astype(np.float32), int(z["seed"]), views)
     except FileNotFoundError:
         raise CollectionError(
             f"{coll.root} keeps no calibration descriptors; calibrate it from training images "
@@ -143,14 +169,32 @@ def load_calibration_set(coll: Collection) -> CalibrationSet:
         ) from None
 
 
+def calibrate_modes(coll: Collection, cal: CalibrationSet, target: CopyTarget) -> Threshold:
+    """Calibrate the single-view threshold and, when ``cal`` has dihedral views, the dihedral one,
+    both for ``target``; returns the single-view one. A dihedral calibration that fails
+    (:class:`CalibrationError`) is logged and leaves no dihedral threshold: never a wrong one."""
+    thr = coll.calibrate(calibration_scores(coll, cal), replace(target, query_mode=QueryMode.SINGLE.value), cal.method)
+    if cal.query_views is not None:
+        try:
+            coll.calibrate(calibration_scores(coll, cal, QueryMode.DIHEDRAL),
+                           replace(target, query_mode=QueryMode.DIHEDRAL.value), cal.method + "; 8 D4 views per query")
+        except CalibrationError as exc:
+            logger.warning("dihedral copy threshold not calibrated: %s", exc)
+    return thr
+
+
 def recalibrate(coll: Collection, target: CopyTarget = CopyTarget()) -> Threshold:
     """Recalibrate ``coll`` against its index as it is now, from the stored calibration descriptors:
     the non-matching calibration queries meet every image added since (more references, more
-    chances of a high-scoring wrong match: the false-positive rate of a fixed threshold grows)."""
+    chances of a high-scoring wrong match: the false-positive rate of a fixed threshold grows).
+    The dihedral threshold too, when the stored descriptors have its views (otherwise a warning)."""
     cal = load_calibration_set(coll)
     if cal.refs.shape[1] != coll.config.dim:
         raise CollectionError(f"stored calibration descriptors are {cal.refs.shape[1]}-d, the collection {coll.config.dim}-d")
-    return coll.calibrate(calibration_scores(coll, cal), target, cal.method)
+    if cal.query_views is None:
+        logger.warning("the stored calibration descriptors have no dihedral views: no dihedral copy threshold "
+                       "(calibrate from images: activeindex calibrate %s --images DIR)", coll.root)
+    return calibrate_modes(coll, cal, target)
 
 
 def load_images(paths: Sequence[Path]) -> tuple[list[Image.Image], list[tuple[Path, str]]]:
@@ -172,10 +216,13 @@ def calibrate_from_images(
     seed: int = 0,
     max_images: int = MAX_CALIBRATION_IMAGES,
     progress: Callable[[int], None] | None = None,
+    dihedral: bool = True,
 ) -> Threshold:
     """Calibrate ``coll``'s copy threshold for ``target`` from training images ``paths``
     (images that are not in the collection; those of the normalisation background are left out,
-    and at most ``max_images`` are used). Stores the threshold and the calibration scores."""
+    and at most ``max_images`` are used). Stores the threshold and the calibration scores.
+    ``dihedral``: the dihedral query mode's threshold too (each calibration copy described under
+    its 8 rotations/flips: 8 times the descriptions); returns the single-view threshold."""
     images, failed = load_images([Path(p) for p in paths])
     for p, reason in failed:
         logger.warning("calibration: skipped %s: %s", p, reason)
@@ -189,8 +236,8 @@ def calibrate_from_images(
                            int((~fresh).sum()), len(images))
             images = [im for im, ok in zip(images, fresh) if ok]
     images = images[:max_images]
-    cal = calibration_set(coll.extractor, images, seed=seed, progress=progress)
-    thr = coll.calibrate(calibration_scores(coll, cal), target, cal.method)
+    cal = calibration_set(coll.extractor, images, seed=seed, progress=progress, dihedral=dihedral)
+    thr = calibrate_modes(coll, cal, target)
     save_calibration_set(coll, cal)
     return thr
 
@@ -207,6 +254,7 @@ def create_collection(
     normalization: Normalization | None = Normalization(),
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    dihedral: bool = True,
 ) -> tuple[Collection, Threshold | None]:
     """Create a collection from training images: train the index on the descriptors of one part of
     them, which is also the normalisation background, and calibrate the copy threshold on the rest
@@ -229,7 +277,7 @@ def create_collection(
         background=result.features[bg] if normalization is not None else None, normalization=normalization,
     )
     try:
-        thr = calibrate_from_images(coll, [result.paths[i] for i in cal], target, seed=seed)
+        thr = calibrate_from_images(coll, [result.paths[i] for i in cal], target, seed=seed, dihedral=dihedral)
     except CalibrationError as exc:
         logger.warning("copy threshold not calibrated: %s", exc)
         thr = None

@@ -78,6 +78,10 @@ TargetFprOpt = Annotated[Optional[float], typer.Option(
 TargetPrecisionOpt = Annotated[Optional[float], typer.Option(
     "--target-precision", min=0.01, max=0.999,
     help="instead of --target-fpr: the share of flags that are copies, for the mix given by --prior")]
+CalibrateDihedralOpt = Annotated[bool, typer.Option(
+    "--dihedral/--no-dihedral",
+    help="calibrate the threshold of dihedral queries (query --dihedral) too: each calibration copy is "
+         "described under its 8 rotations/flips (8x the calibration's model work)")]
 PriorOpt = Annotated[Optional[float], typer.Option(
     "--prior", min=1e-9,
     help="copies per non-copy among your queries (0.01: 1 query in 101 is a copy): states the precision "
@@ -244,6 +248,7 @@ def create(
     target_precision: TargetPrecisionOpt = None,
     prior: PriorOpt = None,
     normalize: Annotated[bool, typer.Option(help="normalise scores against a background of training images")] = True,
+    dihedral: CalibrateDihedralOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a collection: train the index on descriptors of training images, keep part of them as
@@ -270,7 +275,7 @@ def create(
         with _progress(len(paths), "train descriptors") as update:
             coll, thr = create_collection(collection, extractor, index, paths, metric=metric, nprobe=nprobe,
                                           target=target, normalization=Normalization() if normalize else None,
-                                          progress=update)
+                                          progress=update, dihedral=dihedral)
         source = f"{len(paths)} images"
     with coll:
         if as_json:
@@ -288,6 +293,7 @@ def _print_threshold(coll: Collection) -> None:
     from activeindex.scoring import describe_threshold
 
     _err(f"copy threshold: {describe_threshold(info)}")
+    _err(f"dihedral queries: {coll.copy_decision('dihedral')}")
 
 
 @app.command()
@@ -297,10 +303,13 @@ def calibrate(
     target_fpr: TargetFprOpt = None,
     target_precision: TargetPrecisionOpt = None,
     prior: PriorOpt = None,
+    dihedral: CalibrateDihedralOpt = True,
 ) -> None:
     """Set the copy threshold for a false-positive rate (or a precision at a prior), from new
     images, or from the calibration descriptors the collection keeps, searched against the index
-    as it is now (do this after adding many images: the false-positive rate grows with them)."""
+    as it is now (do this after adding many images: the false-positive rate grows with them).
+    The threshold of dihedral queries is calibrated beside it, for the same target (from images;
+    without them, when the stored descriptors include the 8 views of each query)."""
     from activeindex.calibration import CALIBRATION_SET_FILE, calibrate_from_images, recalibrate
     from activeindex.collection import Collection
 
@@ -310,7 +319,7 @@ def calibrate(
         if images:
             paths = _expand(images)
             with _progress(len(paths), "calibrate") as update:
-                calibrate_from_images(coll, paths, target, progress=update)
+                calibrate_from_images(coll, paths, target, progress=update, dihedral=dihedral)
         elif (coll.root / CALIBRATION_SET_FILE).exists():
             recalibrate(coll, target)
         else:  # a collection calibrated before descriptors were kept: its stored scores
@@ -403,14 +412,16 @@ def add(
         _warn_stale_threshold(coll)
 
 
-def _warn_stale_threshold(coll: Collection) -> None:
+def _warn_stale_threshold(coll: Collection, mode: str = "single") -> None:
     """The false-positive rate of a fixed threshold grows with the index: say when to recalibrate."""
     from activeindex.scoring import threshold_is_stale
 
-    if threshold_is_stale(coll.config.threshold_info, coll.count()):
-        _err(f"note: the copy threshold was calibrated with {coll.config.threshold_info['n_indexed']} images in "
-             f"the index, it now holds {coll.count()}: it flags more unrelated images than it says; run: "
-             f"activeindex calibrate {coll.root}")
+    info = coll.threshold_info(mode)
+    if threshold_is_stale(info, coll.count()):
+        assert info is not None
+        what = "the dihedral copy threshold" if mode == "dihedral" else "the copy threshold"
+        _err(f"note: {what} was calibrated with {info['n_indexed']} images in the index, it now holds "
+             f"{coll.count()}: it flags more unrelated images than it says; run: activeindex calibrate {coll.root}")
 
 
 @app.command()
@@ -421,21 +432,30 @@ def query(
     as_json: JsonOpt = False,
     mmap: Annotated[bool, typer.Option(
         "--mmap", help="memory-map the index read-only (shared by processes, loaded on demand)")] = False,
+    dihedral: Annotated[bool, typer.Option(
+        "--dihedral", help="also search each query's rotations by 90/180/270 degrees and their mirror images "
+                           "(8 views, 8x the model's work) and keep each match's best; copies are flagged at "
+                           "the collection's dihedral threshold")] = False,
 ) -> None:
     """Find the nearest stored images of each query image. An unreadable image is reported (with
     --json: an entry with its "error"); when no query image could be read, the exit code is 2."""
     from activeindex.collection import Collection
 
+    mode = "dihedral" if dihedral else "single"
     with Collection.open(collection, mmap=mmap) as coll:
         _warn_untrained(coll.extractor)
+        if dihedral and coll.threshold(mode) is None:
+            _err(f"note: {coll.copy_decision(mode)}")
+        elif dihedral:
+            _warn_stale_threshold(coll, mode)
         paths = _expand(images)
         with _progress(len(paths), "query") as update:
-            results, failures = coll.query_images(paths, k=k, progress=update)
-        decision = coll.copy_decision()  # it counts the images: while the database is open
+            results, failures = coll.query_images(paths, k=k, progress=update, mode=mode)
+        decision = coll.copy_decision(mode)
     _report_failures(failures)
     if as_json:
-        out = [{"query": storable_text(r.query), "matches": [m.__dict__ for m in r.matches], "copy_decision": decision}
-               for r in results]
+        out = [{"query": storable_text(r.query), "query_mode": mode, "matches": [m.__dict__ for m in r.matches],
+                "copy_decision": decision} for r in results]
         out += [{"query": storable_text(str(f.path)), "error": f.reason, "matches": []} for f in failures]
         order = {str(p): i for i, p in enumerate(paths)}
         out.sort(key=lambda entry: order.get(entry["query"], len(order)))  # as the inputs came
@@ -498,6 +518,7 @@ def info(
     typer.echo("scores       " + ("raw similarities" if norm is None else
                f"normalised: s - {norm['beta']:g} x mean top-{norm['n']} of {norm['background']} background images"))
     typer.echo(f"copy decision {data['copy_decision']}")
+    typer.echo(f"dihedral     {data['dihedral_copy_decision']}")
 
 
 @app.command()
@@ -601,6 +622,10 @@ def evaluate(
     n_test: Annotated[Optional[int], typer.Option(help="images under test (synthetic default 200; DISC21: cap)", min=1)] = None,
     n_nonmatch: Annotated[Optional[int], typer.Option(help="non-matching queries (synthetic default 200; DISC21: cap)", min=1)] = None,
     seed: Annotated[int, typer.Option(help="seed of the edits, splits and synthetic images")] = 0,
+    dihedral: Annotated[bool, typer.Option(
+        "--dihedral", help="also evaluate dihedral queries (each query under its 8 rotations/flips, each reference's "
+                           "best score, judged at its own calibrated threshold) beside single ones; 8x the "
+                           "queries' model work")] = False,
 ) -> None:
     """The paper's experiment: passive vs activated images, retrieval under the 14 edits and copy
     detection, for one or more indexes. Writes retr_df.csv, icd_df.csv, ISC-format predictions,
@@ -608,14 +633,15 @@ def evaluate(
     from activeindex.evaluation import (
         EvalSettings, Method, check_settings, disc21_source, evaluate_and_report, synthetic_source,
     )
-    from activeindex.evaluation.outputs import format_edit_table, format_table
+    from activeindex.evaluation.outputs import format_dihedral_table, format_edit_table, format_table
 
     try:
         chosen = tuple(Method(m.strip()) for m in methods.split(",") if m.strip())
     except ValueError:
         raise ActiveIndexError(f"--methods takes a comma-separated list of {', '.join(m.value for m in Method)}; got {methods!r}") from None
     settings = EvalSettings(factories=tuple(index or ["IVF256,PQ8x8"]), methods=chosen, nprobe=nprobe, psnr=psnr,
-                            iterations=iterations, views=views, target=target, target_fpr=target_fpr, seed=seed)
+                            iterations=iterations, views=views, target=target, target_fpr=target_fpr, seed=seed,
+                            dihedral=dihedral)
     extractor = _build_extractor(model, input_size, resize, Precision.AUTO, runtime)
     check_settings(settings, extractor)  # every factory string and option, before any image is made
     if disc21 is not None:
@@ -634,6 +660,9 @@ def evaluate(
     typer.echo(format_table(summary))
     typer.echo("")
     typer.echo(format_edit_table(summary))
+    if dihedral:
+        typer.echo("")
+        typer.echo(format_dihedral_table(summary))
     _err(f"report: {paths['report']}\nsummary: {paths['summary']}; per-copy rows: {paths['retr_df']}, {paths['icd_df']}")
 
 

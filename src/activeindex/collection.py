@@ -9,6 +9,8 @@ Layout of the folder::
     background.npy    descriptors of training images that score normalisation compares queries to
     calibration.npz   the calibration queries' top-1 scores, to re-derive the threshold for another
                       target without images (see :mod:`activeindex.scoring`)
+    calibration_dihedral.npz  the same for dihedral queries (8 rotations/flips per query,
+                      :mod:`activeindex.dihedral`), whose threshold is stored apart
 
 Crash safety. Adding is a three-step protocol: (1) rows are inserted with status ``pending``, which
 reserves their ids (``AUTOINCREMENT`` never reuses an id, even after a rollback or a delete);
@@ -53,6 +55,7 @@ import faiss
 import numpy as np
 
 from activeindex import index as ix
+from activeindex.dihedral import N_VIEWS, merge_views
 from activeindex.atomic import remove_stale_temps, write_bytes_atomic, write_text_atomic
 from activeindex.errors import CollectionError
 from activeindex.extractors import Extractor, create_extractor
@@ -63,7 +66,7 @@ from activeindex.scoring import (
     CalibrationScores,
     CopyTarget,
     Normalization,
-    SINGLE_VIEW,
+    QueryMode,
     Threshold,
     calibrate,
     describe_threshold,
@@ -78,6 +81,7 @@ DB_FILE = "meta.sqlite"
 LOCK_FILE = ".lock"
 BACKGROUND_FILE = "background.npy"
 CALIBRATION_FILE = "calibration.npz"
+CALIBRATION_FILES = {QueryMode.SINGLE: CALIBRATION_FILE, QueryMode.DIHEDRAL: "calibration_dihedral.npz"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -191,6 +195,9 @@ class CollectionConfig:
     # Threshold.to_dict(): the target (false-positive rate or precision at a prior), the FPR, its
     # bound and the recall measured on calibration, the query counts, how they were drawn, in words.
     threshold_info: dict[str, Any] | None = None
+    # The same for dihedral queries (8 views each, activeindex.dihedral), calibrated apart: the best
+    # of 8 views scores higher on unrelated images too. None: made or calibrated without it.
+    dihedral_threshold_info: dict[str, Any] | None = None
     normalization: dict[str, Any] | None = None  # Normalization.to_dict(); None: raw similarities
     uuid: str | None = None  # the collection's id, also in the database; None: made before ids existed
 
@@ -867,29 +874,77 @@ class Collection:
             out.update((int(i), n) for i, n in rows)
         return out
 
-    def search_arrays(self, xq: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search_arrays(self, xq: np.ndarray, k: int = 10, mode: QueryMode | str = QueryMode.SINGLE,
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """k-NN of query descriptors (nq, d) → (scores, ids, raw similarities), each (nq, k).
 
         Scores are the raw similarities normalised against the background (when the collection has
         one), the numbers copy decisions are made on. Ids are -1 where fewer than k were found;
         ids of images not (or no longer) ``indexed`` may appear: :meth:`search` filters them.
+
+        ``mode="dihedral"``: ``xq`` is (nq * 8, d), the 8 views of each query, query-major
+        (:func:`activeindex.dihedral.dihedral_views`); all are searched in one call, each view's
+        scores normalised as a query's, and each reference keeps its best view (score -inf where
+        fewer than k were found; ``raw`` is that best view's similarity).
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        mode = QueryMode(mode)
         xq = ix.as_float32_matrix(xq, self.config.dim, "query descriptors")
+        if mode is QueryMode.DIHEDRAL and len(xq) % N_VIEWS:
+            raise ValueError(f"dihedral queries come as {N_VIEWS} views each; got {len(xq)} descriptors")
         raw, I = ix.search(self.index, xq, k, self.metric)
         S = raw if self.background is None else self.background.normalize(raw, xq)
+        if mode is QueryMode.DIHEDRAL:
+            S, I, raw = merge_views(S, I, k, raw=raw)
         return S, I, raw
 
-    def search(self, xq: np.ndarray, k: int = 10) -> list[list[Match]]:
+    def threshold_info(self, mode: QueryMode | str = QueryMode.SINGLE) -> dict[str, Any] | None:
+        """The calibrated copy threshold of query ``mode`` (:meth:`Threshold.to_dict`), or None."""
+        if QueryMode(mode) is QueryMode.DIHEDRAL:
+            return self.config.dihedral_threshold_info
+        return self.config.threshold_info
+
+    def threshold(self, mode: QueryMode | str = QueryMode.SINGLE) -> float | None:
+        """The score at and above which a best match of a ``mode`` query is a copy; None: not calibrated."""
+        if QueryMode(mode) is QueryMode.SINGLE:
+            return self.config.threshold
+        info = self.config.dihedral_threshold_info
+        return None if info is None else float(info["threshold"])
+
+    def copy_decision(self, mode: QueryMode | str = QueryMode.SINGLE) -> str:
+        """What a ``mode`` query's copy flag means, in words, and whether the calibration is stale;
+        for a collection without a dihedral threshold, that dihedral matches carry no verdict and
+        the command that calibrates one."""
+        fix = f"activeindex calibrate {self.root}"
+        if QueryMode(mode) is QueryMode.DIHEDRAL and not self.calibration_has_views():
+            fix += " --images TRAINING_IMAGES (its stored calibration descriptors have no dihedral views)"
+        return describe_threshold(self.threshold_info(mode), mode, fix, indexed_now=self.count())
+
+    def calibration_has_views(self) -> bool:
+        """Whether the stored calibration descriptors include the 8 views of each query (then
+        ``activeindex calibrate`` recalibrates the dihedral threshold without images)."""
+        from activeindex.calibration import CALIBRATION_SET_FILE  # calibration imports this module
+
+        try:
+            with np.load(self.root / CALIBRATION_SET_FILE, allow_pickle=False) as z:
+                return "query_views" in z.files
+        except (OSError, ValueError):
+            return False
+
+    def search(self, xq: np.ndarray, k: int = 10, mode: QueryMode | str = QueryMode.SINGLE) -> list[list[Match]]:
         """k nearest stored images per query descriptor (nq, d), with scores and copy decisions.
         Any ``k`` >= 1 is accepted: there are never more matches than stored vectors, so no more
-        room is allocated (``k=10**11`` must not try to allocate terabytes)."""
+        room is allocated (``k=10**11`` must not try to allocate terabytes).
+
+        ``mode="dihedral"``: ``xq`` holds 8 views per query (see :meth:`search_arrays`), the copy
+        decision uses the dihedral threshold, and ``copy`` is None where there is none (never the
+        single-view threshold: it would flag more unrelated images than it says)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        S, I, _ = self.search_arrays(xq, min(int(k), max(1, int(self.index.ntotal))))
+        S, I, _ = self.search_arrays(xq, min(int(k), max(1, int(self.index.ntotal))), mode)
         names = self.names(np.unique(I[I >= 0]).tolist())
-        thr = self.config.threshold
+        thr = self.threshold(mode)
         return [
             [
                 Match(i, names[i], s, None if thr is None else s >= thr)
@@ -900,37 +955,52 @@ class Collection:
         ]
 
     def query_images(
-        self, paths: Sequence[str | os.PathLike[str]], k: int = 10, progress: Callable[[int], None] | None = None
+        self, paths: Sequence[str | os.PathLike[str]], k: int = 10, progress: Callable[[int], None] | None = None,
+        mode: QueryMode | str = QueryMode.SINGLE,
     ) -> tuple[list[QueryResult], list[Failure]]:
-        result = extract_paths(paths, self.extractor, progress=progress)
-        matches = self.search(result.features, k) if len(result.paths) else []
+        """Describe and search image files; ``mode="dihedral"`` describes each under its 8
+        rotations/flips (in one batch) and keeps each reference's best view."""
+        mode = QueryMode(mode)
+        if mode is QueryMode.DIHEDRAL:
+            from activeindex.dihedral import dihedral_views
+
+            # 4 files a batch: the model sees 32 inputs, as it does for 32 single queries.
+            result = extract_paths(paths, self.extractor, progress=progress, views=dihedral_views,
+                                   batch_size=max(1, 32 // N_VIEWS))
+        else:
+            result = extract_paths(paths, self.extractor, progress=progress)
+        matches = self.search(result.features, k, mode) if len(result.paths) else []
         return [QueryResult(str(p), m) for p, m in zip(result.paths, matches)], result.failures
 
     # -- copy decisions ------------------------------------------------------------------------
     def calibrate(
         self, scores: CalibrationScores | None = None, target: CopyTarget = CopyTarget(), method: str = ""
     ) -> Threshold:
-        """Set the copy threshold for ``target`` from calibration ``scores`` (stored for later),
-        or, without ``scores``, from the ones stored by an earlier calibration. Only the
-        single-view query mode exists: a mode with several views per query would keep its own
-        scores file and threshold, calibrated the same way."""
-        if target.query_mode != SINGLE_VIEW:
-            raise CollectionError(f"query mode {target.query_mode!r} has no calibration yet (only {SINGLE_VIEW!r})")
+        """Set the copy threshold of ``target.query_mode`` for ``target`` from calibration
+        ``scores`` (stored for later), or, without ``scores``, from the ones stored by an earlier
+        calibration. Each query mode keeps its own scores file and threshold: the dihedral one is
+        calibrated the same way, on calibration queries described under their 8 views."""
+        mode = QueryMode(target.query_mode)
+        path = self.root / CALIBRATION_FILES[mode]
         with self._write_lock():
             if scores is None:
                 try:
-                    scores = CalibrationScores.from_bytes((self.root / CALIBRATION_FILE).read_bytes())
+                    scores = CalibrationScores.from_bytes(path.read_bytes())
                 except FileNotFoundError:
                     raise CollectionError(
-                        f"{self.root} has no calibration queries yet; calibrate it from training images "
-                        "(activeindex calibrate COLLECTION --images DIR)"
+                        f"{self.root} has no calibration queries yet"
+                        + (" for dihedral queries" if mode is QueryMode.DIHEDRAL else "")
+                        + "; calibrate it from training images (activeindex calibrate COLLECTION --images DIR)"
                     ) from None
-                method = method or (self.config.threshold_info or {}).get("method", "")
+                method = method or (self.threshold_info(mode) or {}).get("method", "")
             thr = calibrate(scores, target, method)
             thr = dataclasses.replace(thr, n_indexed=self.count())
-            thr = dataclasses.replace(thr, meaning=describe_threshold(thr.to_dict()))
-            write_bytes_atomic(self.root / CALIBRATION_FILE, scores.to_bytes())
-            self.config = dataclasses.replace(self.config, threshold=thr.threshold, threshold_info=thr.to_dict())
+            thr = dataclasses.replace(thr, meaning=describe_threshold(thr.to_dict(), mode))
+            write_bytes_atomic(path, scores.to_bytes())
+            if mode is QueryMode.DIHEDRAL:
+                self.config = dataclasses.replace(self.config, dihedral_threshold_info=thr.to_dict())
+            else:
+                self.config = dataclasses.replace(self.config, threshold=thr.threshold, threshold_info=thr.to_dict())
             self.config.save(self.root / CONFIG_FILE)
         return thr
 
@@ -982,11 +1052,8 @@ class Collection:
             "index_bytes": (self.root / INDEX_FILE).stat().st_size,
             **asdict(self.config),
             "copy_decision": self.copy_decision(),
+            "dihedral_copy_decision": self.copy_decision(QueryMode.DIHEDRAL),
         }
-
-    def copy_decision(self) -> str:
-        """What a match's ``copy`` flag means, in words, and whether the calibration is stale."""
-        return describe_threshold(self.config.threshold_info, indexed_now=self.count())
 
 
 def _load_index(root: Path, config: CollectionConfig, mmap: bool) -> faiss.Index:

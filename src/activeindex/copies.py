@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from activeindex.dihedral import N_VIEWS, dihedral_views
 from activeindex.edits import EditRecord, EditResult
 from activeindex.edits.registry import NamedEdit
 from activeindex.extractors import Extractor
@@ -24,10 +25,12 @@ from activeindex.features import describe_images
 
 @dataclass(frozen=True)
 class EditedCopies:
-    """Descriptors (n, d) of edited copies and what each edit applied."""
+    """Descriptors (n, d) of edited copies and what each edit applied; ``views`` (n * 8, d): each
+    copy's 8 D4 views, query-major, when described for dihedral queries (row 8 i is ``features[i]``)."""
 
     features: np.ndarray
     records: list[EditRecord]
+    views: np.ndarray | None = None
 
 
 def edit_rng(seed: int, edit_key: int, image_key: int) -> np.random.Generator:
@@ -46,26 +49,34 @@ def describe_copies(
     batch_size: int = 64,
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
+    dihedral: bool = False,
 ) -> EditedCopies:
     """Edit ``images[i]`` with ``edits[i]`` and describe the copies; ``edit_keys[i]`` and
-    ``image_keys[i]`` seed the draw (default: i for both)."""
+    ``image_keys[i]`` seed the draw (default: i for both). ``dihedral``: describe each copy under
+    its 8 rotations/flips as well (``views``; the identity view gives ``features``), 8 times the
+    model's work, ``batch_size`` model inputs a call."""
     n = len(images)
     if len(edits) != n:
         raise ValueError(f"{n} images but {len(edits)} edits")
     edit_keys = list(edit_keys) if edit_keys is not None else list(range(n))
     image_keys = list(image_keys) if image_keys is not None else list(range(n))
-    feats = np.empty((n, extractor.dim), np.float32)
+    v = N_VIEWS if dihedral else 1
+    feats = np.empty((n * v, extractor.dim), np.float32)
     records: list[EditRecord] = []
+    step = max(1, batch_size // v)
 
     def apply(i: int) -> EditResult:
         return edits[i](images[i], edit_rng(seed, edit_keys[i], image_keys[i]))
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for start in range(0, n, batch_size):
-            results = list(pool.map(apply, range(start, min(start + batch_size, n))))
-            feats[start : start + len(results)] = describe_images([r.image for r in results], extractor,
-                                                                  batch_size=batch_size)
+        for start in range(0, n, step):
+            results = list(pool.map(apply, range(start, min(start + step, n))))
+            feats[start * v : (start + len(results)) * v] = describe_images(
+                [r.image for r in results], extractor, batch_size=batch_size,
+                views=dihedral_views if dihedral else None, n_views=v)
             records.extend(r.record for r in results)
             if progress is not None:
                 progress(len(results))
+    if dihedral:
+        return EditedCopies(np.ascontiguousarray(feats[::N_VIEWS]), records, feats)
     return EditedCopies(feats, records)

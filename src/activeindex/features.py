@@ -38,6 +38,13 @@ from activeindex.images import DEFAULT_LIMITS, ImageLimits, load_image, printabl
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int], None]  # called with the number of images just processed
+# Several model inputs per image (b, S, S, 3) -> (b * v, S, S, 3), image-major, e.g.
+# activeindex.dihedral.dihedral_views: the views are described in the same model call.
+BatchViews = Callable[[np.ndarray], np.ndarray]
+
+
+def _run_model(extractor: Extractor, batch: np.ndarray, views: BatchViews | None) -> np.ndarray:
+    return extractor.features(batch if views is None else views(batch))
 
 
 @dataclass
@@ -135,6 +142,7 @@ def _iter_streams(
     extractor: Extractor,
     streams: int,
     limits: ImageLimits,
+    views: BatchViews | None = None,
 ) -> Iterator[tuple[list[Path], np.ndarray, list[Failure]]]:
     """Yield (paths, descriptors, failures) per chunk, in order, ``streams`` chunks at a time.
 
@@ -148,7 +156,7 @@ def _iter_streams(
         ok, batch, failures = _assemble(
             ((p, partial(_decode, p, extractor, limits, True)) for p in chunk), extractor
         )
-        feats = extractor.features(batch) if len(batch) else np.empty((0, extractor.dim), np.float32)
+        feats = _run_model(extractor, batch, views) if len(batch) else np.empty((0, extractor.dim), np.float32)
         return ok, feats, failures
 
     pool = ThreadPoolExecutor(
@@ -184,8 +192,13 @@ def extract_paths(
     workers: int | None = None,
     limits: ImageLimits = DEFAULT_LIMITS,
     progress: ProgressCallback | None = None,
+    views: BatchViews | None = None,
 ) -> ExtractionResult:
     """Descriptors for image files. Unreadable files land in ``failures`` with their reason.
+
+    ``views``: describe several views of each prepared image (e.g. its 8 rotations/flips) in the
+    same model call; ``features`` then has ``v`` rows per path, rows ``v i .. v i + v - 1`` for
+    ``paths[i]``, and ``batch_size`` counts paths (the model sees ``v`` times as many inputs).
 
     ``workers``: how many threads decode at once (default: torch's thread count in batch-stream
     mode, ``min(4, cpu count)`` in decode-ahead mode; see the module docstring).
@@ -197,10 +210,10 @@ def extract_paths(
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     streams = _stream_count(extractor, len(chunks), workers)
     if streams > 1:
-        results = _iter_streams(chunks, extractor, streams, limits)
+        results = _iter_streams(chunks, extractor, streams, limits, views)
     else:
         results = (
-            (batch_paths, extractor.features(batch) if len(batch) else None, batch_failures)
+            (batch_paths, _run_model(extractor, batch, views) if len(batch) else None, batch_failures)
             for batch_paths, batch, batch_failures in iter_batches(
                 paths, extractor, batch_size=batch_size, workers=workers, limits=limits
             )
@@ -256,14 +269,23 @@ def describe_images(
     *,
     batch_size: int = 64,
     progress: ProgressCallback | None = None,
+    views: BatchViews | None = None,
+    n_views: int = 1,
 ) -> np.ndarray:
     """Descriptors (n, d) float32 of decoded RGB images, described exactly as files are (the
-    extractor's own preprocessing), ``batch_size`` at a time."""
-    out = np.empty((len(images), extractor.dim), np.float32)
+    extractor's own preprocessing), ``batch_size`` at a time.
+
+    With ``views`` (``n_views`` model inputs per image, see :data:`BatchViews`): (n * n_views, d),
+    image-major, and ``batch_size`` counts model inputs (``batch_size // n_views`` images a call)."""
+    if (views is None) != (n_views == 1):
+        raise ValueError(f"views and n_views go together (got n_views={n_views})")
+    out = np.empty((len(images) * n_views, extractor.dim), np.float32)
     pre = extractor.preprocessing
-    for start in range(0, len(images), batch_size):
-        part = images[start : start + batch_size]
-        out[start : start + len(part)] = extractor.features(np.stack([pre.prepare(im) for im in part]))
+    step = max(1, batch_size // n_views)
+    for start in range(0, len(images), step):
+        part = images[start : start + step]
+        feats = _run_model(extractor, np.stack([pre.prepare(im) for im in part]), views)
+        out[start * n_views : (start + len(part)) * n_views] = feats
         if progress is not None:
             progress(len(part))
     return out

@@ -31,11 +31,12 @@ import numpy as np
 from activeindex import index as ix
 from activeindex.errors import ActiveIndexError
 from activeindex.settings import DEFAULT_FPR  # noqa: F401 re-exported (defined there: no torch/FAISS needed)
+from activeindex.settings import QueryMode
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIDENCE = 0.95  # of the upper bound on the false-positive rate that is held
-SINGLE_VIEW = "single"  # the query mode: one descriptor per query image
+SINGLE_VIEW = QueryMode.SINGLE.value  # the query mode: one descriptor per query image
 
 
 class CalibrationError(ActiveIndexError):
@@ -118,9 +119,9 @@ class CopyTarget:
     (0.01: one query in 101 is a copy). ``prior`` alone, with ``fpr``, only states the precision
     the threshold implies. ``confidence``: the FPR that is held is an upper confidence bound
     (one-sided Clopper–Pearson) on the calibration queries, not their raw rate (see
-    :func:`fpr_upper_bound`). ``query_mode`` names how queries are searched (one view now); a mode
-    that searches several views per query flags more non-matching queries and needs its own
-    calibration scores and threshold.
+    :func:`fpr_upper_bound`). ``query_mode`` names how queries are searched (``single`` or
+    ``dihedral``, :class:`QueryMode`); the dihedral mode searches 8 views per query, flags more
+    non-matching queries at a given score, and has its own calibration scores and threshold.
     """
 
     fpr: float | None = DEFAULT_FPR
@@ -130,6 +131,11 @@ class CopyTarget:
     query_mode: str = SINGLE_VIEW
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "query_mode", QueryMode(self.query_mode).value)
+        except ValueError:
+            raise CalibrationError(
+                f"unknown query mode {self.query_mode!r}; one of {', '.join(m.value for m in QueryMode)}") from None
         if (self.fpr is None) == (self.precision is None):
             raise CalibrationError("calibrate for a false-positive rate or for a precision, not both")
         if self.fpr is not None and not 0.0 < self.fpr < 1.0:
@@ -304,13 +310,34 @@ def threshold_is_stale(info: dict[str, Any] | None, indexed_now: int) -> bool:
     return calibrated_at is not None and indexed_now > STALE_FACTOR * max(calibrated_at, STALE_MIN_INDEXED)
 
 
-def describe_threshold(info: dict[str, Any] | None, indexed_now: int | None = None) -> str:
+DIHEDRAL_FIX = "activeindex calibrate COLLECTION"
+
+
+def no_dihedral_threshold(fix: str = DIHEDRAL_FIX) -> str:
+    """What a dihedral query says on a collection without a dihedral threshold (``fix``: the
+    command that calibrates one)."""
+    return ("no dihedral copy threshold: this collection was calibrated without dihedral queries (8 "
+            "rotations/flips per query), which flag more unrelated images than single ones at the same "
+            "score, so the single-view threshold does not apply: matches are ranked, not flagged as "
+            f"copies; calibrate one with: {fix}")
+
+
+def describe_threshold(info: dict[str, Any] | None, mode: QueryMode | str = QueryMode.SINGLE,
+                       fix: str = DIHEDRAL_FIX, *, indexed_now: int | None = None) -> str:
     """The copy decision in words, for ``info``, ``query --json``, the web page and the report.
 
     Takes :meth:`Threshold.to_dict` (or what ``collection.json`` stores, including the precision
-    targets of collections calibrated before false-positive rates). With ``indexed_now`` (the
+    targets of collections calibrated before false-positive rates) of the query ``mode``'s
+    threshold; ``fix`` is named when a dihedral threshold is missing. With ``indexed_now`` (the
     collection's size), a stale calibration is said first."""
+    mode = QueryMode(mode)
+    if mode is QueryMode.DIHEDRAL:
+        if info is None:
+            return no_dihedral_threshold(fix)
+        return "dihedral queries (8 rotations/flips, each reference's best): " + describe_threshold(
+            info, indexed_now=indexed_now)
     if indexed_now is not None and threshold_is_stale(info, indexed_now):
+        assert info is not None
         return (f"STALE: calibrated with {info['n_indexed']} images indexed, now {indexed_now}, so it flags "
                 f"more unrelated images than stated; recalibrate (activeindex calibrate COLLECTION). "
                 f"As calibrated: {describe_threshold(info)}")

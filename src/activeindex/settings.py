@@ -75,3 +75,11 @@ class TargetKind(str, enum.Enum):
 class FeatureLoss(str, enum.Enum):
     COSINE = "cosine"  # 1 - cos(f, t): the paper's default
     MSE = "mse"  # ||f - t||²
+
+
+class QueryMode(str, enum.Enum):
+    """How a query image is searched (see :mod:`activeindex.dihedral`). Each mode has its own copy
+    threshold: searching more views per query flags more unrelated images at a given score."""
+
+    SINGLE = "single"  # one descriptor per query image
+    DIHEDRAL = "dihedral"  # its 8 rotations/flips (the group D4), each reference's best score kept

@@ -111,3 +111,51 @@ def format_edit_table(summary: dict[str, Any]) -> str:
         label = "**mean**" if edit == "mean" else edit
         lines.append(f"| {label} | " + " | ".join(f"{r['r@1'][edit]:.2f}" for r in results) + " |")
     return "\n".join(lines)
+
+
+def format_dihedral_table(summary: dict[str, Any]) -> str:
+    """Markdown, for an evaluation run with ``dihedral``: R@1 per edit of single vs dihedral
+    queries for each (index, method), then µAP, R@P90, the false-positive rate and recall at each
+    mode's own calibrated threshold, and the cost per query of each mode. Empty without it."""
+    results = [r for r in summary["results"].values() if "dihedral" in r]
+    if not results:
+        return ""
+    cols = [f"{r['factory']} {r['method']} {mode}" for r in results for mode in ("single", "dihedral")]
+    lines = ["| edit | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+
+    def row(label: str, cell: Any) -> None:
+        lines.append(f"| {label} | " + " | ".join(cell(r, m) for r in results for m in ("single", "dihedral")) + " |")
+
+    def mode(r: dict[str, Any], m: str) -> dict[str, Any]:
+        return r if m == "single" else r["dihedral"]
+
+    for edit in results[0]["r@1"]:
+        label = "**mean R@1**" if edit == "mean" else edit
+        row(label, lambda r, m, e=edit: f"{mode(r, m)['r@1'][e]:.2f}")
+    row("mean R@10", lambda r, m: f"{mode(r, m)['r@10']['mean']:.3f}")
+    row("µAP", lambda r, m: f"{mode(r, m)['uap']:.3f}")
+    row("R@P90", lambda r, m: f"{mode(r, m)['recall_at_p90']:.3f}")
+
+    def at(r: dict[str, Any], m: str) -> str:
+        a = mode(r, m)["at_calibrated_threshold"]
+        if a["threshold"] is None or a.get("fpr") is None:
+            return "no threshold"
+        lo, hi = a["fpr_interval"]
+        return f"{a['fpr']:.3f} [{lo:.3f}, {hi:.3f}] / {a['recall']:.2f}"
+
+    def thr(r: dict[str, Any], m: str) -> str:
+        t = mode(r, m)["at_calibrated_threshold"]["threshold"]
+        return "—" if t is None else f"{t:.4f}"
+
+    row("threshold", thr)
+    row("FPR [95 %] / recall at threshold", at)
+
+    def cost(r: dict[str, Any], m: str) -> str:
+        c = r["dihedral"]["cost"]
+        if "query_s_single" not in c:
+            return "—"
+        ms = c[f"query_s_{m}"] * 1e3
+        return f"{ms:.2f} ms" + (f" (×{c['ratio']:.1f})" if m == "dihedral" else "")
+
+    row("time per query (describe + search)", cost)
+    return "\n".join(lines)

@@ -16,6 +16,11 @@ For each FAISS factory:
    non-matching image (a query without one), searched for; the pooled (query, reference, score)
    predictions give µAP, recall at precision 0.9, and precision/recall at the collection's
    calibrated threshold.
+6. with ``dihedral``: every query of 4 and 5 is also searched as a dihedral query (its 8
+   rotations/flips, each reference's best score; :mod:`activeindex.dihedral`), an extra query mode
+   beside the single one, judged at its own calibrated threshold; the same copies, described under
+   their 8 views (the identity view is the single query), and the cost of both modes per query,
+   timed in the same run.
 
 Descriptors that do not depend on the factory (training images, distractors, originals, passive
 copies, non-matching copies, calibration copies) are computed once. Each finished (factory, method)
@@ -47,10 +52,11 @@ from activeindex.activation.add import release_batch
 from activeindex.activation.optimize import ActivationConfig
 from activeindex.activation.release import decode
 from activeindex.activation.targets import TargetKind, check_target_support, effective_target
-from activeindex.calibration import CalibrationSet, calibration_scores, calibration_set, split_training
+from activeindex.calibration import CalibrationSet, calibrate_modes, calibration_set, split_training
 from activeindex.atomic import write_bytes_atomic
 from activeindex.collection import Collection
 from activeindex.copies import EditedCopies, describe_copies
+from activeindex.dihedral import N_VIEWS, dihedral_views
 from activeindex.edits import EditRecord, paper_edits
 from activeindex.edits.registry import NamedEdit
 from activeindex.errors import ActiveIndexError, ImageLoadError
@@ -61,7 +67,7 @@ from activeindex.hardware import machine_summary
 from activeindex.images import load_image
 from activeindex.evaluation.uncertainty import gain_interval, recall_intervals, uap_interval
 from activeindex.intervals import wilson_interval
-from activeindex.scoring import DEFAULT_FPR, CopyTarget, Normalization, describe_threshold
+from activeindex.scoring import DEFAULT_FPR, CopyTarget, Normalization, QueryMode, describe_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +102,7 @@ class EvalSettings:
     batch_size: int = 16  # images activated together
     seed: int = 0
     examples: int = 4  # released images kept for the report
+    dihedral: bool = False  # also evaluate dihedral queries (8 rotations/flips each), an extra query mode
 
     def __post_init__(self) -> None:
         # Checked here, when the settings are made, so that a bad value fails before any work
@@ -160,6 +167,8 @@ class Shared:
     nonmatch_names: list[str]
     nonmatch_records: list[EditRecord]
     passive_copies: dict[str, EditedCopies] | None = None  # the same for every factory: made once
+    nonmatch_views: np.ndarray | None = None  # (n * 8, d) with settings.dihedral
+    query_cost: dict[str, Any] | None = None  # seconds per query described, single vs dihedral
 
 
 @contextmanager
@@ -208,7 +217,7 @@ def prepare_shared(data: EvalData, ex: Extractor, settings: EvalSettings, log: C
     bg, cal_idx = split_training(len(train_paths), settings.seed)
     cal_images, _ = _load([train_paths[i] for i in cal_idx], "calibration images", notes)
     with stage("calibration copies", len(cal_images)) as update:
-        cal = calibration_set(ex, cal_images, seed=settings.seed, progress=update)
+        cal = calibration_set(ex, cal_images, seed=settings.seed, progress=update, dihedral=settings.dihedral)
     _say(log, f"   {len(xt)} training descriptors: {len(bg)} background, {len(cal_idx)} calibration images")
     x_d, d_paths = _describe_files(data.distractors, ex, "distractors", notes)
     test_images, test_paths = _load(data.under_test, "images under test", notes)
@@ -217,13 +226,34 @@ def prepare_shared(data: EvalData, ex: Extractor, settings: EvalSettings, log: C
     nonmatch, nonmatch_paths = _load(data.nonmatching, "non-matching queries", notes)
     with stage("non-matching copies", len(nonmatch)) as update:
         copies = describe_copies(nonmatch, [AUTO] * len(nonmatch), ex, seed=settings.seed + 1,
-                                    edit_keys=[ICD_EDIT_KEY] * len(nonmatch), progress=update)
+                                    edit_keys=[ICD_EDIT_KEY] * len(nonmatch), progress=update,
+                                    dihedral=settings.dihedral)
+    cost = description_cost(nonmatch[:COST_PROBE_IMAGES], ex) if settings.dihedral and nonmatch else None
     return Shared(
         xt=xt, bg=xt[bg], cal=cal, x_distractors=x_d, distractor_names=[p.stem for p in d_paths],
         originals=[np.asarray(im) for im in test_images], test_names=[p.stem for p in test_paths], x_originals=x_o,
         nonmatch_copies=copies.features, nonmatch_names=[p.stem for p in nonmatch_paths],
-        nonmatch_records=copies.records,
+        nonmatch_records=copies.records, nonmatch_views=copies.views, query_cost=cost,
     )
+
+
+COST_PROBE_IMAGES = 64  # non-matching images described both ways to time the dihedral mode
+
+
+def description_cost(images: Sequence[Image.Image], ex: Extractor, batch_size: int = 32,
+                     rounds: int = 3) -> dict[str, Any]:
+    """Seconds per query image to prepare and describe it once and under its 8 views, the model
+    seeing ``batch_size`` inputs a call in both modes. The two modes alternate for ``rounds``
+    rounds and each keeps its fastest: on a shared machine the load changes over seconds, and
+    alternating exposes both modes to it alike (the first round also warms caches)."""
+    best = {"single": float("inf"), "dihedral": float("inf")}
+    for _ in range(rounds):
+        for mode, kw in (("single", {}), ("dihedral", {"views": dihedral_views, "n_views": N_VIEWS})):
+            t0 = time.perf_counter()
+            describe_images(images, ex, batch_size=batch_size, **kw)
+            best[mode] = min(best[mode], time.perf_counter() - t0)
+    single, dihedral = best["single"] / len(images), best["dihedral"] / len(images)
+    return {"images": len(images), "describe_s_single": single, "describe_s_dihedral": dihedral}
 
 
 def build_collection(root: Path, factory: str, ex: Extractor, shared: Shared, settings: EvalSettings) -> tuple[Collection, list[int]]:
@@ -240,8 +270,8 @@ def build_collection(root: Path, factory: str, ex: Extractor, shared: Shared, se
     ids = coll.add_vectors(shared.x_originals, shared.test_names, [f"test:{n}" for n in shared.test_names])
     # Calibrated on the filled index, as `activeindex calibrate` does after adding: non-matching
     # calibration queries then meet the neighbours real queries meet.
-    try:
-        coll.calibrate(calibration_scores(coll, shared.cal), CopyTarget(fpr=settings.target_fpr), shared.cal.method)
+    try:  # both query modes' thresholds when the calibration copies have their 8 views
+        calibrate_modes(coll, shared.cal, CopyTarget(fpr=settings.target_fpr))
     except ActiveIndexError as exc:
         logger.warning("%s: copy threshold not calibrated: %s", factory, exc)
     return coll, ids
@@ -285,9 +315,10 @@ def _copies(released: list[np.ndarray], ex: Extractor, settings: EvalSettings, d
     edits = list(paper_edits().items())
     with stage(f"copies ({desc})", n * (len(edits) + 1)) as update:
         for e, (name, edit) in enumerate(edits):
-            out[name] = describe_copies(images, [edit] * n, ex, seed=settings.seed, edit_keys=[e] * n, progress=update)
+            out[name] = describe_copies(images, [edit] * n, ex, seed=settings.seed, edit_keys=[e] * n, progress=update,
+                                        dihedral=settings.dihedral)
         out["icd"] = describe_copies(images, [AUTO] * n, ex, seed=settings.seed, edit_keys=[ICD_EDIT_KEY] * n,
-                                     progress=update)
+                                     progress=update, dihedral=settings.dihedral)
     return out
 
 
@@ -366,17 +397,91 @@ def evaluate_run(coll: Collection, ids: list[int], copies: dict[str, EditedCopie
             "uap_raw": uap_interval(raw_preds, gt, qnames, seed=settings.seed),
         },
     }
+    if settings.dihedral:
+        run.summary["dihedral"] = evaluate_dihedral(coll, ids, copies, shared, settings, run)
     return run
 
 
-def at_threshold(coll: Collection, run: RunResult, n_matching: int) -> dict[str, Any]:
+def _search_seconds(coll: Collection, xq: np.ndarray, k: int, mode: QueryMode) -> tuple[tuple[np.ndarray, ...], float]:
+    t0 = time.perf_counter()
+    out = coll.search_arrays(xq, k, mode)
+    return out, time.perf_counter() - t0
+
+
+def evaluate_dihedral(coll: Collection, ids: list[int], copies: dict[str, EditedCopies], shared: Shared,
+                      settings: EvalSettings, single: RunResult) -> dict[str, Any]:
+    """The dihedral query mode on the same copies as ``single`` (the single-mode run): R@1 and R@10
+    per edit with intervals, µAP and the copy decision at the dihedral threshold, and the cost per
+    query of both modes (description timed in :func:`description_cost`, search here)."""
+    ids_arr = np.asarray(ids)
+    r1: dict[str, float] = {}
+    r10: dict[str, float] = {}
+    ranks = []
+    t_single = t_dihedral = 0.0
+    n_searched = 0
+    for name in paper_edits():
+        c = copies[name]
+        assert c.views is not None, "dihedral evaluation needs copies described with their views"
+        (_, I, _), t = _search_seconds(coll, c.views, settings.k, QueryMode.DIHEDRAL)
+        t_dihedral += t
+        t_single += _search_seconds(coll, c.features, settings.k, QueryMode.SINGLE)[1]
+        n_searched += len(c.features)
+        hit = I == ids_arr[:, None]
+        rank = np.where(hit.any(axis=1), hit.argmax(axis=1), settings.k)
+        ranks.append(rank)
+        r1[name] = float((rank < 1).mean())
+        r10[name] = float((rank < 10).mean())
+    r1["mean"] = float(np.mean(list(r1.values())))
+    r10["mean"] = float(np.mean(list(r10.values())))
+    ranks_arr = np.stack(ranks)
+    assert copies["icd"].views is not None and shared.nonmatch_views is not None
+    xq = np.concatenate([copies["icd"].views, shared.nonmatch_views])
+    S, I, _ = coll.search_arrays(xq, settings.k_icd, QueryMode.DIHEDRAL)
+    names = coll.names(np.unique(I[I >= 0]).tolist())
+    preds = [(qn, names[int(i)], float(s)) for qi, qn in enumerate(single.queries)
+             for s, i in zip(S[qi], I[qi]) if i >= 0]
+    run = RunResult(single.factory, single.method, predictions=preds, ground_truth=single.ground_truth,
+                    queries=single.queries)
+    m = metrics.evaluate(_as_triples(preds), single.ground_truth)
+    cost = dict(shared.query_cost or {})
+    cost.update(search_s_single=t_single / max(1, n_searched), search_s_dihedral=t_dihedral / max(1, n_searched))
+    if "describe_s_single" in cost:
+        total_single = cost["describe_s_single"] + cost["search_s_single"]
+        total_dihedral = cost["describe_s_dihedral"] + cost["search_s_dihedral"]
+        cost.update(query_s_single=total_single, query_s_dihedral=total_dihedral, ratio=total_dihedral / total_single)
+    out = {
+        "r@1": r1, "r@10": r10,
+        "gain_r@1": {e: r1[e] - single.summary["r@1"][e] for e in r1},
+        "gain_over_single": {f"r@{k}": {
+            "gain": (r1 if k == 1 else r10)["mean"] - single.summary[f"r@{k}"]["mean"],
+            "interval": gain_interval(ranks_arr, single.ranks, k, seed=settings.seed)} for k in (1, 10)},
+        "uap": m.uap, "recall_at_p90": m.recall_at_p90,
+        "at_calibrated_threshold": at_threshold(coll, run, len(ids), QueryMode.DIHEDRAL),
+        "intervals": {
+            "r@1": dict(zip([*paper_edits(), "mean"], recall_intervals(ranks_arr, 1, seed=settings.seed).values())),
+            "r@10": dict(zip([*paper_edits(), "mean"], recall_intervals(ranks_arr, 10, seed=settings.seed).values())),
+        },
+        "cost": cost,
+    }
+    # What reusing the single-view threshold would do: the share of non-matching dihedral queries
+    # whose best score reaches it (the reason the dihedral mode has a threshold of its own).
+    thr1 = coll.threshold(QueryMode.SINGLE)
+    best_non = S[len(ids):, 0]
+    out["nonmatching_flagged_at_single_threshold"] = (
+        None if thr1 is None or not len(best_non) else float((best_non >= thr1).mean()))
+    return out
+
+
+def at_threshold(coll: Collection, run: RunResult, n_matching: int,
+                 mode: QueryMode = QueryMode.SINGLE) -> dict[str, Any]:
     """The collection's copy decision on this run's copy-detection queries: a query is flagged when
     its best score is >= the threshold; ``fpr`` is the share of non-matching queries flagged,
     ``recall`` the share of matching ones flagged with their original, ``precision`` the share of
     flagged (query, reference) pairs that are right at this evaluation's mix."""
-    thr = coll.config.threshold
+    thr = coll.threshold(mode)
     out: dict[str, Any] = {"threshold": thr, "precision": None, "recall": None, "fpr": None, "fpr_interval": None,
-                           "recall_interval": None, "copy_decision": describe_threshold(coll.config.threshold_info)}
+                           "recall_interval": None,
+                           "copy_decision": describe_threshold(coll.threshold_info(mode), mode)}
     if thr is None:
         return out
     gts = set(run.ground_truth)
@@ -432,6 +537,8 @@ def run_evaluation(
         assert shared is not None
         coll, ids = build_collection(out / "collections" / factory_slug(factory), factory, ex, shared, settings)
         factories[factory] = {"threshold": coll.config.threshold_info, "index_bytes": (coll.root / "index.faiss").stat().st_size}
+        if settings.dihedral:
+            factories[factory]["dihedral_threshold"] = coll.config.dihedral_threshold_info
         with coll:
             for method in settings.methods:
                 if done[(factory, method)] is not None:
@@ -453,6 +560,10 @@ def run_evaluation(
                 s = run.summary
                 _say(log, f"   {factory:24s} {method.value:8s} mean R@1 {s['r@1']['mean']:.3f}  µAP {s['uap']:.3f}  "
                           f"R@P90 {s['recall_at_p90']:.3f}" + (f"  PSNR {stats['psnr_mean']:.2f} dB" if stats else ""))
+                if "dihedral" in s:
+                    d = s["dihedral"]
+                    _say(log, f"   {'':24s} {'dihedral':8s} mean R@1 {d['r@1']['mean']:.3f}  µAP {d['uap']:.3f}  "
+                              f"R@P90 {d['recall_at_p90']:.3f}")
     add_gains(results, settings.seed)
     summary = {
         "source": data.name, "counts": data.counts(), "notes": data.notes, "model": ex.spec_string,
@@ -487,6 +598,8 @@ def run_key(data: EvalData, ex: Extractor, settings: EvalSettings) -> str:
     d = settings.to_dict()
     for k in ("factories", "methods", "examples"):
         d.pop(k)
+    if not d["dihedral"]:
+        d.pop("dihedral")  # runs checkpointed before the dihedral mode existed stay valid
     sets = {k: [str(p) for p in getattr(data, k)] for k in ("train", "distractors", "under_test", "nonmatching")}
     blob = json.dumps({"settings": d, "sets": sets, "model": ex.digest, "version": CHECKPOINT_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -161,16 +161,24 @@ def create_app(
 
     # -- search --------------------------------------------------------------------------------
     @app.post("/api/query", response_model=QueryOut, tags=["search"], openapi_extra=IMAGE_BODY)
-    async def query(request: Request, k: Annotated[int, Query(ge=1, le=limits.max_k)] = 10) -> Any:
+    async def query(
+        request: Request,
+        k: Annotated[int, Query(ge=1, le=limits.max_k)] = 10,
+        dihedral: Annotated[bool, Query(description=(
+            "also search the upload's rotations by 90/180/270 degrees and their mirror images (8 views, "
+            "8x the model's work), each match's best score kept; copies flagged at the dihedral threshold"))] = False,
+    ) -> Any:
         """The k indexed images nearest to an uploaded image, best first."""
         upload = await image_upload(request)
-        matches = (await asyncio.wrap_future(service.query(upload, k))).matches or []
+        matches = (await asyncio.wrap_future(service.query(upload, k, dihedral))).matches or []
+        mode = "dihedral" if dihedral else "single"
         # A JSONResponse skips FastAPI's response validation on the hot path; the shape is
         # QueryOut's, which documents it.
         return JSONResponse({
             "query": upload.name,
             "k": k,
-            "copy_decision": service.collection.copy_decision(),
+            "query_mode": mode,
+            "copy_decision": redact_paths(service.collection.copy_decision(mode)),
             "matches": [
                 {"id": m.id, "name": m.name, "score": m.score, "copy": m.copy,
                  "thumbnail": f"/api/images/{m.id}/thumbnail"}

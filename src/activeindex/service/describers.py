@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from activeindex.dihedral import N_VIEWS, dihedral_views
 from activeindex.errors import ImageLoadError, ModelError
 from activeindex.extractors import Extractor, create_extractor
 from activeindex.features import pin_torch_threads
@@ -48,12 +49,14 @@ START_TIMEOUT = 300.0  # seconds for a model process to import torch, load the m
 class DescribedBatch:
     """A batch described: ``descriptors`` (n, d), with a row of zeros where ``errors`` holds the
     reason an upload could not be decoded (None where it could); seconds spent decoding each
-    upload and running the model."""
+    upload and running the model. ``views`` (n, 8, d): the 8 D4 views of the uploads described
+    dihedrally (zeros elsewhere), None when none was."""
 
     descriptors: np.ndarray
     errors: list[str | None]
     decode_seconds: list[float]
     model_seconds: float
+    views: np.ndarray | None = None
 
 
 class DescriberLost(RuntimeError):
@@ -61,9 +64,11 @@ class DescriberLost(RuntimeError):
     start a new process)."""
 
 
-def describe_batch(extractor: Extractor, items: Sequence[tuple[bytes, str]], limits: ImageLimits) -> DescribedBatch:
+def describe_batch(extractor: Extractor, items: Sequence[tuple[bytes, str]], limits: ImageLimits,
+                   dihedral: Sequence[bool] = ()) -> DescribedBatch:
     """Decode each upload (bytes, label) as the CLI decodes files and run the model once on those
-    that decoded."""
+    that decoded: the uploads flagged in ``dihedral`` (one flag per upload, or none) under their 8
+    rotations/flips (the identity view is their descriptor), the others once."""
     pre = extractor.preprocessing
     pixels: list[np.ndarray] = []
     errors: list[str | None] = []
@@ -77,10 +82,26 @@ def describe_batch(extractor: Extractor, items: Sequence[tuple[bytes, str]], lim
             errors.append(exc.reason)
         decode_seconds.append(time.perf_counter() - t0)
     out = np.zeros((len(items), extractor.dim), np.float32)
+    flags = list(dihedral) or [False] * len(items)
+    if len(flags) != len(items):
+        raise ValueError(f"{len(items)} uploads but {len(flags)} dihedral flags")
+    ok = [i for i, e in enumerate(errors) if e is None]
+    multi = [j for j, i in enumerate(ok) if flags[i]]  # positions among the decoded
+    views = np.zeros((len(items), N_VIEWS, extractor.dim), np.float32) if multi else None
     t0 = time.perf_counter()
     if pixels:
-        out[[i for i, e in enumerate(errors) if e is None]] = extractor.features(np.stack(pixels))
-    return DescribedBatch(out, errors, decode_seconds, time.perf_counter() - t0)
+        batch = np.stack(pixels)
+        single = [j for j in range(len(ok)) if not flags[ok[j]]]
+        # One model call: the single uploads, then the 8 views of each dihedral one.
+        parts = [batch[single]] + ([dihedral_views(batch[multi])] if multi else [])
+        feats = extractor.features(np.concatenate(parts))
+        out[[ok[j] for j in single]] = feats[: len(single)]
+        if multi:
+            assert views is not None
+            v = feats[len(single):].reshape(len(multi), N_VIEWS, -1)
+            views[[ok[j] for j in multi]] = v
+            out[[ok[j] for j in multi]] = v[:, 0]
+    return DescribedBatch(out, errors, decode_seconds, time.perf_counter() - t0, views)
 
 
 class LocalDescriber:
@@ -90,8 +111,8 @@ class LocalDescriber:
         self.extractor = extractor
         self.limits = limits
 
-    def describe(self, items: Sequence[tuple[bytes, str]]) -> DescribedBatch:
-        return describe_batch(self.extractor, items, self.limits)
+    def describe(self, items: Sequence[tuple[bytes, str]], dihedral: Sequence[bool] = ()) -> DescribedBatch:
+        return describe_batch(self.extractor, items, self.limits, dihedral)
 
     def close(self) -> None:
         pass
@@ -140,7 +161,7 @@ class ProcessDescriber:
             raise ModelError(f"a model process could not load the model: {detail}")
         self._ready = True
 
-    def describe(self, items: Sequence[tuple[bytes, str]]) -> DescribedBatch:
+    def describe(self, items: Sequence[tuple[bytes, str]], dihedral: Sequence[bool] = ()) -> DescribedBatch:
         with self._lock:
             if self._proc is not None and not self._proc.is_alive():
                 code = self._stop(kill=True)
@@ -150,7 +171,7 @@ class ProcessDescriber:
             self.wait_ready()
             assert self._conn is not None
             try:
-                self._conn.send(list(items))
+                self._conn.send((list(items), list(dihedral)))
                 kind, out = self._conn.recv()
             except (EOFError, OSError) as exc:
                 code = self._stop(kill=True)
@@ -242,11 +263,11 @@ def _child_main(conn: Connection, description: dict, precision: str, device: str
     conn.send(("ready", None))
     while True:
         try:
-            items = conn.recv()
+            items, dihedral = conn.recv()
         except (EOFError, OSError):
             return  # the server closed its end, or died
         try:
-            reply: tuple[str, Any] = ("ok", describe_batch(extractor, items, limits))
+            reply: tuple[str, Any] = ("ok", describe_batch(extractor, items, limits, dihedral))
         except Exception as exc:  # noqa: BLE001 - this batch's failure, reported; the process goes on
             reply = ("error", f"{type(exc).__name__}: {exc}")
         conn.send(reply)

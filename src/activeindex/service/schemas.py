@@ -23,8 +23,12 @@ class MatchOut(BaseModel):
 class QueryOut(BaseModel):
     query: str = Field(description="the uploaded file's name (a label)")
     k: int
+    query_mode: str = Field(description="single, or dihedral: the upload searched under its 8 rotations/flips, "
+                                        "each match's best score kept")
     copy_decision: str = Field(description="what `copy` means, in words: the false-positive rate the threshold "
-                                           "was calibrated for and the recall it kept")
+                                           "(of this query mode) was calibrated for and the recall it kept; for a "
+                                           "dihedral query on a collection without a dihedral threshold, that "
+                                           "`copy` is null and how to calibrate one")
     matches: list[MatchOut]
 
 

@@ -41,6 +41,7 @@ from activeindex.activation.add import add_activated
 from activeindex.atomic import write_bytes_atomic
 from activeindex.collection import Collection, Match
 from activeindex.extractors import Extractor
+from activeindex.settings import QueryMode
 from activeindex.service.batcher import Batcher
 from activeindex.service.describers import LocalDescriber, ProcessDescriber, start_processes
 from activeindex.service.locks import RWLock
@@ -86,10 +87,12 @@ class ServedCollection(Collection):
 
 @dataclass(frozen=True)
 class Job:
-    """One upload for the batcher: described, and searched when ``k`` is given."""
+    """One upload for the batcher: described, and searched when ``k`` is given (``dihedral``: under
+    its 8 rotations/flips, each match's best view kept)."""
 
     upload: Upload
     k: int | None = None
+    dihedral: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -194,7 +197,8 @@ class Service:
             self.metrics.stage.labels("queue").observe(start - job.submitted)
         describer = self._idle.get()
         try:
-            out = describer.describe([(job.upload.data, job.upload.name) for job in jobs])
+            out = describer.describe([(job.upload.data, job.upload.name) for job in jobs],
+                                     [job.dihedral and job.k is not None for job in jobs])
         finally:
             self._idle.put(describer)
         for seconds in out.decode_seconds:
@@ -203,21 +207,32 @@ class Service:
         x = out.descriptors
         queries = [i for i, job in enumerate(jobs) if job.k is not None and out.errors[i] is None]
         found: dict[int, list[Match]] = {}
+        single = [i for i in queries if not jobs[i].dihedral]
+        multi = [i for i in queries if jobs[i].dihedral]
         if queries:
-            k = max(int(jobs[i].k or 0) for i in queries)
             self.collection.catch_up()
+        for group, mode in ((single, QueryMode.SINGLE), (multi, QueryMode.DIHEDRAL)):
+            if not group:
+                continue
+            k = max(int(jobs[i].k or 0) for i in group)
+            if mode is QueryMode.DIHEDRAL:
+                assert out.views is not None
+                xq = out.views[group].reshape(-1, x.shape[1])
+            else:
+                xq = x[group]
             with self.metrics.time("search"), self.collection.rw.read():
-                rows = self.collection.search(x[queries], k)
-            found = {i: row[: jobs[i].k] for i, row in zip(queries, rows)}
+                rows = self.collection.search(xq, k, mode)
+            found.update({i: row[: jobs[i].k] for i, row in zip(group, rows)})
         return [
             Outcome(x[i], found.get(i)) if error is None else UploadRejected(400, error)
             for i, error in enumerate(out.errors)
         ]
 
     # -- reads ---------------------------------------------------------------------------------
-    def query(self, upload: Upload, k: int) -> Future[Outcome]:
-        """The k best matches of an upload, batched with concurrent queries (a future)."""
-        return self.batcher.submit(Job(upload, k))
+    def query(self, upload: Upload, k: int, dihedral: bool = False) -> Future[Outcome]:
+        """The k best matches of an upload, batched with concurrent queries (a future);
+        ``dihedral``: searched under its 8 rotations/flips (see :mod:`activeindex.dihedral`)."""
+        return self.batcher.submit(Job(upload, k, dihedral=dihedral))
 
     def describe(self, upload: Upload) -> np.ndarray:
         """An upload's descriptor (d,), batched with concurrent queries."""

@@ -57,6 +57,17 @@ function dropZone(zoneId, inputId, onFile) {
 }
 
 // -- collection info -------------------------------------------------------------------------
+const decisions = { single: "", dihedral: "" };
+
+function queryMode() {
+  return $("query-dihedral").checked ? "dihedral" : "single";
+}
+
+function showDecision() {
+  const text = decisions[queryMode()];
+  $("copy-decision").textContent = text ? `Copy decision: ${text}.` : "";
+}
+
 async function loadInfo() {
   try {
     const resp = await fetch("/api/info");
@@ -65,8 +76,10 @@ async function loadInfo() {
     $("query-k").max = s.max_k;
     const model = c.extractor.name || c.extractor.path || c.extractor.kind;
     const thr = c.threshold == null ? "no calibrated copy threshold" : `copy threshold ${c.threshold.toFixed(3)}`;
-    // What "copy" means here, in words (the calibrated false-positive rate and recall).
-    $("copy-decision").textContent = `Copy decision: ${c.copy_decision}.`;
+    // What "copy" means here, in words (the calibrated false-positive rate and recall), per query mode.
+    decisions.single = c.copy_decision;
+    decisions.dihedral = c.dihedral_copy_decision;
+    showDecision();
     $("collection-info").textContent =
       `${c.images} images · ${c.factory} (nprobe ${c.nprobe}) · model ${model}, ${c.dim}-d · ${thr}` +
       (s.writes_enabled ? "" : " · read-only");
@@ -81,7 +94,7 @@ function decision(copy) {
   b.className = "badge";
   if (copy === true) { b.classList.add("copy"); b.textContent = "copy"; }
   else if (copy === false) { b.classList.add("not-copy"); b.textContent = "not a copy"; }
-  else { b.textContent = "no threshold"; b.title = "the collection has no calibrated copy threshold"; }
+  else { b.textContent = "no verdict"; b.title = $("copy-decision").textContent || "the collection has no calibrated copy threshold"; }
   if (copy !== null && copy !== undefined) b.title = $("copy-decision").textContent;
   return b;
 }
@@ -110,12 +123,15 @@ async function runQuery(file) {
   const form = new FormData();
   form.append("file", file, file.name);
   const t0 = performance.now();
-  const resp = await fetch(`/api/query?k=${k}`, { method: "POST", body: form });
+  const dihedral = $("query-dihedral").checked;
+  const resp = await fetch(`/api/query?k=${k}${dihedral ? "&dihedral=true" : ""}`, { method: "POST", body: form });
   if (!resp.ok) {
     setStatus(status, `${file.name}: ${await errorText(resp)}`, true);
     return;
   }
   const result = await resp.json();
+  decisions[result.query_mode] = result.copy_decision;  // the answer's own mode and threshold
+  $("copy-decision").textContent = `Copy decision: ${result.copy_decision}.`;
   previewUrl = URL.createObjectURL(file);
   $("query-preview").src = previewUrl;
   $("query-name").textContent = file.name;
@@ -226,6 +242,7 @@ async function runActivate(file) {
   loadInfo();
 }
 
+$("query-dihedral").addEventListener("change", showDecision);
 $("amp").addEventListener("input", drawDiff);
 // A compare picture opens at its own size (scrollable) on a click: on a phone the three are
 // stacked and fit the width, and a click shows the pixels.
