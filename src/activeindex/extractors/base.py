@@ -22,8 +22,10 @@ import hashlib
 import logging
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,6 +160,9 @@ class Extractor:
     trained: bool = True
     precision: Precision = Precision.AUTO
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # The model's own activation defaults (knob name → value, see activeindex.knobs): tuned for it,
+    # applied where the user sets nothing. From its builtin or packaged entry; none for files.
+    activation_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._traces: dict[torch.dtype, torch.nn.Module] = {}

@@ -13,7 +13,9 @@ from the graph itself, like for any ``onnx:PATH``.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from activeindex.errors import ModelError
@@ -36,6 +38,9 @@ class PackagedModel:
     input_size: int
     resize: ResizePolicy
     description: str
+    # Activation knobs tuned for this model (activeindex.knobs; docs/activation-study.md), applied
+    # where the user sets nothing.
+    activation_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def installed(self) -> bool:
         try:
