@@ -257,3 +257,25 @@ def test_the_margin_term_widens_the_own_codes_lead_over_its_competitors(crowded,
                                         margin=0.05, **FP32))
     assert margin.mean() < before.mean() - 0.01, (before, margin)
     assert margin.mean() < paper.mean(), (paper, margin)
+
+
+def test_every_knob_reaches_the_evaluation_settings(monkeypatch, tmp_path):
+    import activeindex.evaluation as evaluation
+    from activeindex.evaluation import Method
+
+    seen = []
+
+    def stop(settings, extractor):
+        seen.append(settings)
+        raise ActivationError("stop here")
+
+    monkeypatch.setattr(evaluation, "check_settings", stop)
+    args, expected = [], {}
+    for knob in NON_BOOL:
+        typed, expected[knob.name] = _other_value(knob)
+        args += [knob.option, typed]
+    res = runner.invoke(app, ["evaluate", "--out", str(tmp_path / "e"), "--model", "builtin:tiny", *args])
+    assert "stop here" in str(res.exception), (res.output, res.exception)
+    cfg = seen[0].activation_config(Method.PLAIN)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert seen[0].activation_config(Method.ROBUST).robust and not cfg.robust  # the method decides
