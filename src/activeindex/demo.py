@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from activeindex.activation import ActivationConfig
+from activeindex.activation.optimize import configure
 from activeindex.activation.add import add_activated
 from activeindex.calibration import create_collection, recalibrate
 from activeindex.evaluation import EvalSettings, Method, evaluate_and_report, synthetic_source
@@ -61,7 +61,7 @@ def run(out: Path, n_train: int = 1024, n_refs: int = 1024, n_active: int = 64, 
 
     stages["collection"] = time.perf_counter() - t0 - sum(stages.values())
     t_act = time.perf_counter()
-    active = add_activated(coll, data.under_test, released_dir, ActivationConfig())
+    active = add_activated(coll, data.under_test, released_dir, configure({}, coll.extractor))
     t_act = time.perf_counter() - t_act
     passive = coll.add_images(data.distractors)
     # The false-positive rate of a fixed threshold grows with the index: recalibrate now it is filled.

@@ -23,11 +23,13 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 from PIL import Image
 
+from activeindex.activation.competitors import find_competitors
 from activeindex.activation.optimize import ActivatedBatch, ActivationConfig, activate_batch
 from activeindex.activation.release import OutputFormat, Released, finalize
 from activeindex.activation.targets import check_target_support, compute_targets, effective_target
@@ -63,6 +65,7 @@ class ReleaseRecord:
 @dataclass
 class ActivationReport(AddReport):
     released: list[ReleaseRecord] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # ActivationConfig.record() of the run
 
     def quality_summary(self) -> dict[str, dict[str, float]]:
         """min / median / mean / max of PSNR, SSIM, L∞ and the cosine gain over released files."""
@@ -182,7 +185,7 @@ def plan_activation(
     paths = [Path(p) for p in paths]
     names = list(names) if names is not None else [p.name for p in paths]
     _check_destinations(paths, names, out_dir, fmt)
-    report = ActivationReport()
+    report = ActivationReport(config=config.record())
     todo, repeats = coll.plan_add(list(zip(paths, names)), report)
     _check_not_released(coll, todo, out_dir, fmt)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +248,8 @@ def release_batch(
     give the targets)."""
     ex = extractor
     x = ex.features(np.stack([ex.preprocessing.prepare(Image.fromarray(a)) for a in originals]))
-    act = activate_batch(ex, originals, compute_targets(index, x, config.target), config)
+    competitors = find_competitors(index, x, config.competitors) if config.margin_weight > 0 else None
+    act = activate_batch(ex, originals, compute_targets(index, x, config.target), config, competitors)
     files: list[Released | ActiveIndexError] = []
     for original, perturbation in zip(originals, act.perturbations):
         try:

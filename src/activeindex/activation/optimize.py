@@ -21,6 +21,9 @@ Conventions and choices, all in the [0, 1] pixel space (not the ImageNet-normali
   crop, flip, rotation, perspective, colour, blur, noise, overlays, JPEG) towards the same target.
 - *Codec-aware*: for lossy output, the image goes through kornia's differentiable JPEG at the output
   quality before the resize, so the optimiser sees what the written file will look like.
+- *Competitor term* (optional, ``margin_weight``): the own stored code and IVF cell must outscore
+  the nearest other codes and cells by a margin (:mod:`.competitors`): what retrieval needs, which
+  the pull towards the target alone does not guarantee.
 - *Early stop*: an image whose descriptor reached ``stop_cos`` to its target stops moving (on device,
   no host sync); the loop ends once the whole batch has (checked every ``CHECK_EVERY`` iterations).
 - *Speed*: one tensor per batch (no per-image lists in the loop), Adam written out on that tensor,
@@ -30,13 +33,17 @@ Conventions and choices, all in the [0, 1] pixel space (not the ImageNet-normali
 
 from __future__ import annotations
 
+import enum
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from activeindex.activation.competitors import Competitors
 from activeindex.activation.jnd import CHANNEL_FACTOR, jnd_heatmap
 from activeindex.activation.resize import apply_resize, batch_matrices
 from activeindex.activation.targets import TargetKind
@@ -44,6 +51,7 @@ from activeindex.errors import ActivationError
 from activeindex.extractors import Extractor
 from activeindex.extractors.base import calibration_batch
 from activeindex.hardware import cpu_model, native_bf16
+from activeindex.knobs import DEFAULTS, KNOBS, check_value, resolve_knobs
 from activeindex.settings import FeatureLoss  # re-exported (defined there: no torch/FAISS needed)
 
 CHECK_EVERY = 5  # iterations between the (only) host syncs of the early-stop test
@@ -51,37 +59,63 @@ CHECK_EVERY = 5  # iterations between the (only) host syncs of the early-stop te
 BF16_MIN_GRAD_COSINE = 0.9
 # Aim this far inside the PSNR budget while optimising; the written file is checked exactly.
 BUDGET_MARGIN_DB = 0.1
+# Softness τ of the competitor term's hinge, in score units: τ·softplus(z/τ) ≈ max(0, z) beyond ±3τ.
+MARGIN_SOFTNESS = 0.005
 
 
 @dataclass(frozen=True)
 class ActivationConfig:
-    """How to activate. Defaults: the paper's final code, with the budget as a hard constraint."""
+    """How to activate. Defaults: the paper's final code, with the budget as a hard constraint.
 
-    psnr: float = 42.0  # dB, a hard floor for every written file
-    iterations: int = 10
-    lr: float = 1.0
-    scaling: float = 3.0  # α: the perturbation bound is α · JND
-    lambda_f: float = 1.0
-    lambda_i: float = 0.01
-    loss: FeatureLoss = FeatureLoss.COSINE
-    target: TargetKind = TargetKind.RECONSTRUCTION
-    stop_cos: float | None = 0.995  # early stop once cos(f(x), t) reaches this; None = never
-    robust: bool = False  # expectation over random differentiable edits
-    views: int = 3  # edited views per image and iteration when robust
-    robust_strength: float = 0.7  # strength of the kornia copy edits (see training.augment)
+    The fields a user may set are the knobs of :mod:`activeindex.knobs` (the CLI's options and the
+    service's parameters are built from that table, and every value is checked by it here); a
+    model may carry its own defaults (:func:`configure`)."""
+
+    psnr: float = DEFAULTS["psnr"]  # dB, a hard floor for every written file
+    iterations: int = DEFAULTS["iterations"]
+    lr: float = DEFAULTS["lr"]
+    scaling: float = DEFAULTS["scaling"]  # α: the perturbation bound is α · JND
+    lambda_f: float = DEFAULTS["lambda_f"]
+    lambda_i: float = DEFAULTS["lambda_i"]
+    loss: FeatureLoss = DEFAULTS["loss"]
+    target: TargetKind = DEFAULTS["target"]
+    # Competitor term (:mod:`.competitors`): weight, score margin, competitors of each kind.
+    margin_weight: float = DEFAULTS["margin_weight"]
+    margin: float = DEFAULTS["margin"]
+    competitors: int = DEFAULTS["competitors"]
+    stop_cos: float | None = DEFAULTS["stop_cos"]  # early stop once cos(f(x), t) reaches this; None = never
+    robust: bool = DEFAULTS["robust"]  # expectation over random differentiable edits
+    views: int = DEFAULTS["views"]  # edited views per image and iteration when robust
+    robust_strength: float = DEFAULTS["robust_strength"]  # strength of the kornia copy edits
     jpeg_quality: int | None = None  # optimise through differentiable JPEG at this quality
     precision: str = "auto"  # "auto" | "fp32" | "bf16" for the extractor's forward/backward
     seed: int = 0
+    # Where each knob's value came from ("user", "model", "default"), when built by configure().
+    sources: Mapping[str, str] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "loss", FeatureLoss(self.loss))
-        object.__setattr__(self, "target", TargetKind(self.target))
-        if not 10.0 <= self.psnr <= 80.0:
-            raise ActivationError(f"PSNR budget {self.psnr} dB is outside [10, 80]")
-        if self.iterations < 0 or self.views < 0:
-            raise ActivationError("iterations and views must be >= 0")
+        for name in KNOBS:  # converted and checked: a KnobError names the knob
+            object.__setattr__(self, name, check_value(name, getattr(self, name)))
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ActivationError(f"precision must be auto, fp32 or bf16, not {self.precision!r}")
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready: every field as run (enums as values), and where the knobs came from."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"}
+        out = {k: v.value if isinstance(v, enum.Enum) else v for k, v in out.items()}
+        out["sources"] = dict(self.sources or {})
+        return out
+
+
+def configure(user: Mapping[str, Any] | None = None, extractor: Extractor | None = None,
+              **fixed: Any) -> ActivationConfig:
+    """The configuration a user asked for: each knob from ``user`` (None = not set), else the
+    model's ``activation_defaults`` (see :mod:`activeindex.knobs`), else ActivationConfig's
+    default; ``fixed`` sets the other fields (precision, jpeg_quality, seed)."""
+    base = {f.name: f.default for f in fields(ActivationConfig) if f.name in KNOBS}
+    model = getattr(extractor, "activation_defaults", None) or {}
+    resolved = resolve_knobs(user or {}, model, base)
+    return ActivationConfig(**resolved.values, **fixed, sources=resolved.sources)
 
 
 @dataclass
@@ -149,9 +183,15 @@ def _pad_batch(images: list[np.ndarray], device: torch.device) -> tuple[torch.Te
 
 
 def activate_batch(
-    extractor: Extractor, images: list[np.ndarray], targets: np.ndarray, config: ActivationConfig
+    extractor: Extractor, images: list[np.ndarray], targets: np.ndarray, config: ActivationConfig,
+    competitors: Competitors | None = None,
 ) -> ActivatedBatch:
-    """Activate ``images`` (uint8 (h, w, 3), any sizes) towards ``targets`` (B, d) unit vectors."""
+    """Activate ``images`` (uint8 (h, w, 3), any sizes) towards ``targets`` (B, d) unit vectors.
+
+    With ``config.margin_weight > 0`` and ``competitors`` (:func:`.competitors.find_competitors`
+    of the originals), the loss adds ``margin_weight · Σ_j τ·softplus((gap_j + margin) / τ)`` per
+    image, ``gap_j`` the score of competitor j minus the own code's (or cell's): the own code is
+    pushed to win by ``margin``. An image then stops early only once it also wins every pair."""
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} targets")
     if targets.ndim != 2 or targets.shape[1] != extractor.dim:
@@ -199,6 +239,22 @@ def activate_batch(
             "(a traced or non-differentiable model?); activation needs gradients"
         )
 
+    comp = None
+    if config.margin_weight > 0 and competitors is not None and competitors.valid.any():
+        if competitors.w.shape[0] != b or competitors.w.shape[2] != extractor.dim:
+            raise ActivationError(f"competitors have shape {competitors.w.shape} for {b} images of {extractor.dim}-d")
+        comp = (torch.from_numpy(competitors.w).to(device), torch.from_numpy(competitors.b).to(device),
+                torch.from_numpy(competitors.valid).to(device).float())
+
+    def margin_loss(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f (V·B, d) → per image the competitor term (B,), and whether the clean view wins every pair."""
+        w, bias, valid = comp
+        views_n = f.shape[0] // b
+        gap = torch.einsum("vbd,bkd->vbk", f.view(views_n, b, -1).float(), w) + bias  # competitor - own
+        hinge = MARGIN_SOFTNESS * F.softplus((gap + config.margin) / MARGIN_SOFTNESS) * valid
+        wins = ((gap[0] + config.margin) * valid <= 0).all(dim=1)
+        return hinge.sum(dim=2).mean(dim=0), wins
+
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)
     try:
@@ -211,6 +267,8 @@ def activate_batch(
         moving = torch.ones(b, 1, 1, 1, device=device)
         if config.stop_cos is not None:
             moving = (cos_before < config.stop_cos).float().view(b, 1, 1, 1)
+            if comp is not None:  # an image already at its target may still lose to a competitor
+                moving = torch.ones_like(moving)
         steps = 0
         for it in range(config.iterations):
             if config.stop_cos is not None and it % CHECK_EVERY == 0 and it > 0 and not bool(moving.any()):
@@ -229,6 +287,10 @@ def activate_batch(
             else:
                 loss_f = (f - tt).pow(2).sum(dim=1).view(-1, b).mean(dim=0)
             loss = (config.lambda_f * loss_f + config.lambda_i * loss_i).sum()
+            wins = None
+            if comp is not None:
+                loss_m, wins = margin_loss(f)
+                loss = loss + config.margin_weight * loss_m.sum()
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():  # Adam, in place, as few passes over the batch as possible
                 steps = it + 1
@@ -240,7 +302,10 @@ def activate_batch(
                 delta.addcdiv_(m, denom, value=-config.lr / (1 - beta1**steps))
                 if config.stop_cos is not None:
                     clean_cos = (f[:b].detach() * t).sum(dim=1)
-                    moving = moving * (clean_cos < config.stop_cos).float().view(b, 1, 1, 1)
+                    done = clean_cos >= config.stop_cos
+                    if wins is not None:
+                        done = done & wins
+                    moving = moving * (~done).float().view(b, 1, 1, 1)
         with torch.no_grad():
             p, _ = perturbation(delta)
             cos_after = (extractor.embed(render(p), dtype) * t).sum(dim=1)

@@ -37,7 +37,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from activeindex import metrics
 from activeindex.activation.add import release_batch
-from activeindex.activation.optimize import ActivationConfig
+from activeindex.activation.optimize import ActivationConfig, configure
 from activeindex.activation.release import decode
 from activeindex.activation.targets import TargetKind, check_target_support, effective_target
 from activeindex.calibration import CalibrationSet, calibrate_modes, calibration_set, split_training
@@ -67,6 +67,7 @@ from activeindex.hardware import machine_summary
 from activeindex.images import load_image
 from activeindex.evaluation.uncertainty import gain_interval, recall_intervals, uap_interval
 from activeindex.intervals import wilson_interval
+from activeindex.knobs import user_values
 from activeindex.scoring import DEFAULT_FPR, CopyTarget, Normalization, QueryMode, describe_threshold
 
 logger = logging.getLogger(__name__)
@@ -92,10 +93,9 @@ class EvalSettings:
     nprobe: int = 1
     k: int = 100  # neighbours per retrieval query (the paper's 100)
     k_icd: int = 10  # predictions per copy-detection query
-    psnr: float = 42.0
-    iterations: int = 10
-    views: int = 3  # edited views per step, robust activation
-    target: TargetKind = TargetKind.RECONSTRUCTION
+    # The activation knobs the user set (activeindex.knobs: name → value); the others take the
+    # model's own defaults, else ActivationConfig's; ``robust`` is the method's.
+    activation: Mapping[str, Any] = field(default_factory=dict)
     target_fpr: float = DEFAULT_FPR  # the calibrated copy threshold's false-positive rate
     beta: float = 1.0
     n_background: int = 3  # score normalisation's top-n
@@ -108,26 +108,24 @@ class EvalSettings:
         # Checked here, when the settings are made, so that a bad value fails before any work
         # (an evaluation first makes or reads thousands of images).
         object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))
-        object.__setattr__(self, "target", TargetKind(self.target))
+        object.__setattr__(self, "activation", user_values(self.activation))
         if not self.factories or not self.methods:
             raise ActiveIndexError("an evaluation needs at least one index factory and one method")
-        for name in ("nprobe", "k", "k_icd", "n_background", "batch_size", "views"):
+        for name in ("nprobe", "k", "k_icd", "n_background", "batch_size"):
             if getattr(self, name) < 1:
                 raise ActiveIndexError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.target_fpr < 1.0:
             raise ActiveIndexError(f"the target false-positive rate must be in (0, 1), got {self.target_fpr}")
-        for method in self.methods:
-            if method is not Method.PASSIVE:
-                self.activation(method)  # its own checks: the PSNR budget, iterations
 
-    def activation(self, method: Method) -> ActivationConfig:
-        return ActivationConfig(psnr=self.psnr, iterations=self.iterations, target=self.target,
-                                robust=method is Method.ROBUST, views=self.views)
+    def activation_config(self, method: Method, extractor: Extractor | None = None) -> ActivationConfig:
+        """How ``method`` activates: the knobs set here, else ``extractor``'s defaults, else the
+        library's (:func:`activeindex.activation.optimize.configure`)."""
+        return configure({**self.activation, "robust": method is Method.ROBUST}, extractor)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["methods"] = [m.value for m in self.methods]
-        d["target"] = self.target.value
+        d["activation"] = {k: v.value if isinstance(v, enum.Enum) else v for k, v in self.activation.items()}
         d["factories"] = list(self.factories)
         return d
 
@@ -281,7 +279,8 @@ def release(coll: Collection, originals: list[np.ndarray], method: Method, setti
     """Released pixels of ``originals`` under ``method`` and what releasing cost."""
     if method is Method.PASSIVE:
         return originals, {}
-    config = replace(settings.activation(method), target=effective_target(coll.index, settings.target))
+    config = settings.activation_config(method, coll.extractor)
+    config = replace(config, target=effective_target(coll.index, config.target))
     check_target_support(coll.index, config.target)
     out: list[np.ndarray] = []
     q: dict[str, list[float]] = {"psnr": [], "ssim": [], "linf": [], "cos_before": [], "cos_after": []}
@@ -303,7 +302,7 @@ def release(coll: Collection, originals: list[np.ndarray], method: Method, setti
     stats = {f"{k}_mean": float(v.mean()) for k, v in arr.items() if len(v)}
     stats.update(psnr_min=float(arr["psnr"].min()), psnr_std=float(arr["psnr"].std()),
                  linf_max=float(arr["linf"].max()), images_per_s=len(originals) / seconds, target=config.target.value,
-                 psnr_all=arr["psnr"].tolist())
+                 config=config.record(), psnr_all=arr["psnr"].tolist())
     return out, stats
 
 
@@ -677,7 +676,8 @@ def check_settings(settings: EvalSettings, ex: Extractor) -> None:
             continue
         if "LSH" in f:
             raise ActiveIndexError(f"{f}: LSH codes cannot give an activation target")
-        if settings.target is TargetKind.CENTROID and faiss.try_extract_index_ivf(idx) is None:
+        target = settings.activation_config(Method.PLAIN, ex).target
+        if target is TargetKind.CENTROID and faiss.try_extract_index_ivf(idx) is None:
             raise ActiveIndexError(f"{f}: the 'centroid' target needs an IVF index")
 
 

@@ -245,6 +245,16 @@ def _dihedral_section(summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def _activation_text(summary: dict[str, Any]) -> str:
+    """The plain-activation configuration as run (from the first activated run), in one line."""
+    for r in summary["results"].values():
+        cfg = (r.get("release") or {}).get("config")
+        if cfg:
+            return (f"PSNR floor {cfg['psnr']} dB, {cfg['iterations']} iterations, lr {cfg['lr']}, "
+                    f"scaling {cfg['scaling']}, target {cfg['target']}, margin weight {cfg['margin_weight']}")
+    return "none (passive only)"
+
+
 def write_report(path: str | Path, results: Sequence[RunResult], summary: dict[str, Any]) -> Path:
     """Write the HTML report to ``path`` (atomically) and return it."""
     path = Path(path)
@@ -272,8 +282,8 @@ def write_report(path: str | Path, results: Sequence[RunResult], summary: dict[s
         "</style></head><body>",
         "<h1>activeindex evaluation</h1>",
         f"<p>Source: {html.escape(summary['source'])}; model {html.escape(summary['model'])}; nprobe {s['nprobe']}, "
-        f"k {s['k']} neighbours per retrieval query, {s['k_icd']} per copy-detection query; activation: PSNR floor "
-        f"{s['psnr']} dB, {s['iterations']} iterations, target {s['target']}; ran {summary['seconds']:.0f} s.</p>",
+        f"k {s['k']} neighbours per retrieval query, {s['k_icd']} per copy-detection query; activation: "
+        f"{html.escape(_activation_text(summary))}; ran {summary['seconds']:.0f} s.</p>",
         "<h2>What is compared</h2><dl>", methods, "</dl>",
         "<p>Every released image goes through each of the paper's 14 edits and is searched for (retrieval: R@1 = the "
         "original is the first answer, R@10 = among the first ten). For copy detection, one randomly 'auto'-edited "

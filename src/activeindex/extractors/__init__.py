@@ -193,14 +193,17 @@ def create_extractor(
             trained=trained,
             precision=Precision(precision),
             device=torch.device(device),
+            activation_defaults=dict(entry.activation_defaults),
         )
     if kind not in KINDS:
         raise ModelError(f"stored model spec has unknown kind {kind!r}")
     defaults: dict[str, Any] = {}
+    activation_defaults: dict[str, Any] = {}
     if kind == "packaged":
         entry = packaged_model(str(parsed.get("name")))
         path, file_kind = entry.path(), "onnx"
         defaults = {"input_size": entry.input_size, "resize": entry.resize}
+        activation_defaults = dict(entry.activation_defaults)
         spec_out = {"kind": "packaged", "name": entry.name, "path": str(path)}
     else:
         path, file_kind = Path(os.path.expanduser(str(parsed["path"]))), kind
@@ -241,6 +244,7 @@ def create_extractor(
             device=device,
             runtime=runtime,
             describer=describer,
+            activation_defaults=activation_defaults,
         )
     except ModelError:
         raise

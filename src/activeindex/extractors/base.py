@@ -22,9 +22,10 @@ import hashlib
 import logging
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -163,6 +164,9 @@ class Extractor:
     # session on the same file; ``embed`` (activation) stays on the converted module.
     runtime: Runtime = Runtime.TORCH
     describer: Callable[[np.ndarray], np.ndarray] | None = None
+    # The model's own activation defaults (knob name → value, see activeindex.knobs): tuned for it,
+    # applied where the user sets nothing. From its builtin or packaged entry; none for files.
+    activation_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.runtime = Runtime(self.runtime)

@@ -10,8 +10,9 @@ extractor is marked *untrained*: the CLI warns every time such a model is used.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 from importlib import resources
 
 import torch
@@ -94,6 +95,9 @@ class BuiltinModel:
     build: Callable[[], nn.Module]
     preprocessing: Preprocessing
     description: str
+    # Activation knobs tuned for this model (activeindex.knobs; docs/activation-study.md), applied
+    # where the user sets nothing.
+    activation_defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {}
@@ -110,6 +114,8 @@ register(
         build=lambda: CopyDescriptorNet(widths=(48, 96, 192, 384), depths=(2, 2, 2, 2), dim=256, stem=24),
         preprocessing=Preprocessing(input_size=160),
         description="ResNet-18-shaped trunk at 3/4 width, GeM, 256-d; 160 px (the default)",
+        # lr 0.1: docs/activation-study.md (lr 1 makes every Adam step a full-budget sign step).
+        activation_defaults={"lr": 0.1},
     )
 )
 register(

@@ -13,7 +13,9 @@ from the graph itself, like for any ``onnx:PATH``.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from activeindex.errors import ModelError
@@ -36,6 +38,9 @@ class PackagedModel:
     input_size: int
     resize: ResizePolicy
     description: str
+    # Activation knobs tuned for this model (activeindex.knobs; docs/activation-study.md), applied
+    # where the user sets nothing.
+    activation_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def installed(self) -> bool:
         try:
@@ -74,6 +79,9 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             input_size=288,
             resize=ResizePolicy.CENTER_CROP,
             description="SSCD sscd_disc_mixup (ResNet-50, 512-d), int8 QDQ ONNX",
+            # Not measured in docs/activation-study.md (too slow for its time box): lr 0.1 as for
+            # sscd-distilled, and issue 21's cosine-to-target lead (0.885 at lr 1, 0.944 at lr 0.1).
+            activation_defaults={"lr": 0.1},
         ),
         PackagedModel(
             name="sscd-distilled",
@@ -83,6 +91,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             input_size=288,
             resize=ResizePolicy.CENTER_CROP,
             description="MobileNetV4 student distilled from SSCD (512-d), fp16 ONNX",
+            activation_defaults={"lr": 0.1},  # docs/activation-study.md
         ),
     )
 }

@@ -37,11 +37,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from activeindex import __version__
-from activeindex.activation import ActivationConfig
+from activeindex.activation.optimize import configure
 from activeindex.errors import ActiveIndexError, ImageLoadError
 from activeindex.scoring import threshold_is_stale
 from activeindex.service.auth import TokenCheck, bearer
 from activeindex.service.describers import DescriberLost
+from activeindex.service.knob_params import activation_knobs
 from activeindex.service.hosts import LOCAL_NAMES, HostCheckMiddleware, default_allowed_hosts
 from activeindex.service.metrics import MetricsMiddleware, ServiceMetrics
 from activeindex.service.redact import redact, redact_paths
@@ -54,6 +55,7 @@ from activeindex.service.uploads import (
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(str(resources.files("activeindex.service") / "static"))
+MAX_SERVICE_ITERATIONS = 100  # one request holds the write lock while it activates
 THUMBNAIL_SIZES = (16, 512)  # smallest and largest side a client may ask for
 # The body of the upload routes, for the OpenAPI schema (they parse it themselves: read_form_file).
 IMAGE_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -193,15 +195,21 @@ def create_app(
     async def add_image(
         request: Request,
         response: Response,
+        knobs: Annotated[dict, Depends(activation_knobs())],
         activate: Annotated[bool, Query(description="release an activated version (it comes back in the answer)")] = False,
-        psnr: Annotated[float, Query(ge=10.0, le=80.0, description="quality floor of the released file, dB")] = 42.0,
-        iterations: Annotated[int, Query(ge=0, le=100, description="activation optimisation steps")] = 10,
     ) -> Any:
         """Add an uploaded image. With ``activate``, the collection keeps the original's code and the
-        answer carries the imperceptibly changed file to publish instead (PNG, base64)."""
+        answer carries the imperceptibly changed file to publish instead (PNG, base64). The
+        activation parameters (``psnr``, ``iterations``, ``lr``, ...) need ``activate``; those left
+        out take the model's own defaults; the answer's ``released.activation`` says what ran."""
+        if knobs and not activate:
+            raise HTTPException(422, f"{', '.join(knobs)}: activation parameters need activate=true")
         upload = await image_upload(request)
         if activate:
-            config = ActivationConfig(psnr=psnr, iterations=iterations)
+            if knobs.get("iterations", 0) > MAX_SERVICE_ITERATIONS:
+                raise HTTPException(422, f"iterations: at most {MAX_SERVICE_ITERATIONS} through the service, "
+                                         f"got {knobs['iterations']}")
+            config = configure(knobs, service.collection.extractor)
             out = await run_in_threadpool(service.add_activated, upload, config)
         else:
             out = await run_in_threadpool(service.add_passive, upload)

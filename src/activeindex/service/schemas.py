@@ -42,6 +42,8 @@ class ReleasedOut(BaseModel):
     url: str = Field(description="where to download the released file again")
     media_type: str
     data_base64: str | None = Field(None, description="the released file itself")
+    activation: dict[str, Any] | None = Field(None, description="the activation configuration as run, and where "
+                                                                "each knob's value came from (user, model, default)")
 
 
 class AddOut(BaseModel):

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from activeindex.activation import ActivationConfig
+from activeindex.activation.optimize import ActivationConfig
 from activeindex.activation.add import add_activated
 from activeindex.atomic import write_bytes_atomic
 from activeindex.collection import Collection, Match
@@ -301,7 +301,10 @@ class Service:
             existing = report.duplicates[0][1]
             return AddOutcome(existing, self._name_of(existing), True, self._mode_of(existing))
         rec = report.released[0]
-        return AddOutcome(rec.id, rec.name, False, "activated", self._released_of(rec.id, rec))
+        released = self._released_of(rec.id, rec)
+        if released is not None:
+            released["activation"] = report.config
+        return AddOutcome(rec.id, rec.name, False, "activated", released)
 
     def remove(self, image_id: int) -> bool:
         with self.write_mutex, self.metrics.time("remove"):
