@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from activeindex.activation import ActivationConfig, activate_batch, compute_targets
+from activeindex.activation.optimize import configure
 from activeindex.activation.jnd import CHANNEL_FACTOR, jnd_heatmap
 from activeindex.activation.optimize import BUDGET_MARGIN_DB, gradient_precision
 from activeindex.activation.release import OutputFormat, decode, finalize
@@ -182,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = [np.asarray(Image.open(p).convert("RGB")) for p in refs[: args.n]]
     x = extractor.features(np.stack([extractor.preprocessing.prepare(Image.fromarray(a)) for a in images]))
     targets = compute_targets(coll.index, x)
-    cfg = ActivationConfig(iterations=args.iterations, stop_cos=None)
+    # The model's own defaults (its tuned lr), for both implementations; every iteration runs.
+    cfg = configure({"iterations": args.iterations, "stop_cos": None}, extractor)
     act_dtype = gradient_precision(extractor)  # the one-off bf16 gradient check, outside the timing
 
     ours_activate(extractor, images[:2], targets[:2], cfg)  # warm-up
@@ -200,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fwd_bwd["bf16"] = model_fwd_bwd(extractor, args.batch_size, torch.bfloat16)
     results: dict = {
         "machine": {**machine.to_dict(), "activation_dtype": str(act_dtype)},
-        "setup": {"n": args.n, "batch_size": args.batch_size, "iterations": args.iterations,
+        "setup": {"n": args.n, "batch_size": args.batch_size, "iterations": args.iterations, "lr": cfg.lr,
                   "model": extractor.spec_string, "input_size": extractor.preprocessing.input_size},
         "images_per_s": speed,
         "speedup": speed["ours"] / speed["naive"],
@@ -224,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ok_speed, ok_gain = results["speedup"] >= 3.0, gain["ours"] >= gain["naive"] - 0.02
     lim = results["limit"]
     print(f"activation of {args.n} images ({extractor.spec_string}, {extractor.preprocessing.input_size} px, "
-          f"{args.iterations} iterations, batch {args.batch_size}, {torch.get_num_threads()} threads)")
+          f"{args.iterations} iterations at lr {cfg.lr:g}, batch {args.batch_size}, {torch.get_num_threads()} threads)")
     print(f"  naive (authors' shape, fp32) {speed['naive']:7.2f} img/s   PSNR {results['psnr_mean']['naive']:.2f} dB")
     print(f"  ours ({results['machine']['activation_dtype']:>14s})      {speed['ours']:7.2f} img/s   "
           f"PSNR {results['psnr_mean']['ours']:.2f} dB")
