@@ -41,7 +41,7 @@ class EvalConfig:
     n_originals: int = 250
     n_distractors: int = 2000
     n_nonmatching: int = 250
-    size: tuple[int, int] = (256, 256)  # width, height of every image before its edits
+    size: int | tuple[int, int] = (256, 256)  # (width, height), or one side, of every image before its edits
     seed: int = 1000  # the synthetic source seed; training used seed 0
     k: int = 10
 
@@ -94,7 +94,8 @@ def evaluate_descriptors(
     """→ {edit label: {method: {"R@1", "uAP"}}}, every method on exactly the same images."""
     n_o, n_d, n_n = cfg.n_originals, cfg.n_distractors, cfg.n_nonmatching
     held_out = _held_out_indices(cfg.seed, n_o + n_d + n_n)
-    gen = lambda i: synthetic_image(int(held_out[i]), seed=cfg.seed, size=tuple(cfg.size))  # noqa: E731
+    size = (cfg.size, cfg.size) if isinstance(cfg.size, int) else tuple(cfg.size)  # a side, or (width, height)
+    gen = lambda i: synthetic_image(int(held_out[i]), seed=cfg.seed, size=size)  # noqa: E731
     originals = [gen(i) for i in range(n_o)]
     database = originals + [gen(n_o + i) for i in range(n_d)]
     nonmatching = [gen(n_o + n_d + i) for i in range(n_n)]
