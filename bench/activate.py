@@ -166,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=64, help="images activated by each implementation")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=None, help="Adam step size (default: the model's own)")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
 
@@ -184,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     x = extractor.features(np.stack([extractor.preprocessing.prepare(Image.fromarray(a)) for a in images]))
     targets = compute_targets(coll.index, x)
     # The model's own defaults (its tuned lr), for both implementations; every iteration runs.
-    cfg = configure({"iterations": args.iterations, "stop_cos": None}, extractor)
+    cfg = configure({"iterations": args.iterations, "stop_cos": None, "lr": args.lr}, extractor)
     act_dtype = gradient_precision(extractor)  # the one-off bf16 gradient check, outside the timing
 
     ours_activate(extractor, images[:2], targets[:2], cfg)  # warm-up
