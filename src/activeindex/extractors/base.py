@@ -12,7 +12,9 @@ An :class:`Extractor` maps images to L2-normalised float32 descriptors. It owns
 
 Two entry points: :meth:`Extractor.embed` is differentiable and takes float images in [0, 1] already at
 the input size (activation optimises pixels through it); :meth:`Extractor.features` takes a uint8
-batch and returns numpy descriptors without building a graph.
+batch and returns numpy descriptors without building a graph. For an ONNX file, ``features`` runs in the
+extractor's :class:`Runtime` (onnxruntime by default, :mod:`activeindex.extractors.ort`) while
+``embed`` always runs the converted module.
 """
 
 from __future__ import annotations
