@@ -1,5 +1,5 @@
-"""Helpers shared by test modules (plain functions, not fixtures): the CLI run in-process and a real
-uvicorn server in a thread."""
+"""Helpers shared by test modules (plain functions, not fixtures): the CLI run in-process, a real
+uvicorn server in a thread, and the small collection several modules serve or activate against."""
 
 from __future__ import annotations
 
@@ -8,8 +8,20 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+
+def small_collection(root: Path, extractor, train_vectors, image_dir: Path,
+                     factory: str = "IVF4,PQ16x4", nprobe: int = 4) -> Path:
+    """A collection at ``root`` trained on ``train_vectors`` and holding the first 8 images of
+    ``image_dir`` (an IVF-PQ factory: activation can aim at its codes)."""
+    from activeindex.collection import Collection
+
+    with Collection.create(root, extractor, factory, train_vectors, nprobe=nprobe) as c:
+        c.add_images(sorted(image_dir.glob("*.png"))[:8])
+    return root
 
 
 def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:

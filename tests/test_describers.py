@@ -24,20 +24,17 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from activeindex.collection import Collection  # noqa: E402
 from activeindex.errors import ModelError  # noqa: E402
 from activeindex.extractors import create_extractor  # noqa: E402
 from activeindex.images import ImageLimits  # noqa: E402
 from activeindex.service import create_app  # noqa: E402
 from activeindex.service.describers import DescriberLost, LocalDescriber, ProcessDescriber  # noqa: E402
+from helpers import small_collection  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def coll_path(tmp_path_factory, tiny_extractor, train_vectors, image_dir):
-    root = tmp_path_factory.mktemp("describers") / "c"
-    with Collection.create(root, tiny_extractor, "IVF4,PQ16x4", train_vectors, nprobe=4) as c:
-        c.add_images(sorted(image_dir.glob("*.png"))[:8])
-    return root
+    return small_collection(tmp_path_factory.mktemp("describers") / "c", tiny_extractor, train_vectors, image_dir)
 
 
 def _items(paths):

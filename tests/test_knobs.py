@@ -17,12 +17,12 @@ from activeindex.activation import ActivationConfig, activate_batch, compute_tar
 from activeindex.activation.competitors import find_competitors
 from activeindex.activation.optimize import configure
 from activeindex.cli import app
-from activeindex.collection import Collection
 from activeindex.errors import ActivationError
 from activeindex.extractors.builtin import BUILTIN_MODELS
 from activeindex.extractors.packaged import PACKAGED_MODELS
 from activeindex.index import build_index, train_index
 from activeindex.knobs import KNOBS, Knob, KnobError, resolve_knobs
+from helpers import small_collection  # noqa: E402
 
 runner = CliRunner()
 FP32 = {"precision": "fp32"}
@@ -99,10 +99,8 @@ def test_a_builtin_models_defaults_reach_its_extractor(monkeypatch, tiny_extract
 
 @pytest.fixture(scope="module")
 def collection_dir(tmp_path_factory, tiny_extractor, train_vectors, image_dir):
-    root = tmp_path_factory.mktemp("knobs") / "c"
-    with Collection.create(root, tiny_extractor, "IVF4,PQ8x4", train_vectors, nprobe=1) as c:
-        c.add_images(sorted(image_dir.glob("*.png"))[:8])
-    return root
+    return small_collection(tmp_path_factory.mktemp("knobs") / "c", tiny_extractor, train_vectors, image_dir,
+                            factory="IVF4,PQ8x4", nprobe=1)
 
 
 @pytest.fixture()

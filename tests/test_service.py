@@ -26,7 +26,7 @@ from activeindex.service import ServiceLimits, create_app  # noqa: E402
 from activeindex.service.batcher import Batcher  # noqa: E402
 from activeindex.service.locks import RWLock  # noqa: E402
 from activeindex.service.uploads import clean_name  # noqa: E402
-from helpers import served
+from helpers import served, small_collection
 
 TOKEN = "test-token-☃"  # non-ASCII on purpose: compared as bytes
 AUTH = {"Authorization": f"Bearer {TOKEN}".encode()}  # raw UTF-8 bytes on the wire
@@ -36,10 +36,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}".encode()}  # raw UTF-8 bytes on the w
 def template_collection(tmp_path_factory, tiny_extractor, train_vectors, image_dir):
     """A collection (IVF4,PQ16x4: activation can aim at its codes) holding the first 8 images,
     trained once for the module (PQ training is the slow part)."""
-    root = tmp_path_factory.mktemp("template") / "c"
-    with Collection.create(root, tiny_extractor, "IVF4,PQ16x4", train_vectors, nprobe=4) as c:
-        c.add_images(sorted(image_dir.glob("*.png"))[:8])
-    return root
+    return small_collection(tmp_path_factory.mktemp("template") / "c", tiny_extractor, train_vectors, image_dir)
 
 
 @pytest.fixture()

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from activeindex.collection import Collection
-from helpers import served
+from helpers import served, small_collection
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -27,9 +26,7 @@ def server(tmp_path, tiny_extractor, train_vectors, image_dir):
     model processes (the default of `activeindex serve`)."""
     from activeindex.service import create_app
 
-    with Collection.create(tmp_path / "c", tiny_extractor, "IVF4,PQ16x4", train_vectors, nprobe=4) as c:
-        c.add_images(sorted(image_dir.glob("*.png"))[:8])
-    app = create_app(tmp_path / "c", token=TOKEN, model_processes=None)  # as `activeindex serve` runs it
+    app = create_app(small_collection(tmp_path / "c", tiny_extractor, train_vectors, image_dir), token=TOKEN, model_processes=None)  # as `activeindex serve` runs it
     with served(app) as port:
         yield f"http://127.0.0.1:{port}"
 
