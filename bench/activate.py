@@ -14,13 +14,14 @@ budget:
 ``naive``
     Shaped like the authors' code, at the paper's 10 iterations (``--naive-iterations``): PIL
     decode per file, a Python list of per-image tensors, a per-image ``F.interpolate(...,
-    antialias=True)`` to the input size, ``torch.stack``, the model in fp32 on a contiguous NCHW
-    batch, ``torch.optim.Adam`` over the list of per-image parameters, every iteration run; the
+    antialias=True)`` to the input size, ``torch.stack``, the model as trained (BatchNorm layers
+    not folded) in fp32 on a contiguous NCHW batch, ``torch.optim.Adam`` over the list of per-image parameters, every iteration run; the
     file written with a plain ``write_bytes``.
 ``ours``
     The product's path (what ``add --activate`` runs per batch): :func:`load_image`, then
     :func:`activeindex.activation.add.release_batch` — one padded tensor per batch, the resize as
-    two batched matrix products (exact PIL-bilinear weights), bf16 autocast where input gradients
+    two batched matrix products (exact PIL-bilinear weights), BatchNorm folded into the
+    convolutions (:func:`activeindex.extractors.builtin.fold_batchnorm`), bf16 autocast where input gradients
     stay faithful, channels-last, Adam on the batch tensor, no host syncs inside the loop, the
     early stop — at the model's own knobs (its tuned iterations and step size, ``activeindex
     models``), then an atomic write.
@@ -65,6 +66,7 @@ from activeindex.datasets.synthetic import make_images
 from activeindex.edits import paper_edits
 from activeindex.features import extract_paths
 from activeindex.extractors import Extractor, create_extractor
+from activeindex.extractors.builtin import build_builtin
 from activeindex.hardware import machine_summary, matmul_rate
 from activeindex.images import load_image
 
@@ -100,6 +102,7 @@ def recall_at_1(coll: Collection, released: Sequence[np.ndarray], ids: Sequence[
 def naive_activate(extractor: Extractor, images: Sequence[np.ndarray], targets: np.ndarray, cfg: ActivationConfig) -> list[np.ndarray]:
     """The same optimisation, written the straightforward way (see the module docstring)."""
     s = extractor.preprocessing.input_size
+    model = build_builtin(extractor.spec["name"])[0].eval()  # as trained: BatchNorm not folded
     mean = torch.tensor(extractor.preprocessing.mean).view(1, 3, 1, 1)
     std = torch.tensor(extractor.preprocessing.std).view(1, 3, 1, 1)
     factor = torch.tensor(CHANNEL_FACTOR).view(3, 1, 1)
@@ -122,7 +125,7 @@ def naive_activate(extractor: Extractor, images: Sequence[np.ndarray], targets: 
             x = (x0 + p).clamp(0, 1)
             inputs.append(F.interpolate(x[None], size=(s, s), mode="bilinear", antialias=True, align_corners=False)[0])
             image_loss = image_loss + p.pow(2).mean()
-        f = F.normalize(extractor.model((torch.stack(inputs) - mean) / std), dim=1)
+        f = F.normalize(model((torch.stack(inputs) - mean) / std), dim=1)
         loss = cfg.lambda_f * (1.0 - (f * t).sum(dim=1)).sum() + cfg.lambda_i * image_loss
         loss.backward()
         opt.step()

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from activeindex.extractors import Extractor, create_extractor
+from activeindex.extractors.builtin import build_builtin
 from activeindex.features import extract_paths, iter_batches, pin_torch_threads
 from activeindex.hardware import machine_summary
 
@@ -146,6 +147,9 @@ def run_naive(paths: Sequence[Path], extractor: Extractor, batch_size: int) -> n
     mean = torch.tensor(pre.mean).view(3, 1, 1)
     std = torch.tensor(pre.std).view(3, 1, 1)
     session = _plain_session(extractor) if extractor.describer is not None else None
+    model = extractor.model
+    if extractor.spec.get("kind") == "builtin":  # as trained: BatchNorm not folded
+        model = build_builtin(extractor.spec["name"])[0].eval()
     out = []
     for start in range(0, len(paths), batch_size):
         # Preprocessing.prepare is plain PIL (resize, or short-side resize and centre crop)
@@ -155,7 +159,7 @@ def run_naive(paths: Sequence[Path], extractor: Extractor, batch_size: int) -> n
             continue
         tensors = [(torch.from_numpy(a).permute(2, 0, 1).float().div(255.0) - mean) / std for a in pixels]
         with torch.no_grad():
-            desc = extractor.model(torch.stack(tensors))
+            desc = model(torch.stack(tensors))
         out.append(F.normalize(desc.float(), dim=-1).numpy())
     return np.concatenate(out)
 

@@ -258,3 +258,39 @@ def test_torchscript_with_sscds_interface(tmp_path):
         with torch.no_grad():
             fd = float(f(x + 1e-2 * v) - f(x - 1e-2 * v)) / 2e-2
         assert fd == pytest.approx(float((grad * v).sum()), rel=0.02, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny", "resnet-s"])
+def test_folded_batchnorm_computes_the_trained_function(name):
+    """The extractor runs the module with each BatchNorm folded into its convolution: no BN is left,
+    outputs and input gradients equal the module as trained (BN in eval mode) up to float rounding,
+    and the digest is still the trained module's."""
+    from activeindex.extractors.base import state_dict_digest
+    from activeindex.extractors.builtin import build_builtin, fold_batchnorm
+
+    trained = build_builtin(name)[0].eval()
+    # BN statistics away from the identity, so that a missed or wrong fold shows
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        for m in trained.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.normal_(0, 0.2)
+    folded = fold_batchnorm(trained)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in trained.modules())  # the original is untouched
+    size = BUILTIN_MODELS[name].preprocessing.input_size
+    x = calibration_batch(size).requires_grad_(True)
+    outs, grads = [], []
+    for module in (trained, folded):
+        y = module(x)
+        (g,) = torch.autograd.grad(y.square().sum(), x)
+        outs.append(y.detach())
+        grads.append(g.flatten(1))
+    assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5 * outs[0].abs().max().item())
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=1).min() > 0.99999
+    ex = create_extractor(f"builtin:{name}")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ex.model.modules())
+    assert ex.digest == state_dict_digest(build_builtin(name)[0])
