@@ -190,7 +190,7 @@ def single_thread():
 def part_ray(args: argparse.Namespace) -> None:
     import ray
 
-    from activeindex.activation import ActivationConfig
+    from activeindex.activation.optimize import configure
     from activeindex.activation.add import add_activated
     from activeindex.datasets.synthetic import make_images
     from activeindex.distributed import RayOptions, RunStats, add_activated_ray, extract_paths_ray
@@ -200,9 +200,10 @@ def part_ray(args: argparse.Namespace) -> None:
     images = make_images(CACHE / "images", n, seed=7, size=(256, 256))
     paths = images[:n]
     extractor = create_extractor("builtin")
+    config = configure({"iterations": args.iterations}, extractor)  # the model's own knobs, as `add --activate`
     print(f"\n(b) {n} images (synthetic 256×256 PNG) → builtin:{extractor.spec['name']} "
           f"({extractor.precision.value}), {os.cpu_count()} cores; activation of {args.activate} of them "
-          f"({args.iterations} iterations, batch 16, PNG, 42 dB)")
+          f"({config.iterations} iterations at lr {config.lr:g}, batch 16, PNG, 42 dB)")
     print(f"  load average at the start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (above 0: other work shares them)")
     rows = []
 
@@ -227,7 +228,6 @@ def part_ray(args: argparse.Namespace) -> None:
                              for _ in range(-(-2048 // len(xt)))])
     Collection.create(coll_root, extractor, "IVF32,PQ32x8", xt, nprobe=1).close()
     act_paths = paths[: args.activate]
-    config = ActivationConfig(iterations=args.iterations)
 
     def fresh(tag: str) -> Path:
         dst = CACHE / f"act-{tag}"
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=8, help="shard indexes merged into the collection")
     p.add_argument("--images", type=int, default=2048, help="images extracted per configuration (part b)")
     p.add_argument("--activate", type=int, default=256, help="images activated per configuration (part b)")
-    p.add_argument("--iterations", type=int, default=10, help="activation iterations")
+    p.add_argument("--iterations", type=int, default=None, help="activation iterations (default: the model's own)")
     p.add_argument("--shard-size", type=int, default=256, help="images per Ray task (extraction)")
     p.add_argument("--skip-index", action="store_true", help="skip part (a)")
     p.add_argument("--skip-ray", action="store_true", help="skip part (b)")
