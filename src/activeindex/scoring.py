@@ -289,8 +289,10 @@ def calibrate(cal: CalibrationScores, target: CopyTarget = CopyTarget(), method:
     """The lowest threshold (the most recall) meeting ``target`` on the calibration queries.
 
     For a false-positive rate F: the lowest threshold whose upper confidence bound on the FPR is at
-    most F. With few non-matching queries even flagging none cannot show F (e.g. fewer than 299 for
-    F = 1 % at 95 %): the threshold is then put above every non-matching score and ``bound_met`` is
+    most F, and every stricter one's too. With ``cal.groups``, the bound is on the effective sample
+    of the non-matching queries (:func:`design_effect`). With few non-matching queries even
+    flagging none cannot show F (e.g. fewer than 299 for F = 1 % at 95 %; with groups, fewer than
+    299 groups): the threshold is then put above every non-matching score and ``bound_met`` is
     False (a warning is logged). For a precision P at a prior: the lowest threshold whose implied
     precision, with the FPR's upper bound, is at least P; :class:`CalibrationError` if none is.
     Ties count against us: a decision is ``score >= threshold``.
