@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image
 
 from activeindex.calibration import (
+    EDITS_PER_IMAGE,
     CalibrationSet,
     calibration_edits,
     calibration_scores,
@@ -126,12 +127,12 @@ def describe_everything(args: argparse.Namespace, ex) -> dict[str, np.ndarray]:
         "xt": extract_paths(train, ex).features, "xb": extract_paths(refs, ex).features,
         "jpeg60": describe_copies(load(refs[:n]), [JPEG_60] * n, ex, seed=3).features})
 
-    def calibration() -> dict[str, np.ndarray]:
-        cal = calibration_set(ex, load([train[i] for i in cal_idx]), seed=0)
-        return {"cal_refs": cal.refs, "cal_queries": cal.queries}
+    def calibration() -> dict[str, np.ndarray]:  # single queries only: the bench measures no dihedral ones
+        cal = calibration_set(ex, load([train[i] for i in cal_idx]), seed=0, dihedral=False)
+        return {"cal_refs": cal.refs, "cal_queries": cal.queries, "edits_per_image": np.int64(cal.edits_per_image)}
 
     # The file names carry what they depend on: the calibration edits and the bench's edits.
-    d |= cached(args.out / f"calibration_{len(calibration_edits())}edits_{tag}.npz", calibration)
+    d |= cached(args.out / f"calibration_{len(calibration_edits())}edits_x{EDITS_PER_IMAGE}_{tag}.npz", calibration)
 
     def others() -> dict[str, np.ndarray]:
         out = {}
@@ -190,17 +191,19 @@ def main() -> None:
     ex = create_extractor("builtin")
     args.out.mkdir(parents=True, exist_ok=True)
     d = describe_everything(args, ex)
+    norm = Normalization()
     print(f"model {ex.spec_string} ({ex.precision.value}); {args.n_train} training images "
-          f"({len(d['cal_queries'])} of them held out for calibration), {len(d['xb'])} references; "
-          f"target FPR {args.target_fpr}")
+          f"({len(d['cal_queries']) // int(d['edits_per_image'])} of them held out for calibration, "
+          f"{int(d['edits_per_image'])} edits each), {len(d['xb'])} references; target FPR {args.target_fpr}; "
+          f"scores normalised with beta {norm.beta:g}, top-{norm.n}")
     bg, _ = split_training(len(d["xt"]))
     target = CopyTarget(fpr=args.target_fpr)
     for factory in args.factory or ["IVF64,PQ8x8", "IVF64,PQ32x8"]:
         root = args.out / "collection"
         shutil.rmtree(root, ignore_errors=True)
         with Collection.create(root, ex, factory, d["xt"][bg], background=d["xt"][bg],
-                               normalization=Normalization()) as coll:
-            cal = CalibrationSet(d["cal_refs"], d["cal_queries"], 0)
+                               normalization=norm) as coll:
+            cal = CalibrationSet(d["cal_refs"], d["cal_queries"], 0, edits_per_image=int(d["edits_per_image"]))
             created = coll.calibrate(calibration_scores(coll, cal), target, cal.method)
             save_calibration_set(coll, cal)  # as create_collection does
             ids = np.asarray(coll.add_vectors(d["xb"], [f"r{i}" for i in range(len(d["xb"]))],

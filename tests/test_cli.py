@@ -71,9 +71,9 @@ def test_collection_lifecycle(folder, tmp_path):
     thr = info["threshold"]
     ti = info["threshold_info"]  # calibrated at create, for a false-positive rate by default
     assert thr is not None and ti["target"] == "fpr" and ti["target_fpr"] == 0.01
-    # ~75 non-matching calibration queries cannot show 1 % (299 could): none is flagged, and it says so.
+    # Edits of ~75 non-matching calibration images cannot show 1 % (299 could): none is flagged, and it says so.
     # (Recall is not asserted: the untrained test model may keep none, depending on the CPU's kernels.)
-    assert ti["n_nonmatching"] < 299 and ti["fpr"] == 0.0 and not ti["bound_met"]
+    assert ti["n_nonmatching_images"] < 299 and ti["fpr"] == 0.0 and not ti["bound_met"]
     assert "calibrate with more images" in info["copy_decision"]
     # The decision's meaning travels with it, in words.
     assert "unrelated images" in info["copy_decision"] and q[0]["copy_decision"] == info["copy_decision"]

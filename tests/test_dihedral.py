@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from activeindex.calibration import calibration_scores, create_collection, load_calibration_set
+from activeindex.calibration import EDITS_PER_IMAGE, calibration_scores, create_collection, load_calibration_set
 from activeindex.collection import Collection
 from activeindex.datasets.synthetic import write_synthetic_images
 from activeindex.dihedral import N_VIEWS, VIEW_NAMES, dihedral_views, merge_views, view
@@ -152,7 +152,9 @@ def test_a_separate_dihedral_threshold_is_calibrated_and_stored(dihedral_collect
         single, dihedral = coll.config.threshold_info, coll.config.dihedral_threshold_info
         assert single is not None and dihedral is not None
         assert single["query_mode"] == "single" and dihedral["query_mode"] == "dihedral"
-        assert dihedral["n_nonmatching"] == single["n_nonmatching"]
+        # The dihedral one on the first edit of each calibration image; the single one on all of them.
+        assert single["n_nonmatching"] == EDITS_PER_IMAGE * dihedral["n_nonmatching"]
+        assert dihedral["n_nonmatching_images"] == single["n_nonmatching_images"] == dihedral["n_nonmatching"]
         assert dihedral["target_fpr"] == single["target_fpr"]
         assert (coll.root / "calibration_dihedral.npz").exists()
         assert coll.threshold("dihedral") == dihedral["threshold"]
@@ -160,8 +162,9 @@ def test_a_separate_dihedral_threshold_is_calibrated_and_stored(dihedral_collect
         assert info["dihedral_copy_decision"].startswith("dihedral queries")
         # Calibrated on best-of-8 scores: never below the single-view calibration scores.
         cal = load_calibration_set(coll)
-        assert cal.query_views is not None and cal.query_views.shape == (8 * len(cal.queries), coll.config.dim)
-        s1 = calibration_scores(coll, cal).scores
+        assert cal.query_views is not None and cal.query_views.shape == (8 * cal.n_images, coll.config.dim)
+        np.testing.assert_array_equal(cal.query_views[::8], cal.queries[:cal.n_images])  # identity = first edit
+        s1 = calibration_scores(coll, cal).scores[:cal.n_images]
         s8 = calibration_scores(coll, cal, QueryMode.DIHEDRAL).scores
         assert np.all(s8 >= s1 - 1e-5) and np.any(s8 > s1 + 1e-4)
 

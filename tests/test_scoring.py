@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from activeindex.calibration import calibration_scores, calibration_set, split_training
+from activeindex.calibration import (
+    EDITS_PER_IMAGE,
+    CalibrationSet,
+    calibration_edits,
+    calibration_scores,
+    calibration_set,
+    edit_keys,
+    split_training,
+)
 from activeindex.collection import Collection
 from activeindex.errors import CollectionError
 from activeindex.images import load_image
@@ -18,6 +26,7 @@ from activeindex.scoring import (
     Normalization,
     calibrate,
     describe_threshold,
+    design_effect,
     threshold_is_stale,
     fpr_upper_bound,
     implied_precision,
@@ -161,8 +170,13 @@ def test_collection_scores_are_normalised_and_decided_at_the_threshold(tmp_path,
 def test_calibration_scores_on_real_edits(tmp_path, tiny_extractor, train_vectors, image_dir):
     coll = Collection.create(tmp_path / "c", tiny_extractor, "IVF4,Flat", train_vectors, nprobe=4)
     images = [load_image(p) for p in sorted(image_dir.iterdir())[:40]]
-    cal = calibration_scores(coll, calibration_set(tiny_extractor, images, seed=0))
-    assert cal.matching.sum() == 10 and not cal.correct[~cal.matching].any()  # a quarter are references
+    cset = calibration_set(tiny_extractor, images, seed=0, dihedral=False)
+    cal = calibration_scores(coll, cset)
+    v = EDITS_PER_IMAGE
+    assert cset.n_images == 40 and len(cal.scores) == v * 40
+    # A quarter are references, each searched for under v edits; the groups say whose edit a query is.
+    assert cal.matching.sum() == v * 10 and not cal.correct[~cal.matching].any()
+    np.testing.assert_array_equal(cal.groups, np.tile(np.arange(40), v))
     # Identity (edit 0) copies of the first references find themselves: the pipeline is wired up.
     assert cal.correct[0] and cal.scores[0] > 0.99
     assert coll.index.ntotal == 0  # calibration worked on a copy of the index
@@ -182,7 +196,7 @@ def test_calibration_leaves_out_background_images(tmp_path, tiny_extractor, imag
     xb = extract_paths(paths[:30], tiny_extractor).features
     coll = Collection.create(tmp_path / "c", tiny_extractor, "Flat", xb, background=xb)
     thr = calibrate_from_images(coll, paths)  # 30 of the 64 are the background
-    assert thr.n_matching + thr.n_nonmatching == 34
+    assert thr.n_matching + thr.n_nonmatching == 34 * EDITS_PER_IMAGE and thr.n_nonmatching_images == 34 - 8
     assert "30 of 64 images are in the normalisation background" in caplog.text
 
 
@@ -204,7 +218,8 @@ def test_create_collection_holds_calibration_images_out_of_index_training(tmp_pa
     coll, thr = create_collection(tmp_path / "c", tiny_extractor, "Flat", paths)
     bg, cal = split_training(len(paths))
     assert len(seen["xt"]) == len(bg) and np.array_equal(seen["xt"], seen["background"])
-    assert thr.n_matching + thr.n_nonmatching == len(cal) and thr.n_matching == round(len(cal) * MATCHING_SHARE)
+    n_match = round(len(cal) * MATCHING_SHARE)
+    assert thr.n_matching == EDITS_PER_IMAGE * n_match and thr.n_nonmatching == EDITS_PER_IMAGE * (len(cal) - n_match)
     coll.close()
 
 
@@ -248,3 +263,89 @@ def test_a_calibration_goes_stale_as_the_index_grows_and_says_so():
     assert "STALE" not in fresh and fresh == describe_threshold(info)
     assert stale.startswith("STALE: calibrated with 60 images indexed, now 500") and "activeindex calibrate" in stale
     assert stale.endswith(describe_threshold(info))
+
+
+# -- several edits per calibration image -----------------------------------------------------------
+def test_each_calibration_image_gets_different_edits_and_the_first_cycles_as_before():
+    n, m, e = 40, 10, len(calibration_edits())
+    keys = edit_keys(n, m, 4, e)
+    assert keys.shape == (4, n)
+    assert all(len(set(keys[:, i])) == 4 for i in range(n))  # one image's edits are all different
+    np.testing.assert_array_equal(keys[0], [(i if i < m else i - m) % e for i in range(n)])  # one edit each before
+    assert all(np.bincount(row[:m], minlength=e).max() == 1 for row in keys)  # references cycle through the list
+    with pytest.raises(ValueError, match="edits per calibration image"):
+        edit_keys(n, m, e + 1, e)
+
+
+def test_design_effect_is_one_for_independent_queries_and_the_group_size_for_copies():
+    rng = np.random.default_rng(0)
+    t = np.array([0.99, 0.95, 0.8, 0.5])
+    s = rng.random(4000)
+    np.testing.assert_array_equal(design_effect(s, np.arange(4000), t), 1.0)  # one query per image
+    # Four independent draws per image behave as independent queries (the estimate is about 1).
+    assert np.all(design_effect(s, np.arange(4000) // 4, t) < 1.15)
+    # Four copies of one score: a group is flagged whole or not at all, worth one query, not four.
+    np.testing.assert_allclose(design_effect(np.repeat(s[:1000], 4), np.arange(4000) // 4, t), 4.0)
+    # Nothing flagged: no dependence can be seen, so a group counts as one query (everything: 1).
+    np.testing.assert_array_equal(design_effect(s, np.arange(4000) // 4, np.array([2.0, -1.0])), [4.0, 1.0])
+
+
+def test_the_bound_with_a_design_effect_is_clopper_pearson_on_the_effective_sample():
+    assert fpr_upper_bound(12, 3000, deff=4.0) == pytest.approx(float(fpr_upper_bound(3, 750)), rel=1e-9)
+    assert fpr_upper_bound(12, 3000, deff=1.0) == fpr_upper_bound(12, 3000)
+    with pytest.raises(ValueError, match="at least 1"):
+        fpr_upper_bound(1, 10, deff=0.5)
+
+
+def _grouped(non: np.ndarray, groups: np.ndarray, n_match: int = 200) -> CalibrationScores:
+    scores = np.concatenate([np.full(n_match, 0.9, np.float32), non.astype(np.float32)])
+    matching = np.arange(len(scores)) < n_match
+    return CalibrationScores(scores, matching.copy(), matching,
+                             np.concatenate([np.arange(n_match), n_match + groups]))
+
+
+def test_edits_of_one_image_tighten_the_bound_only_as_far_as_they_are_independent():
+    rng = np.random.default_rng(3)
+    one = rng.normal(0.2, 0.1, 800)
+    single = calibrate(_grouped(one, np.arange(800)), CopyTarget(fpr=0.01))
+    # Four copies of each score: nothing new is learnt, the threshold stays where one edit put it.
+    copies = calibrate(_grouped(np.repeat(one, 4), np.arange(3200) // 4), CopyTarget(fpr=0.01))
+    assert copies.threshold == pytest.approx(single.threshold) and copies.design_effect == pytest.approx(4.0)
+    assert copies.fpr_upper == pytest.approx(single.fpr_upper, rel=1e-6)
+    # Counted as independent, the copies would have bought a threshold 4 times as permissive.
+    naive = calibrate(_grouped(np.repeat(one, 4), np.arange(3200)), CopyTarget(fpr=0.01))
+    assert naive.threshold < single.threshold
+    # Four independent draws per image: the bound tightens towards the target (more flagged, less strict).
+    four = calibrate(_grouped(rng.normal(0.2, 0.1, 3200), np.arange(3200) // 4), CopyTarget(fpr=0.01))
+    assert four.threshold < single.threshold and four.fpr > 1.5 * single.fpr and four.fpr_upper <= 0.01
+    assert four.n_nonmatching == 3200 and four.n_nonmatching_images == 800 and four.design_effect < 1.3
+    assert "edits of 800 images, counted as dependent" in four.meaning and "of 3200 non-matching" in four.meaning
+    assert "counted as dependent" not in single.meaning  # one edit per image: said as before
+    # Too few images: with none flagged, 4 edits of each of 80 images count as 80 queries, which
+    # cannot show 1 % (320 independent ones would), and the threshold says so.
+    few = calibrate(_grouped(np.repeat(one[:80], 4), np.arange(320) // 4), CopyTarget(fpr=0.01))
+    assert not few.bound_met and few.fpr == 0.0 and few.fpr_upper == pytest.approx(1 - 0.05 ** (1 / 80))
+
+
+def test_calibration_scores_and_sets_keep_their_groups_and_read_old_files(tmp_path, tiny_extractor, train_vectors):
+    from activeindex.calibration import load_calibration_set, save_calibration_set
+
+    cal = _grouped(np.linspace(0, 0.5, 40), np.arange(40) // 4, n_match=8)
+    again = CalibrationScores.from_bytes(cal.to_bytes())
+    np.testing.assert_array_equal(again.groups, cal.groups)
+    old = CalibrationScores(cal.scores, cal.correct, cal.matching)  # stored before edits were grouped
+    assert CalibrationScores.from_bytes(old.to_bytes()).groups is None
+
+    coll = Collection.create(tmp_path / "c", tiny_extractor, "Flat", train_vectors)
+    rng = np.random.default_rng(0)
+    cset = CalibrationSet(unit(rng, 5), unit(rng, 3 * 20), seed=0, edits_per_image=3)
+    save_calibration_set(coll, cset)
+    back = load_calibration_set(coll)
+    assert back.edits_per_image == 3 and back.n_images == 20
+    np.testing.assert_array_equal(calibration_scores(coll, back).groups, np.tile(np.arange(20), 3))
+    # A set saved with one edit per image (no edits_per_image stored) reads as one edit each.
+    np.savez(coll.root / "calibration_set.npz", refs=cset.refs, queries=cset.queries, seed=np.int64(0))
+    assert load_calibration_set(coll).edits_per_image == 1
+    with pytest.raises(ValueError, match="per image"):
+        CalibrationSet(cset.refs, cset.queries[:-1], seed=0, edits_per_image=3)
+    coll.close()

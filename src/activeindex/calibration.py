@@ -4,12 +4,12 @@ The training images are split in two: a *background* set, which trains the index
 normalisation compares queries to, and *calibration* images, held out of both. A quarter of the
 calibration images play references: their descriptors are added, under ids no image can have, to
 a copy of the collection's index (with whatever it already holds, so that non-matching queries
-meet the real collection's neighbours). Every calibration image then goes through one of the
-paper's 14 edits or its overlay onto screenshot (:func:`calibration_edits`; cycling, so both parts
-see the same mix) and is searched for. A query of the
-first quarter is right when its top-1 is its own original; the other three quarters are
-non-matching queries, whose top-1 is always wrong. The threshold is chosen for a false-positive
-rate on those (:func:`activeindex.scoring.calibrate`).
+meet the real collection's neighbours). Every calibration image then goes through
+:data:`EDITS_PER_IMAGE` different edits among the paper's 14 and its overlay onto screenshot
+(:func:`calibration_edits`; cycling, so both parts see the same mix), and each edited copy is
+searched for. A query of the first quarter is right when its top-1 is its own original; the other
+three quarters are non-matching queries, whose top-1 is always wrong. The threshold is chosen for
+a false-positive rate on those (:func:`activeindex.scoring.calibrate`).
 
 Why held out of index training: a PQ code reconstructs the vectors it was trained on far better
 than new ones (with 8-byte codes and a few thousand training vectors, much better), so references
@@ -17,12 +17,18 @@ drawn from the training vectors score higher, against copies *and* against unrel
 the images a user adds: calibrated on them, the threshold was too strict on copies and said
 nothing true about false positives. Why three non-matching queries per matching one: the
 false-positive rate is the promise, and its upper confidence bound tightens with their number.
+Why several edits per image: for the same reason, at a fraction of the cost of more images (the
+training images a user has are the limit). The edits of one image are not independent queries:
+the bound counts them through their design effect, measured at each threshold
+(:func:`activeindex.scoring.design_effect`), so they tighten it only as far as they behave like
+independent ones. With one edit per image, 768 non-matching queries (2,048 training images) could
+show 1 % only with 2 of them flagged, a threshold far stricter than its target.
 
 Dihedral queries (:mod:`activeindex.dihedral`) keep each reference's best score over 8 views of the
 query, so unrelated images score higher than in single queries: the dihedral mode gets its own
-threshold, for the same target and by the same method, from the same calibration queries described
-under their 8 views (the identity view is the single query: 8 descriptions per calibration query
-in all, not 9).
+threshold, for the same target and by the same method, from the first edit of each calibration image described
+under its 8 views (the identity view is that single query: 8 descriptions per calibration image
+in all for it, not 9; its other edits are described once).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ CALIBRATION_ID_BASE = 1 << 50
 MAX_CALIBRATION_IMAGES = 2000
 MATCHING_SHARE = 0.25  # of the calibration images: references whose copies are searched for
 MIN_CALIBRATION_IMAGES = 20
+# Different edits each calibration image goes through (different queries of one image; see the module docstring).
+EDITS_PER_IMAGE = 4
 CALIBRATION_SET_FILE = "calibration_set.npz"  # calibration descriptors, kept in the collection
 # Cosine above which two descriptors are taken to be of the same image (8-bit re-encodings differ a little).
 SAME_IMAGE_SIMILARITY = 0.995
@@ -70,6 +78,18 @@ def calibration_edits() -> list[NamedEdit]:
     return [*paper_edits().values(), *paper_extra_edits().values()]
 
 
+def edit_keys(n: int, m: int, edits_per_image: int, n_edits: int) -> np.ndarray:
+    """(edits_per_image, n) positions in the edit list: row j is edit j of each of ``n`` calibration
+    images, the first ``m`` of them references. Row 0 cycles through the edits in both parts; the
+    others are spread over the list from it (``n_edits // edits_per_image`` apart), so one image's
+    edits are all different and unlike (contrast 0.5 and 2.0 are neighbours in the list)."""
+    if not 1 <= edits_per_image <= n_edits:
+        raise ValueError(f"edits per calibration image must be in [1, {n_edits}], got {edits_per_image}")
+    first = np.asarray([(i if i < m else i - m) % n_edits for i in range(n)])
+    step = n_edits // edits_per_image
+    return (first[None, :] + step * np.arange(edits_per_image)[:, None]) % n_edits
+
+
 def split_training(n: int, seed: int = 0, max_calibration: int = MAX_CALIBRATION_IMAGES) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint positions of the background and the calibration images among ``n`` training
     images: calibration gets half of them, at most ``max_calibration`` (an even count)."""
@@ -80,23 +100,38 @@ def split_training(n: int, seed: int = 0, max_calibration: int = MAX_CALIBRATION
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """Described calibration images: ``refs`` (m, d) of the first :data:`MATCHING_SHARE` of them,
-    and ``queries`` (n, d) of every image's edited copy (query i < m is a copy of reference i; the
-    rest match nothing); ``query_views`` (n * 8, d): the 8 D4 views of each query, query-major
-    (row 8 i is ``queries[i]``), or None when described without them."""
+    """Described calibration images: ``refs`` (m, d) of the first :data:`MATCHING_SHARE` of the n
+    images, and ``queries`` (v * n, d) of each image's v = ``edits_per_image`` edited copies,
+    edit-major (row j n + i is edit j of image i, a copy of reference i when i < m; the other
+    images match nothing); ``query_views`` (n * 8, d): the 8 D4 views of each image's first edited
+    copy, image-major (row 8 i is ``queries[i]``), or None when described without them."""
 
     refs: np.ndarray
     queries: np.ndarray
     seed: int
     query_views: np.ndarray | None = None
+    edits_per_image: int = 1
+
+    def __post_init__(self) -> None:
+        if self.edits_per_image < 1 or len(self.queries) % self.edits_per_image:
+            raise ValueError(f"{len(self.queries)} calibration queries are not {self.edits_per_image} per image")
+
+    @property
+    def n_images(self) -> int:
+        return len(self.queries) // self.edits_per_image
+
+    def groups(self) -> np.ndarray:
+        """(v * n,) int: the calibration image each query is an edit of."""
+        return np.arange(len(self.queries)) % self.n_images
 
     @property
     def method(self) -> str:
-        m, n = len(self.refs), len(self.queries)
+        m, n, v = len(self.refs), self.n_images, self.edits_per_image
+        each = "" if v == 1 else f", {v} different edits of each image (their queries counted as dependent)"
         return (
-            f"top-1 scores of {m} edited held-out training images against their originals (added to a "
-            f"copy of the index) and {n - m} edited non-matching held-out training images; the paper's "
-            f"14 edits and its overlay onto screenshot, cycled; seed {self.seed}"
+            f"top-1 scores of {v * m} edited copies of {m} held-out training images against their originals "
+            f"(added to a copy of the index) and {v * (n - m)} edited copies of {n - m} non-matching held-out "
+            f"training images; the paper's 14 edits and its overlay onto screenshot, cycled{each}; seed {self.seed}"
         )
 
 
@@ -105,20 +140,29 @@ def calibration_set(
     images: Sequence[Image.Image],
     *,
     seed: int = 0,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[float], None] | None = None,
     dihedral: bool = True,
+    edits_per_image: int = EDITS_PER_IMAGE,
 ) -> CalibrationSet:
-    """Describe calibration images and their edited copies (independent of any index);
-    ``dihedral``: each copy under its 8 rotations/flips too (8 descriptions per copy instead of 1)."""
+    """Describe calibration images and their ``edits_per_image`` edited copies each (independent
+    of any index); ``dihedral``: the first copy of each image under its 8 rotations/flips too (8
+    descriptions for it instead of 1). ``progress`` is told the images done, in fractions of
+    an image (each pass over the images is one of its edits)."""
     n = len(images)
     if n < MIN_CALIBRATION_IMAGES:
         raise ActiveIndexError(f"calibration needs at least {MIN_CALIBRATION_IMAGES} images, got {n}")
     m = max(1, round(n * MATCHING_SHARE))
     edits = calibration_edits()
-    keys = [(i if i < m else i - m) % len(edits) for i in range(n)]  # both parts cycle through the edits
-    copies = describe_copies(images, [edits[k] for k in keys], extractor, seed=seed, image_keys=list(range(n)),
-                             edit_keys=keys, progress=progress, dihedral=dihedral)
-    return CalibrationSet(describe_images(images[:m], extractor), copies.features, seed, copies.views)
+    keys = edit_keys(n, m, edits_per_image, len(edits))
+    step = None if progress is None else (lambda k: progress(k / edits_per_image))
+    first = describe_copies(images, [edits[k] for k in keys[0]], extractor, seed=seed, image_keys=list(range(n)),
+                            edit_keys=keys[0].tolist(), progress=step, dihedral=dihedral)
+    queries = [first.features]
+    for row in keys[1:]:  # the other edits: single queries only
+        queries.append(describe_copies(images, [edits[k] for k in row], extractor, seed=seed,
+                                       image_keys=list(range(n)), edit_keys=row.tolist(), progress=step).features)
+    return CalibrationSet(describe_images(images[:m], extractor), np.concatenate(queries), seed, first.views,
+                          edits_per_image)
 
 
 def calibration_scores(coll: Collection, cal: CalibrationSet,
@@ -126,7 +170,7 @@ def calibration_scores(coll: Collection, cal: CalibrationSet,
     """Top-1 scores of the calibration queries against ``coll`` plus the calibration references
     (see the module docstring), searched as ``mode`` queries; ``coll`` itself is not changed."""
     mode = QueryMode(mode)
-    n, m = len(cal.queries), len(cal.refs)
+    m = len(cal.refs)
     index = faiss.clone_index(coll.index)
     ix.set_nprobe(index, coll.config.nprobe)
     ix.add_with_ids(index, cal.refs, CALIBRATION_ID_BASE + np.arange(m))
@@ -135,17 +179,20 @@ def calibration_scores(coll: Collection, cal: CalibrationSet,
             raise CollectionError("the calibration descriptors have no dihedral views: calibrate from images "
                                   "(activeindex calibrate COLLECTION --images DIR)")
         xq = cal.query_views
+        groups = np.arange(cal.n_images)  # the first edit of each image only
     else:
         xq = cal.queries
+        groups = cal.groups()
+    n = len(groups)
     raw, I = ix.search(index, xq, 1, coll.metric)
     S = raw if coll.background is None else coll.background.normalize(raw, xq)
     if mode is QueryMode.DIHEDRAL:  # top-1 of the best view: the best of each view's top-1
         best = S.reshape(n, N_VIEWS).argmax(axis=1)
         S = S.reshape(n, N_VIEWS)[np.arange(n), best][:, None]
         I = I.reshape(n, N_VIEWS)[np.arange(n), best][:, None]
-    matching = np.arange(n) < m
-    correct = matching & (I[:, 0] == CALIBRATION_ID_BASE + (np.arange(n) % m))
-    return CalibrationScores(S[:, 0].astype(np.float32), correct, matching)
+    matching = groups < m
+    correct = matching & (I[:, 0] == CALIBRATION_ID_BASE + groups)
+    return CalibrationScores(S[:, 0].astype(np.float32), correct, matching, groups)
 
 
 def save_calibration_set(coll: Collection, cal: CalibrationSet) -> None:
@@ -153,7 +200,8 @@ def save_calibration_set(coll: Collection, cal: CalibrationSet) -> None:
     recalibrated against the index as it grows, without the images (:func:`recalibrate`)."""
     buf = io.BytesIO()
     views = {} if cal.query_views is None else {"query_views": cal.query_views}
-    np.savez(buf, refs=cal.refs, queries=cal.queries, seed=np.int64(cal.seed), **views)
+    np.savez(buf, refs=cal.refs, queries=cal.queries, seed=np.int64(cal.seed),
+             edits_per_image=np.int64(cal.edits_per_image), **views)
     write_bytes_atomic(coll.root / CALIBRATION_SET_FILE, buf.getvalue())
 
 
@@ -161,7 +209,9 @@ def load_calibration_set(coll: Collection) -> CalibrationSet:
     try:
         with np.load(coll.root / CALIBRATION_SET_FILE, allow_pickle=False) as z:
             views = z["query_views"].astype(np.float32) if "query_views" in z.files else None
-            return CalibrationSet(z["refs"].astype(np.float32), z["queries"].astype(np.float32), int(z["seed"]), views)
+            v = int(z["edits_per_image"]) if "edits_per_image" in z.files else 1  # one edit each before
+            return CalibrationSet(z["refs"].astype(np.float32), z["queries"].astype(np.float32), int(z["seed"]),
+                                  views, v)
     except FileNotFoundError:
         raise CollectionError(
             f"{coll.root} keeps no calibration descriptors; calibrate it from training images "
@@ -177,7 +227,8 @@ def calibrate_modes(coll: Collection, cal: CalibrationSet, target: CopyTarget) -
     if cal.query_views is not None:
         try:
             coll.calibrate(calibration_scores(coll, cal, QueryMode.DIHEDRAL),
-                           replace(target, query_mode=QueryMode.DIHEDRAL.value), cal.method + "; 8 D4 views per query")
+                           replace(target, query_mode=QueryMode.DIHEDRAL.value),
+                           cal.method + "; dihedral: the 8 D4 views of each image's first edit")
         except CalibrationError as exc:
             logger.warning("dihedral copy threshold not calibrated: %s", exc)
     return thr
@@ -215,7 +266,7 @@ def calibrate_from_images(
     *,
     seed: int = 0,
     max_images: int = MAX_CALIBRATION_IMAGES,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[float], None] | None = None,
     dihedral: bool = True,
 ) -> Threshold:
     """Calibrate ``coll``'s copy threshold for ``target`` from training images ``paths``

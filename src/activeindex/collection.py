@@ -319,7 +319,7 @@ class Collection:
         """Train ``factory`` on ``xt`` (n, d) and write an empty collection at ``root``.
 
         ``background`` (nb, d): descriptors of training images to normalise scores against (never
-        references); with it, scores are normalised as ``normalization`` says (default β=1, n=3).
+        references); with it, scores are normalised as ``normalization`` says (default β=0.75, n=5).
         """
         root = Path(root)
         if (root / CONFIG_FILE).exists():
