@@ -176,7 +176,8 @@ def test_evaluate_refuses_bad_settings_before_any_work(tmp_path, args, message):
 
 
 @pytest.mark.parametrize("args, code", [(["--help"], 0), (["add", "--help"], 0), (["evaluate", "--help"], 0),
-                                        (["query"], 2), (["add", "c", "x", "--psnr", "many"], 2)])
+                                        (["query"], 2), (["add", "c", "x", "--psnr", "many"], 2),
+                                        (["extract", "x", "-o", "y", "--device", "gpu"], 2)])
 def test_help_and_usage_errors_load_neither_torch_nor_faiss(args, code):
     # -X importtime lists every module imported (on stderr): torch and FAISS take seconds to load.
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "activeindex", *args],

@@ -14,7 +14,7 @@ import typer
 import typer.core
 
 from activeindex import __version__
-from activeindex.errors import ActiveIndexError
+from activeindex.errors import ActiveIndexError, DeviceError
 
 # Only what the options need is imported here; the library (torch, FAISS: seconds to load) is
 # imported in each command's body, so that --help and usage errors answer at once
@@ -24,6 +24,7 @@ from activeindex.knobs import KNOBS
 from activeindex.names import printable_name, storable_text
 from activeindex.settings import (
     DEFAULT_FPR,
+    DEVICE_CHOICES,
     MAX_ACTIVATION_PIXELS,
     Metric,
     OutputFormat,
@@ -31,9 +32,12 @@ from activeindex.settings import (
     ResizePolicy,
     Runtime,
     TargetKind,
+    parse_device,
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from activeindex.collection import AddReport, Collection
     from activeindex.scoring import CopyTarget
     from activeindex.extractors import Extractor
@@ -66,6 +70,18 @@ RuntimeOpt = Annotated[
 PrecisionOpt = Annotated[
     Precision, typer.Option(help="auto: bf16 where it stays within cosine 0.99 of fp32")
 ]
+def _device_syntax(value: str) -> str:
+    """--device checked as it is parsed (no torch: a typo is a usage error at once)."""
+    try:
+        return parse_device(value, name="--device")
+    except DeviceError:
+        raise typer.BadParameter(f"{value!r} is not a device; use {DEVICE_CHOICES}") from None
+
+
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", callback=_device_syntax, metavar="DEVICE",
+    help=f"where the model runs (description, activation, training): {DEVICE_CHOICES}; auto: the GPU when "
+         "torch sees one, else the CPU")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", min=1, help="run on a local Ray with N worker CPUs (needs activeindex[ray])")]
@@ -121,12 +137,26 @@ def _ray_options(workers: int | None, ray_address: str | None, shard_size: int) 
     return RayOptions(workers=workers, address=ray_address, shard_size=shard_size)
 
 
+def _device(device: str, ray_options: Any = None) -> torch.device:
+    """--device as a torch.device (:func:`activeindex.hardware.resolve_device`: a CUDA device this
+    machine lacks is an error, exit 2). With Ray the model runs on Ray's CPU workers: auto means
+    the CPU there, and a GPU asked for is refused rather than ignored."""
+    from activeindex.hardware import resolve_device
+
+    if ray_options is not None:
+        if device != "auto" and parse_device(device) != "cpu":
+            raise ActiveIndexError(f"--device {device}: --workers/--ray-address describe and activate on Ray's "
+                                   "CPU workers; drop --device, or drop Ray to use the GPU here")
+        device = "cpu"
+    return resolve_device(device, name="--device")
+
+
 def _build_extractor(model: str, input_size: int | None, resize: ResizePolicy | None, precision: Precision,
-                     runtime: Runtime = Runtime.AUTO) -> Extractor:
+                     runtime: Runtime = Runtime.AUTO, device: torch.device | str = "cpu") -> Extractor:
     from activeindex.extractors import create_extractor
 
     extractor = create_extractor(model, input_size=input_size, resize=resize, precision=precision,
-                                 runtime=runtime)
+                                 runtime=runtime, device=device)
     _warn_untrained(extractor)
     return extractor
 
@@ -215,13 +245,14 @@ def extract(
     workers: WorkersOpt = None,
     ray_address: RayAddressOpt = None,
     shard_size: ShardSizeOpt = 256,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Describe images: writes OUT/features.npy (float32, n×d) and OUT/names.txt."""
     from activeindex.features import extract_paths
 
-    extractor = _build_extractor(model, input_size, resize, precision, runtime)
-    paths = _expand(images)
     ray_options = _ray_options(workers, ray_address, shard_size)
+    extractor = _build_extractor(model, input_size, resize, precision, runtime, _device(device, ray_options))
+    paths = _expand(images)
     with _progress(len(paths), "extract") as update:
         if ray_options is not None:
             from activeindex.distributed import extract_paths_ray
@@ -235,7 +266,7 @@ def extract(
 
     save_features(out, result.features, _names_for(result.paths, images), torch_tensor=torch_out)
     _err(
-        f"{len(result.paths)} images described ({extractor.dim}-d, {extractor.precision.value}), "
+        f"{len(result.paths)} images described ({extractor.dim}-d, {extractor.precision.value}, {extractor.device}), "
         f"{len(result.failures)} skipped → {out}"
     )
 
@@ -258,6 +289,7 @@ def create(
     normalize: Annotated[bool, typer.Option(help="normalise scores against a background of training images")] = True,
     dihedral: CalibrateDihedralOpt = True,
     as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Create a collection: train the index on descriptors of training images, keep part of them as
     the score-normalisation background and calibrate the copy threshold on the rest.
@@ -272,7 +304,7 @@ def create(
     from activeindex.scoring import Normalization
 
     target = _copy_target(target_fpr, target_precision, prior)
-    extractor = _build_extractor(model, input_size, resize, precision, runtime)
+    extractor = _build_extractor(model, input_size, resize, precision, runtime, _device(device))
     if len(train) == 1 and train[0].suffix == ".npy":
         xt = np.load(train[0], allow_pickle=False)
         bg = xt[split_training(len(xt))[0]] if normalize else None
@@ -312,6 +344,7 @@ def calibrate(
     target_precision: TargetPrecisionOpt = None,
     prior: PriorOpt = None,
     dihedral: CalibrateDihedralOpt = True,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Set the copy threshold for a false-positive rate (or a precision at a prior), from new
     images, or from the calibration descriptors the collection keeps, searched against the index
@@ -323,7 +356,7 @@ def calibrate(
 
     target = _copy_target(target_fpr, target_precision, prior)
 
-    with Collection.open(collection) as coll:
+    with Collection.open(collection, device=_device(device)) as coll:
         if images:
             paths = _expand(images)
             with _progress(len(paths), "calibrate") as update:
@@ -376,6 +409,7 @@ def add(
     workers: WorkersOpt = None,
     ray_address: RayAddressOpt = None,
     shard_size: ShardSizeOpt = 256,
+    device: DeviceOpt = "auto",
     *,
     knobs: dict[str, Any],
 ) -> None:
@@ -394,7 +428,7 @@ def add(
     if knobs and not activate:
         raise ActiveIndexError(f"{', '.join(KNOBS[k].option for k in knobs)}: activation options need --activate --out DIR")
     ray_options = _ray_options(workers, ray_address, shard_size)
-    with Collection.open(collection) as coll:
+    with Collection.open(collection, device=_device(device, ray_options)) as coll:
         _warn_untrained(coll.extractor)
         paths = _expand(images)
         names = _names_for(paths, images)
@@ -444,13 +478,14 @@ def query(
         "--dihedral", help="also search each query's rotations by 90/180/270 degrees and their mirror images "
                            "(8 views, 8x the model's work) and keep each match's best; copies are flagged at "
                            "the collection's dihedral threshold")] = False,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Find the nearest stored images of each query image. An unreadable image is reported (with
     --json: an entry with its "error"); when no query image could be read, the exit code is 2."""
     from activeindex.collection import Collection
 
     mode = "dihedral" if dihedral else "single"
-    with Collection.open(collection, mmap=mmap) as coll:
+    with Collection.open(collection, mmap=mmap, device=_device(device)) as coll:
         _warn_untrained(coll.extractor)
         if dihedral and coll.threshold(mode) is None:
             _err(f"note: {coll.copy_decision(mode)}")
@@ -581,6 +616,7 @@ def serve(
              "(*.example.com: its subdomains; *: any); default: localhost and --host, or this "
              "machine's name with --host 0.0.0.0", show_default=False,
     )] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Serve a collection over HTTP: API (docs at /docs), web page at /, /metrics for Prometheus.
     Prints the URL once the port accepts connections."""
@@ -592,9 +628,10 @@ def serve(
     if hosts == []:
         raise ActiveIndexError("--allowed-hosts takes comma-separated host names (or * for any)")
     writes = "disabled: --mmap" if mmap else ("need the token" if token else "disabled: no token")
-    _err(f"starting the service of {collection} on {host}:{port} (writes {writes})")
+    dev = _device(device)
+    _err(f"starting the service of {collection} on {host}:{port} (writes {writes}; model on {dev})")
     run(collection, host=host, port=port, token=token, limits=limits, mmap=mmap, model_processes=model_processes,
-        allowed_hosts=hosts)
+        allowed_hosts=hosts, device=dev)
 
 
 @app.command()
@@ -632,6 +669,7 @@ def evaluate(
         "--dihedral", help="also evaluate dihedral queries (each query under its 8 rotations/flips, each reference's "
                            "best score, judged at its own calibrated threshold) beside single ones; 8x the "
                            "queries' model work")] = False,
+    device: DeviceOpt = "auto",
     *,
     knobs: dict[str, Any],
 ) -> None:
@@ -649,7 +687,7 @@ def evaluate(
         raise ActiveIndexError(f"--methods takes a comma-separated list of {', '.join(m.value for m in Method)}; got {methods!r}") from None
     settings = EvalSettings(factories=tuple(index or ["IVF256,PQ8x8"]), methods=chosen, nprobe=nprobe,
                             activation=knobs, target_fpr=target_fpr, seed=seed, dihedral=dihedral)
-    extractor = _build_extractor(model, input_size, resize, Precision.AUTO, runtime)
+    extractor = _build_extractor(model, input_size, resize, Precision.AUTO, runtime, _device(device))
     check_settings(settings, extractor)  # every factory string and option, before any image is made
     if disc21 is not None:
         data = disc21_source(disc21, ground_truth=ground_truth, n_train=n_train, n_distractors=n_distractors,
@@ -705,7 +743,7 @@ def train_descriptor_cmd(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     warmup: Annotated[int, typer.Option(help="warm-up steps")] = 100,
     init: Annotated[Optional[Path], typer.Option(help="start from these weights (fine-tuning)")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present)")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Train a copy-detection descriptor (InfoNCE + KoLeo over strong random edits); resumable."""
     import dataclasses
@@ -717,6 +755,7 @@ def train_descriptor_cmd(
 
     if arch not in BUILTIN_MODELS:
         raise ActiveIndexError(f"unknown architecture {arch!r}; choose one of: {', '.join(BUILTIN_MODELS)}")
+    dev = _device(device)
     cfg = TrainConfig(arch=arch, steps=steps, batch_size=batch_size, train_size=train_size, lr=lr,
                       koleo_weight=koleo_weight, temperature=temperature, strength=strength, seed=seed,
                       warmup_steps=warmup, init=None if init is None else str(init))
@@ -731,7 +770,7 @@ def train_descriptor_cmd(
             bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.2f}", refresh=False)
             bar.refresh()
 
-        model = train_descriptor(pool, out, cfg, device=device, progress=progress)
+        model = train_descriptor(pool, out, cfg, device=dev, progress=progress)
     meta = {
         "arch": arch,
         "config": dataclasses.asdict(cfg),
@@ -739,7 +778,7 @@ def train_descriptor_cmd(
         "image_sources": [str(p) for p in images],
         # Summed over every session of a resumed run: the optimisation time, without image loading.
         "train_seconds": round(sum(json.loads(line)["seconds"] for line in open(out / "train_log.jsonl"))),
-        "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+        "device": str(dev),
         "torch_threads": torch.get_num_threads(),
         "activeindex": __version__,
     }

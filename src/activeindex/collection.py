@@ -53,6 +53,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
 from activeindex import index as ix
 from activeindex.dihedral import N_VIEWS, merge_views
@@ -60,6 +61,7 @@ from activeindex.atomic import remove_stale_temps, write_bytes_atomic, write_tex
 from activeindex.errors import CollectionError
 from activeindex.extractors import Extractor, create_extractor
 from activeindex.features import Failure, extract_paths
+from activeindex.hardware import resolve_device
 from activeindex.images import file_sha256, storable_text
 from activeindex.scoring import (
     Background,
@@ -269,12 +271,15 @@ class Collection:
         *,
         read_only: str | None = None,
         mmap: bool = False,
+        device: str | torch.device = "cpu",
     ) -> None:
-        """Prefer :meth:`open` / :meth:`create`. ``read_only``: why writes are refused (None: writable)."""
+        """Prefer :meth:`open` / :meth:`create`. ``read_only``: why writes are refused (None: writable);
+        ``device``: where the extractor rebuilt from the stored spec runs."""
         self.root = root
         self.config = config
         self.index = index
         self._extractor = extractor
+        self._device = resolve_device(device)
         self._read_only_reason = read_only
         self._mmap = mmap
         self._lock_depth = 0  # this object holds the writer lock (see _write_lock)
@@ -355,7 +360,7 @@ class Collection:
         db.execute("INSERT INTO meta (key, value) VALUES ('uuid', ?), ('generation', '0')", (config.uuid,))
         # collection.json last: its presence marks a complete collection.
         config.save(root / CONFIG_FILE)
-        coll = cls(root, config, index, extractor, db)
+        coll = cls(root, config, index, extractor, db, device=extractor.device)
         coll._stamp = _index_stamp(root)
         return coll
 
@@ -367,9 +372,13 @@ class Collection:
         extractor: Extractor | None = None,
         mmap: bool = False,
         verify: bool = True,
+        device: str | torch.device = "cpu",
     ) -> Collection:
         """Open a collection. ``extractor`` must match the stored digest; by default it is rebuilt
-        lazily from the stored spec when images need describing.
+        lazily from the stored spec when images need describing, on ``device`` (as
+        :func:`activeindex.hardware.resolve_device` takes it: ``auto``, ``cpu``, ``cuda[:N]`` or a
+        :class:`torch.device`). The device is not part of the collection: one made on a GPU opens
+        on a CPU, and the other way round.
 
         ``mmap`` maps the index read-only; a folder this process cannot write opens read-only too
         (queries work, writes are refused). ``verify`` (default) refuses a database and an index
@@ -390,7 +399,7 @@ class Collection:
             # look inconsistent only by replacing the index file: then read it again.
             stamp = _index_stamp(root)
             coll = cls(root, config, _load_index(root, config, mmap), extractor,
-                       _connect(root, read_only=True), read_only=reason, mmap=mmap)
+                       _connect(root, read_only=True), read_only=reason, mmap=mmap, device=device)
             try:
                 for attempt in range(5):
                     if attempt:
@@ -415,7 +424,7 @@ class Collection:
                 f"new database would give their ids to other images; restore it, or run "
                 f"`activeindex check {root} --repair` to empty the index"
             )
-        coll = cls(root, config, index, extractor)
+        coll = cls(root, config, index, extractor, device=device)
         coll._stamp = stamp
         coll._generation = coll._meta_int("generation")  # a writer since: the stamp differs
         try:
@@ -442,7 +451,7 @@ class Collection:
     @property
     def extractor(self) -> Extractor:
         if self._extractor is None:
-            extractor = create_extractor(self.config.extractor)
+            extractor = create_extractor(self.config.extractor, device=self._device)
             check_extractor(self.config, extractor)
             self._extractor = extractor
         return self._extractor

@@ -35,3 +35,8 @@ class CollectionError(ActiveIndexError):
 class ActivationError(ActiveIndexError):
     """Activation cannot run: an index that cannot give a target, a model without gradients, an
     output that cannot meet its quality budget."""
+
+
+class DeviceError(ActiveIndexError):
+    """A device that is not one (``gpu``), or one this machine does not have (``cuda`` on a CPU
+    build of torch, ``cuda:3`` on a one-GPU machine)."""

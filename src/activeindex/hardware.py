@@ -1,4 +1,10 @@
-"""What the machine can do: the CPU's name, its vector ISA, and whether bf16 is native.
+"""What the machine can do: the device to compute on, the CPU's name, its vector ISA, and whether
+bf16 is native.
+
+:func:`resolve_device` is the one place a device setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``)
+becomes a :class:`torch.device`: ``auto`` is the GPU when torch sees one, else the CPU; a CUDA
+device the machine lacks is refused with the reason (a CPU build of torch, no GPU found) instead
+of failing later inside the first tensor moved there.
 
 The project runs on CPUs of more than one kind (DESIGN.md §8): some have AVX-512 with native bf16
 (bf16 autocast roughly doubles model throughput there), others only AVX2, where PyTorch *emulates*
@@ -19,13 +25,42 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from activeindex.errors import DeviceError
+from activeindex.settings import parse_device
+
+
+def resolve_device(device: str | torch.device | None = "auto", *, name: str = "device") -> torch.device:
+    """``auto`` (or None) → ``cuda`` when :func:`torch.cuda.is_available`, else ``cpu``; ``cpu``,
+    ``cuda``, ``cuda:N`` (or a :class:`torch.device` of those types) → that device, once checked
+    to exist here. Raises :class:`~activeindex.errors.DeviceError` for anything else, and for a
+    CUDA device this machine does not have. ``name`` is how the message calls the setting."""
+    text = "auto" if device is None else str(device)
+    value = parse_device(text, name=name)
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(value)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            if torch.version.cuda is None and torch.version.hip is None:
+                why = f"torch {torch.__version__} is a CPU build"
+            else:
+                why = f"torch {torch.__version__} is built for CUDA {torch.version.cuda or torch.version.hip} but found no GPU"
+            raise DeviceError(f"{name} {text}: no CUDA device is available ({why}); use {name} cpu or auto")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(f"{name} {text}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
+                              f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    return dev
+
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:
-    """True where bf16 runs at hardware speed on ``device`` (CUDA: the GPU supports it; CPU: oneDNN
+    """True where bf16 runs at hardware speed on ``device`` (CUDA: a GPU of compute capability 8 or more; CPU: oneDNN
     has a native bf16 ISA, AVX-512 BF16 or AMX, and is allowed to use it)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
+        # Compute capability 8 (Ampere) and later; ``is_bf16_supported()`` alone also says yes
+        # where bf16 is only emulated, which is what this function exists to tell apart.
+        return torch.cuda.is_available() and torch.cuda.get_device_properties(device).major >= 8
     if device.type != "cpu":
         return False
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -10,6 +10,9 @@ after torch and FAISS have loaded (seconds).
 from __future__ import annotations
 
 import enum
+import re
+
+from activeindex.errors import DeviceError
 
 DEFAULT_FPR = 0.01  # share of non-matching queries the copy threshold may flag: about 1 in 100
 
@@ -18,6 +21,21 @@ DEFAULT_FPR = 0.01  # share of non-matching queries the copy threshold may flag:
 # in float32, the JND heatmap): 16 MP is about 3 GB; larger images are refused with the reason,
 # not left to exhaust memory. Describing an image (no activation) is bounded by the model's input.
 MAX_ACTIVATION_PIXELS = 16 * 1024 * 1024
+
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def parse_device(text: str, *, name: str = "device") -> str:
+    """The device a user wrote, checked and normalised (``auto``, ``cpu``, ``cuda``, ``cuda:N``),
+    without asking torch whether the machine has it (that is
+    :func:`activeindex.hardware.resolve_device`, the one place ``auto`` is decided). ``name`` is
+    how the error message calls the setting (``--device`` on the command line)."""
+    value = str(text).strip().lower()
+    if not _DEVICE_RE.fullmatch(value):
+        raise DeviceError(f"{name} {text!r} is not a device; use {DEVICE_CHOICES}")
+    return value
 
 
 class ResizePolicy(str, enum.Enum):

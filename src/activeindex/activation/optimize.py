@@ -141,7 +141,8 @@ def gradient_precision(extractor: Extractor, requested: str = "auto") -> torch.d
         if not native_bf16(extractor.device):
             raise ActivationError(
                 f"bf16 activation was requested but this {extractor.device.type} has no native bf16 "
-                f"({cpu_model()}): it would be emulated, far slower than fp32; use precision fp32 or auto"
+                f"({cpu_model() if extractor.device.type == 'cpu' else extractor.device}): it would be "
+                "emulated, far slower than fp32; use precision fp32 or auto"
             )
         return torch.bfloat16
     if extractor.autocast_dtype == torch.float32:  # fp32 extractor: no native bf16, or it drifts
@@ -255,7 +256,10 @@ def activate_batch(
         wins = ((gap[0] + config.margin) * valid <= 0).all(dim=1)
         return hinge.sum(dim=2).mean(dim=0), wins
 
+    # The seed fixes robust activation's random edits; the caller's generators are left as they were
+    # (torch.manual_seed seeds the CPU's and every GPU's: the GPU's state is put back too).
     gen_state = torch.random.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     torch.manual_seed(config.seed)
     try:
         delta = torch.zeros_like(x0, requires_grad=True)
@@ -311,6 +315,8 @@ def activate_batch(
             cos_after = (extractor.embed(render(p), dtype) * t).sum(dim=1)
     finally:
         torch.random.set_rng_state(gen_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
     if not torch.isfinite(p).all():  # one check at the end instead of a host sync per iteration
         raise no_gradient()
 

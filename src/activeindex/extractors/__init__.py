@@ -46,6 +46,7 @@ from activeindex.extractors.base import (
 )
 from activeindex.extractors.builtin import BUILTIN_MODELS, DEFAULT_BUILTIN, build_builtin, fold_batchnorm, packaged_digest
 from activeindex.extractors.packaged import PACKAGED_MODELS, packaged_model
+from activeindex.hardware import resolve_device
 from activeindex.images import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -148,8 +149,15 @@ def create_extractor(
 
     ``runtime`` (ONNX files only) chooses what computes :meth:`Extractor.features`: ``auto`` is
     onnxruntime on the CPU, torch on other devices. A stored description keeps the runtime that
-    fed the collection (``torch`` for descriptions written before runtimes existed).
+    fed the collection (``torch`` for descriptions written before runtimes existed); onnxruntime
+    runs on the CPU whatever ``device`` is, the converted module (activation) on ``device``.
+
+    ``device`` is where the model runs: a :class:`torch.device` or ``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``, resolved and checked by :func:`activeindex.hardware.resolve_device` (a
+    :class:`~activeindex.errors.DeviceError` names a device this machine does not have). It is not part of :meth:`Extractor.describe`: a collection does not
+    depend on the device that fed it.
     """
+    device = resolve_device(device)
     stored_pre: dict[str, Any] = {}
     if isinstance(spec, dict):
         parsed = {k: spec[k] for k in ("kind", "name", "path") if k in spec}
@@ -192,7 +200,7 @@ def create_extractor(
             digest=digest,
             trained=trained,
             precision=Precision(precision),
-            device=torch.device(device),
+            device=device,
             activation_defaults=dict(entry.activation_defaults),
         )
     if kind not in KINDS:
@@ -220,14 +228,14 @@ def create_extractor(
         preprocessing = Preprocessing(**pre_args)
     except (TypeError, ValueError) as exc:
         raise ModelError(f"invalid preprocessing for {path}: {exc}") from exc
-    device = torch.device(device)
     describer = None
     if file_kind == "onnx":
         if runtime is Runtime.AUTO:
             runtime = Runtime.ONNXRUNTIME if device.type == "cpu" else Runtime.TORCH
         if runtime is Runtime.ONNXRUNTIME:
-            if device.type != "cpu":
-                raise ModelError(f"runtime onnxruntime runs on the CPU here, not {device}; use --runtime torch")
+            # onnxruntime's CPU provider describes whatever ``device`` is: a collection made on a
+            # CPU keeps its descriptors' path on a GPU machine, where activation (the converted
+            # module) runs on the GPU.
             from activeindex.extractors.ort import OrtDescriber
 
             describer = OrtDescriber(path, preprocessing, threads=torch.get_num_threads())

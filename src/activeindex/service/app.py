@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
@@ -74,6 +75,7 @@ def create_app(
     model_processes: int | None = 0,
     allowed_hosts: Sequence[str] = LOCAL_NAMES,
     progress: Callable[[str], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> FastAPI:
     """Load the collection and its extractor (once, now) and build the app. ``token``: the bearer
     token of write routes; None makes the service read-only. ``mmap``: map the index file instead
@@ -81,9 +83,12 @@ def create_app(
     ``model_processes``: decode and describe uploads in that many child processes (None: one per
     CPU core torch uses, at most 4, on a CPU model; 0: in threads of this process; see
     :mod:`.describers`). ``allowed_hosts``: the host names requests may name in ``Host`` besides
-    IP addresses (``*``: any; see :mod:`.hosts`). ``progress``: told each start-up step, in words."""
+    IP addresses (``*``: any; see :mod:`.hosts`). ``progress``: told each start-up step, in words.
+    ``device``: where the model runs (``auto``, ``cpu``, ``cuda[:N]``; on a GPU, uploads are
+    described in this process, one batch at a time)."""
     metrics = ServiceMetrics()
-    service = Service(collection_path, limits, metrics, mmap=mmap, model_processes=model_processes, progress=progress)
+    service = Service(collection_path, limits, metrics, mmap=mmap, model_processes=model_processes, progress=progress,
+                      device=device)
     tokens = TokenCheck(token, disabled_reason="the index is memory-mapped (--mmap): read-only" if mmap else None)
     logger.info("serving %s (%d images); writes %s", service.collection.root, service.count(),
                 "need the bearer token" if tokens.enabled else "disabled (no token configured)")
@@ -332,6 +337,7 @@ def run(
     allowed_hosts: Sequence[str] | None = None,
     log_level: str = "info",
     say: Callable[[str], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> None:
     """Serve a collection with uvicorn until interrupted. ``say`` (default: a line on stderr) is
     told each start-up step, and the URL once the port accepts connections: loading the model
@@ -342,7 +348,7 @@ def run(
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     hosts = tuple(allowed_hosts) if allowed_hosts is not None else default_allowed_hosts(host)
     app = create_app(collection_path, token=token, limits=limits, mmap=mmap, model_processes=model_processes,
-                     allowed_hosts=hosts, progress=say)
+                     allowed_hosts=hosts, progress=say, device=device)
     say(f"uploads are decoded and described by {app.state.service.describers_summary()}")
 
     class Server(uvicorn.Server):

@@ -125,11 +125,12 @@ class Service:
         mmap: bool = False,
         model_processes: int | None = 0,
         progress: Callable[[str], None] | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         say = progress or (lambda line: None)
         self.limits = limits
         self.metrics = metrics
-        self.collection = ServedCollection.open(collection_path, mmap=mmap)
+        self.collection = ServedCollection.open(collection_path, mmap=mmap, device=device)
         self._describers: list[LocalDescriber | ProcessDescriber] = []
         try:
             self.extractor: Extractor = self.collection.extractor  # loaded (and checked) once, here

@@ -73,7 +73,9 @@ class _RandomCaptionBand(nn.Module):
         for i in torch.nonzero(torch.rand(b) < self.p).flatten().tolist():
             bh = max(1, int(h * float(torch.empty(1).uniform_(*self.band))))
             out[i, :, bh:] = F.interpolate(x[i : i + 1], size=(h - bh, w), mode="bilinear", align_corners=False)[0]
-            out[i, :, :bh] = torch.rand(3, 1, 1) * 0.2 + 0.8 if torch.rand(1) < 0.7 else torch.rand(3, 1, 1)
+            light = bool(torch.rand(1) < 0.7)  # drawn first, as before: the same draws on the CPU
+            colour = torch.rand(3, 1, 1, device=x.device)  # on the batch's device: no host copy
+            out[i, :, :bh] = colour * 0.2 + 0.8 if light else colour
             for _ in range(int(torch.randint(3, 12, (1,)))):  # glyph-like dark blocks
                 gh, gw = max(1, bh // 3), max(1, w // 20)
                 top = int(torch.randint(0, max(1, bh - gh), (1,)))

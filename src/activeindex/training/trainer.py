@@ -28,7 +28,7 @@ from activeindex.atomic import atomic_path, write_text_atomic
 from activeindex.errors import ImageLoadError
 from activeindex.extractors.base import Preprocessing
 from activeindex.extractors.builtin import BUILTIN_MODELS, build_builtin
-from activeindex.hardware import native_bf16
+from activeindex.hardware import native_bf16, resolve_device
 from activeindex.images import load_image
 from activeindex.training.augment import copy_edit_augmentation
 from activeindex.training.losses import info_nce, koleo, positive_rank_accuracy
@@ -101,7 +101,7 @@ def train_descriptor(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)  # None: auto, the GPU when there is one
     entry = BUILTIN_MODELS[cfg.arch]
     size = cfg.train_size or entry.preprocessing.input_size
     model, _, _ = build_builtin(cfg.arch, load_weights=False)
@@ -126,6 +126,8 @@ def train_descriptor(
         opt.load_state_dict(ckpt["optimizer"])  # moves the state to the parameters' device
         gen.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in ckpt:  # the edits' draws on the GPU
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         start = ckpt["step"]
         logger.info("resuming from step %d", start)
     else:
@@ -177,6 +179,7 @@ def train_descriptor(
                         "optimizer": opt.state_dict(),
                         "generator": gen.get_state(),
                         "torch_rng": torch.get_rng_state(),
+                        **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                     },
                     ckpt_path,
                 )
