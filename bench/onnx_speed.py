@@ -64,6 +64,13 @@ def _prepacked_conv_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> i
     return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
 
+# Inference runs a convolution followed by a residual sum as one call that adds into the other
+# operand (arguments: other, input, weight, ...): the same convolution FLOPs.
+@register_flop_formula(torch.ops.mkldnn._convolution_pointwise_)
+def _prepacked_conv_add_flop(other_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, other_shape, transposed=False)
+
+
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     """(best, median) seconds of ``repeats`` calls after one warm-up call."""
     fn()

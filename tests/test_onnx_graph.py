@@ -363,3 +363,55 @@ def test_prepacked_conv_equals_torch_conv_and_its_input_gradient(case: str, layo
     assert "forward" in attrs["_packed"]
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
+
+
+def _fusion_model(path: Path) -> Path:
+    """Conv → Relu twice, Conv → Add (the residual: into the first Relu's output), Conv → uint8 Q/DQ
+    pair, on 3×9×9."""
+    rng = np.random.default_rng(0)
+    w = {f"w{k}": rng.normal(size=(8, 3 if k == 1 else 8, 3, 3)).astype(np.float32) * 0.3 for k in (1, 2, 3, 4)}
+    b = {f"b{k}": rng.normal(size=8).astype(np.float32) for k in (1, 2, 3)}
+    conv = {"pads": [1, 1, 1, 1]}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], **conv),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], **conv),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], **conv),
+             helper.make_node("Add", ["r1", "c3"], ["s3"]),
+             helper.make_node("Conv", ["s3", "w4"], ["c4"], strides=[2, 2], **conv),
+             helper.make_node("QuantizeLinear", ["c4", "s", "z"], ["q4"]),
+             helper.make_node("DequantizeLinear", ["q4", "s", "z"], ["y"])]
+    inits = [numpy_helper.from_array(v, k) for k, v in {**w, **b}.items()]
+    inits += [numpy_helper.from_array(np.float32(0.07), "s"), numpy_helper.from_array(np.uint8(100), "z")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_convolutions_fused_with_the_node_after_them(tmp_path: Path, layout: torch.memory_format) -> None:
+    """Each Conv merges with the Relu, residual Add or Q/DQ pair that alone reads it; without
+    autograd the pair runs as one oneDNN convolution with a post-op, and the numbers are exactly
+    those of autograd mode, which runs the two ops; the Add's operand is overwritten, not the input."""
+    path = _fusion_model(tmp_path / "fused.onnx")
+    module = load_onnx_module(path)
+    assert [n.op for n in module._nodes] == ["_ConvRelu", "_ConvRelu", "_ConvAdd", "_ConvFakeQuantize"]
+    assert module._nodes[2].attrs.get("overwrite")
+    x = torch.randn(3, 3, 9, 9, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=layout) * 3
+    before = x.clone()
+    with torch.no_grad():
+        got = module(x)
+    assert torch.equal(x, before)
+    xr = x.clone().requires_grad_(True)
+    want = module(xr)
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    # Some values saturate at each end of uint8 (the clamp the convolution now applies).
+    assert (got == -100 * 0.07).any() and (got == 155 * 0.07).any()
+    want.sum().backward()
+    assert xr.grad is not None and xr.grad.abs().sum() > 0
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {"x": x.contiguous().numpy()})[0]
+    assert np.mean(np.abs(got.numpy() - ref) > 1e-4) < 0.02  # a value at a rounding tie moves one step

@@ -398,6 +398,7 @@ class OnnxGraphModule(torch.nn.Module):
         # flips quantisation levels (SSCD int8 on real photos: min cosine to onnxruntime 0.987 in
         # bf16 against 0.999 in fp32, bench/onnx_agreement.py). Precision.AUTO reads this.
         self.prefers_fp32 = any(n.op == "_FakeQuantize" for n in self._nodes)
+        self._nodes = _fuse_conv_epilogues(self._nodes, set(self.output_names))
 
         # ONNX value name -> buffer attribute name, for the constants the remaining nodes read.
         # Buffers (not a dict of tensors) so that .to(), .half() and .state_dict() see the weights;
@@ -418,12 +419,13 @@ class OnnxGraphModule(torch.nn.Module):
         # Without autograd, a node may overwrite its first input when no later node reads it and
         # it is a tensor of its own (made by an op that always allocates, not a view of a value
         # still in use, not the caller's input): see _fake_quantize_scalar and _add.
+        # _ConvAdd overwrites its last input (the other operand of the sum) instead.
         producer = {out: node.op for node in self._nodes for out in node.outputs}
         for i, node in enumerate(self._nodes):
-            first = node.inputs[0] if node.inputs else ""
-            if (node.op in ("_FakeQuantize", "Add") and first in producer and last_use[first] == i
-                    and first not in self.output_names and node.inputs.count(first) == 1
-                    and producer[first] in _FRESH_OUTPUT):
+            target = node.inputs[-1 if node.op == "_ConvAdd" else 0] if node.inputs else ""
+            if (node.op in ("_FakeQuantize", "Add", "_ConvAdd") and target in producer and last_use[target] == i
+                    and target not in self.output_names and node.inputs.count(target) == 1
+                    and producer[target] in _FRESH_OUTPUT):
                 node.attrs["overwrite"] = True
 
     def _add_constant(self, onnx_name: str, value: Tensor) -> None:
@@ -553,7 +555,8 @@ def _variant(node: onnx.NodeProto) -> str | None:
 _OPS: dict[str, OpFn] = {}
 
 # Ops whose output is always a new tensor (never a view or one of their inputs).
-_FRESH_OUTPUT = frozenset({"Conv", "Add", "Gemm", "MatMul", "MaxPool", "AveragePool", "_FakeQuantize"})
+_FRESH_OUTPUT = frozenset({"Conv", "Add", "Gemm", "MatMul", "MaxPool", "AveragePool", "_FakeQuantize",
+                           "_ConvFakeQuantize", "_ConvRelu", "_ConvAdd"})
 
 
 def _op(*names: str) -> Callable[[OpFn], OpFn]:
@@ -835,12 +838,14 @@ def _fake_quant_scalars(q_scale: Tensor, q_zp: Value, dq_scale: Tensor, dq_zp: V
                              out_scale=float(dq_scale.reshape(()).float()), rounding=bool(a["round"]))
 
 
-def _fake_quant_passes_(q: Tensor, p: _FakeQuantScalars) -> Tensor:
+def _fake_quant_passes_(q: Tensor, p: _FakeQuantScalars, clamp: bool = True) -> Tensor:
     """``q`` holds ``x / s``; finish the round trip in place: round half to even (``torch.round``,
-    ONNX's rule), clamp to the integer range, shift, scale. Scalar operands: no broadcasting."""
+    ONNX's rule), clamp to the integer range (``clamp=False``: ``x`` was clamped to it already, see
+    :func:`_conv_fake_quantize`), shift, scale. Scalar operands: no broadcasting."""
     if p.rounding:
         q.round_()
-    q.clamp_(p.lo, p.hi)  # clamp(round(v)) == round(clamp(v)): the bounds are integers
+    if clamp:
+        q.clamp_(p.lo, p.hi)  # clamp(round(v)) == round(clamp(v)): the bounds are integers
     if p.shift:
         q.add_(p.shift)
     return q.mul_(p.out_scale)
@@ -925,26 +930,153 @@ def _symmetric(pads: Sequence[tuple[int, int]]) -> bool:
     return all(b == e for b, e in pads)
 
 
-@_op("Conv")
-def _conv(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
-    x, w = i[0], i[1]
-    assert x is not None and w is not None
-    bias = i[2] if len(i) > 2 else None
+def _conv_args(x: Tensor, w: Tensor, a: dict[str, Any]) -> tuple[Tensor, list[int], list[int], list[int], int]:
+    """(input, padded beforehand where ONNX pads asymmetrically; strides; padding; dilations; groups)."""
     n = w.dim() - 2
     strides = a.get("strides", [1] * n)
     dilations = a.get("dilations", [1] * n)
     pads = _pads(x, w.shape[2:], strides, dilations, a)
     if not _symmetric(pads):  # torch convs only pad symmetrically
         x, pads = F.pad(x, _torch_pad(pads)), [(0, 0)] * n
-    padding, groups = [b for b, _ in pads], a.get("group", 1)
+    return x, list(strides), [b for b, _ in pads], list(dilations), a.get("group", 1)
+
+
+def _weight_cache(a: dict[str, Any]) -> _WeightCache:
+    cache = a.get("_packed")
+    if cache is None:
+        cache = a["_packed"] = _WeightCache()
+    return cache
+
+
+@_op("Conv")
+def _conv(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    x, w = i[0], i[1]
+    assert x is not None and w is not None
+    bias = i[2] if len(i) > 2 else None
+    x, strides, padding, dilations, groups = _conv_args(x, w, a)
     if _prepacked_conv_applies(x, w, bias):
         geometry = (tuple(strides), tuple(padding), tuple(dilations), groups)
-        cache = a.get("_packed")
-        if cache is None:
-            cache = a["_packed"] = _WeightCache()
-        return _PrepackedConvFn.apply(x, w, bias, geometry, cache)
-    conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+        return _PrepackedConvFn.apply(x, w, bias, geometry, _weight_cache(a))
+    conv = (F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3]
     return conv(x, w, bias, strides, padding, dilations, groups)
+
+
+# --- a convolution and the one node that reads its output, as one oneDNN call -----------------------
+# Without autograd, the elementwise node after a convolution runs inside it as a oneDNN post-op, on
+# the output while it is still in registers: a ReLU (MobileNet's), the residual sum (written into
+# the other operand, which nothing reads afterwards), or the clamp of a fake quantisation (SSCD's
+# int8 graph: every convolution is followed by one), whose division, rounding and scaling then
+# remain as passes. Each saves a pass over the output (and the sum an allocation). With autograd,
+# or where the prepacked convolution does not apply, the pair runs as the two nodes did.
+
+
+def _conv_inference(i: list[Value], a: dict[str, Any], post: str = "none", scalars: Sequence[float] = (),
+                    other: Value = None) -> Tensor | None:
+    """A float32 CPU convolution on prepacked weights, without autograd, with the oneDNN post-op
+    ``post`` (``"relu"``, ``"hardtanh"`` with ``scalars`` = (min, max)) or, given ``other``, with
+    ``other`` added into ``other`` itself (a binary post-op: ``other += conv(x)``, returned).
+    None where that does not apply (autograd, another device or dtype, ``other`` not of the
+    output's shape and layout): the caller then runs the unfused ops."""
+    x, w = i[0], i[1]
+    assert x is not None and w is not None
+    bias = i[2] if len(i) > 2 else None
+    if torch.is_grad_enabled():
+        return None
+    x, strides, padding, dilations, groups = _conv_args(x, w, a)
+    if not _prepacked_conv_applies(x, w, bias):
+        return None
+    geometry = (tuple(strides), tuple(padding), tuple(dilations), groups)
+    packed = _packed_weight(_weight_cache(a), "forward", w, x.shape, geometry)
+    if other is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, strides, dilations, groups,
+                                                       post, list(scalars), "")
+    out_shape = [x.shape[0], w.shape[0]] + [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip(x.shape[2:], w.shape[2:], strides, padding, dilations)]
+    # oneDNN writes the output in the input's layout (channels-last in, channels-last out).
+    layout = torch.channels_last if not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
+    if (list(other.shape) != out_shape or other.dtype != torch.float32 or other.device != x.device
+            or not other.is_contiguous(memory_format=layout)):
+        return None
+    return torch.ops.mkldnn._convolution_pointwise_.binary(other, x, packed, bias, padding, strides, dilations,
+                                                           groups, "add", None, None, [], None)
+
+
+def _conv_clamp_bounds(p: _FakeQuantScalars) -> tuple[float, float] | None:
+    """Bounds ``(a, b)`` in the convolution's output units such that fake quantisation of
+    ``clamp(x, a, b)`` without its own clamp equals fake quantisation of ``x``: float32 ``qmin · s``
+    and ``qmax · s``, where they come back to ``qmin`` and ``qmax`` through the division (and
+    rounding); else None (the pair is not fused). Division is monotonic, so every ``x`` between
+    them lands between the integer bounds, and every ``x`` beyond them on the bound."""
+    s = torch.tensor(p.scale, dtype=torch.float32)
+    a, b = torch.tensor(p.lo * p.scale, dtype=torch.float32), torch.tensor(p.hi * p.scale, dtype=torch.float32)
+    back = (lambda v: torch.round(v / s)) if p.rounding else (lambda v: v / s)
+    if back(a).item() != p.lo or back(b).item() != p.hi:
+        return None
+    return float(a), float(b)
+
+
+def _conv_fake_quantize(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    """Conv → per-tensor fake quantisation (``a["fq"]``: the quantisation node's attributes)."""
+    p: _FakeQuantScalars = a["fq"]["scalars"]
+    y = _conv_inference(i, a, "hardtanh", a["clamp"])
+    if y is not None:
+        return _fake_quant_passes_(y.div_(p.scale), p, clamp=False)
+    return _fake_quantize_scalar(m, [_conv(m, i, a)], a["fq"])  # a["fq"] may overwrite: fresh output
+
+
+def _conv_relu(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    y = _conv_inference(i, a, "relu")
+    if y is not None:
+        return y
+    y = _conv(m, i, a)
+    return F.relu(y) if torch.is_grad_enabled() else y.relu_()
+
+
+def _conv_add(m: OnnxGraphModule, i: list[Value], a: dict[str, Any]) -> Tensor:
+    """Conv → Add; ``i`` is the convolution's inputs, then the Add's other operand."""
+    n = a["conv_inputs"]
+    other = i[n]
+    if a.get("overwrite") and (y := _conv_inference(i[:n], a, other=other)) is not None:
+        return y
+    y = _conv(m, i[:n], a)
+    return torch.add(y, other) if a["conv_first"] else torch.add(other, y)  # type: ignore[arg-type]
+
+
+def _fuse_conv_epilogues(nodes: list[_Node], outputs: set[str]) -> list[_Node]:
+    """Merge each Conv with the node that alone reads its output, when that node is a per-tensor
+    fake quantisation (with exact clamp bounds, :func:`_conv_clamp_bounds`), a Relu or a two-input
+    Add, into one node at the reader's place (see :func:`_conv_inference`)."""
+    readers: dict[str, list[_Node]] = {}
+    for node in nodes:
+        for name in node.inputs:
+            readers.setdefault(name, []).append(node)
+    merged: dict[int, _Node] = {}  # id(reader) -> the fused node
+    dropped: set[int] = set()
+    for conv in nodes:
+        out = conv.outputs[0]
+        if conv.op != "Conv" or out in outputs or len(readers.get(out, [])) != 1:
+            continue
+        r = readers[out][0]
+        if r.inputs.count(out) != 1:
+            continue
+        if r.op == "_FakeQuantize" and "scalars" in r.attrs and r.inputs[0] == out:
+            if (bounds := _conv_clamp_bounds(r.attrs["scalars"])) is None:
+                continue
+            fused = _Node("_ConvFakeQuantize", _conv_fake_quantize, conv.inputs, r.outputs,
+                          {**conv.attrs, "fq": {**r.attrs, "overwrite": True}, "clamp": bounds})
+        elif r.op == "Relu":
+            fused = _Node("_ConvRelu", _conv_relu, conv.inputs, r.outputs, dict(conv.attrs))
+        elif r.op == "Add" and len(r.inputs) == 2:
+            other = r.inputs[1 - r.inputs.index(out)]
+            fused = _Node("_ConvAdd", _conv_add, [*conv.inputs, other], r.outputs,
+                          {**conv.attrs, "conv_inputs": len(conv.inputs), "conv_first": r.inputs[0] == out})
+        else:
+            continue
+        merged[id(r)] = fused
+        dropped.add(id(conv))
+    return [merged.get(id(n), n) for n in nodes if id(n) not in dropped]
 
 
 # --- 2-D float32 convolutions on a CPU with prepacked weights ---------------------------------------
