@@ -138,8 +138,9 @@ register(
         build=lambda: CopyDescriptorNet(widths=(48, 96, 192, 384), depths=(2, 2, 2, 2), dim=256, stem=24),
         preprocessing=Preprocessing(input_size=160),
         description="ResNet-18-shaped trunk at 3/4 width, GeM, 256-d; 160 px (the default)",
-        # lr 0.1: docs/activation-study.md (lr 1 makes every Adam step a full-budget sign step).
-        activation_defaults={"lr": 0.1},
+        # docs/activation-study.md: lr 1 makes every Adam step a full-budget sign step; 5 steps of
+        # 0.2 gain as much as 10 of 0.1 (+0.116 both, 100 tuning images) at half the model work.
+        activation_defaults={"iterations": 5, "lr": 0.2},
     )
 )
 register(
