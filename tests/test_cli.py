@@ -49,10 +49,10 @@ def test_collection_lifecycle(folder, tmp_path):
     c = tmp_path / "coll"
     invoke("create", c, "--index", "IVF16,PQ16x4", "--train", folder / "train", "--model", "builtin:tiny",
            "--nprobe", "4")
-    res = invoke("add", c, folder / "refs", "--json")
+    res = invoke("add", c, folder / "refs", "--json", "--no-recalibrate")
     added = json.loads(res.stdout)
     # Calibrated on an empty index, the threshold now under-states its false positives: said, with the fix.
-    assert f"run: activeindex calibrate {c}" in res.output
+    assert f"run: activeindex calibrate {c}" in res.output and "recalibrated" not in res.output
     assert len(added["added"]) == 200 and added["duplicates"] == [] and added["skipped"] == []
     ids = {a["name"]: a["id"] for a in added["added"]}
 
@@ -87,6 +87,26 @@ def test_collection_lifecycle(folder, tmp_path):
     assert victim not in [mm["id"] for mm in q[0]["matches"]]
     text = invoke("info", c).stdout
     assert "IVF16,PQ16x4" in text and "UNTRAINED" in text and info["copy_decision"] in text
+
+
+def test_add_recalibrates_a_stale_threshold_for_its_stored_target(folder, tmp_path):
+    c = tmp_path / "coll"
+    invoke("create", c, "--index", "IVF16,PQ16x4", "--train", folder / "train", "--model", "builtin:tiny",
+           "--target-fpr", "0.02")
+    before = json.loads(invoke("info", c, "--json").stdout)["threshold_info"]
+    res = invoke("add", c, folder / "refs")
+    # 200 images against a threshold calibrated on an empty index: recalibrated, so no stale warning
+    assert "recalibrated the copy threshold for the 200 images now indexed" in res.output
+    assert "run: activeindex calibrate" not in res.output
+    after = json.loads(invoke("info", c, "--json").stdout)
+    ti = after["threshold_info"]
+    assert ti["n_indexed"] == 200 and before["n_indexed"] == 0
+    assert ti["target_fpr"] == 0.02 and "STALE" not in after["copy_decision"]  # its own target, not the default
+    assert f"{before['threshold']:.4f} -> {ti['threshold']:.4f}" in res.output
+    # Not stale any more: the next add leaves it alone; `calibrate` without options keeps the target too.
+    assert "recalibrated" not in invoke("add", c, folder / "train" / "img_000000.png").output
+    invoke("calibrate", c)
+    assert json.loads(invoke("info", c, "--json").stdout)["threshold_info"]["target_fpr"] == 0.02
 
 
 def test_create_from_npy(folder, tmp_path):

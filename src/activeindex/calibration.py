@@ -39,6 +39,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -54,7 +55,9 @@ from activeindex.errors import ActiveIndexError, CollectionError, ImageLoadError
 from activeindex.extractors import Extractor
 from activeindex.features import describe_images, extract_paths
 from activeindex.images import load_image
-from activeindex.scoring import CalibrationError, CalibrationScores, CopyTarget, Normalization, QueryMode, Threshold
+from activeindex.scoring import (
+    CalibrationError, CalibrationScores, CopyTarget, Normalization, QueryMode, Threshold, threshold_is_stale,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +249,29 @@ def recalibrate(coll: Collection, target: CopyTarget = CopyTarget()) -> Threshol
         logger.warning("the stored calibration descriptors have no dihedral views: no dihedral copy threshold "
                        "(calibrate from images: activeindex calibrate %s --images DIR)", coll.root)
     return calibrate_modes(coll, cal, target)
+
+
+def stored_target(info: dict[str, Any] | None) -> CopyTarget:
+    """The target a stored threshold (:meth:`Threshold.to_dict`) was calibrated for; the default
+    target (1 % false positives) when the collection has none."""
+    if not info:
+        return CopyTarget()
+    return CopyTarget(fpr=info.get("target_fpr"), precision=info.get("target_precision"),
+                      prior=info.get("prior"), confidence=info.get("confidence", CopyTarget().confidence))
+
+
+def recalibrate_if_stale(coll: Collection) -> tuple[float, Threshold] | None:
+    """Recalibrate ``coll`` for its stored target when its threshold is stale (the index has grown
+    more than :data:`~activeindex.scoring.STALE_FACTOR`-fold since calibration, so the threshold
+    flags more unrelated images than it says) and the collection keeps its calibration
+    descriptors; → (the old threshold, the new one), or None when nothing was done. Each doubling
+    of the index costs one search of the calibration queries, so a growing collection keeps the
+    false-positive rate it promises without images or a command."""
+    info = coll.threshold_info(QueryMode.SINGLE)
+    if not threshold_is_stale(info, coll.count()) or not (coll.root / CALIBRATION_SET_FILE).exists():
+        return None
+    assert info is not None
+    return float(info["threshold"]), recalibrate(coll, stored_target(info))
 
 
 def load_images(paths: Sequence[Path]) -> tuple[list[Image.Image], list[tuple[Path, str]]]:

@@ -354,9 +354,13 @@ def calibrate(
     from activeindex.calibration import CALIBRATION_SET_FILE, calibrate_from_images, recalibrate
     from activeindex.collection import Collection
 
-    target = _copy_target(target_fpr, target_precision, prior)
+    from activeindex.calibration import stored_target
+
+    asked = None if target_fpr is None and target_precision is None and prior is None else \
+        _copy_target(target_fpr, target_precision, prior)
 
     with Collection.open(collection, device=_device(device)) as coll:
+        target = asked or stored_target(coll.threshold_info())  # unset: the target it was calibrated for
         if images:
             paths = _expand(images)
             with _progress(len(paths), "calibrate") as update:
@@ -410,6 +414,11 @@ def add(
     ray_address: RayAddressOpt = None,
     shard_size: ShardSizeOpt = 256,
     device: DeviceOpt = "auto",
+    recalibrate: Annotated[bool, typer.Option(
+        "--recalibrate/--no-recalibrate",
+        help="when the index has more than doubled since the copy threshold was calibrated, recalibrate it "
+             "for its stored target from the calibration descriptors the collection keeps (a fixed threshold "
+             "flags more unrelated images as the index grows)")] = True,
     *,
     knobs: dict[str, Any],
 ) -> None:
@@ -451,7 +460,19 @@ def add(
             else:
                 report = coll.add_images(paths, names=names, progress=update)
         _print_add(report, as_json)
+        if recalibrate:
+            _recalibrate_if_stale(coll)
         _warn_stale_threshold(coll)
+
+
+def _recalibrate_if_stale(coll: Collection) -> None:
+    from activeindex.calibration import recalibrate_if_stale
+
+    done = recalibrate_if_stale(coll)
+    if done is not None:
+        old, thr = done
+        _err(f"recalibrated the copy threshold for the {coll.count()} images now indexed (a fixed threshold "
+             f"flags more unrelated images as the index grows): score >= {old:.4f} -> {thr.threshold:.4f}")
 
 
 def _warn_stale_threshold(coll: Collection, mode: str = "single") -> None:
