@@ -185,9 +185,13 @@ def _pad_batch(images: list[np.ndarray], device: torch.device) -> tuple[torch.Te
 
 def activate_batch(
     extractor: Extractor, images: list[np.ndarray], targets: np.ndarray, config: ActivationConfig,
-    competitors: Competitors | None = None,
+    competitors: Competitors | None = None, features: np.ndarray | None = None,
 ) -> ActivatedBatch:
     """Activate ``images`` (uint8 (h, w, 3), any sizes) towards ``targets`` (B, d) unit vectors.
+
+    ``features``: the originals' descriptors as the collection describes them (B, d), when the
+    caller has them (it computed the targets from them): the cosine before is then taken from them
+    instead of one more forward pass of the batch.
 
     With ``config.margin_weight > 0`` and ``competitors`` (:func:`.competitors.find_competitors`
     of the originals), the loss adds ``margin_weight · Σ_j τ·softplus((gap_j + margin) / τ)`` per
@@ -266,8 +270,13 @@ def activate_batch(
         m = torch.zeros_like(x0)
         v = torch.zeros_like(x0)
         beta1, beta2, eps = 0.9, 0.999, 1e-8
-        with torch.no_grad():
-            cos_before = (extractor.embed(apply_resize(x0, a_h, a_w), dtype) * t).sum(dim=1)
+        if features is not None:
+            if features.shape != targets.shape:
+                raise ActivationError(f"features have shape {features.shape}, the targets {targets.shape}")
+            cos_before = (torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device) * t).sum(dim=1)
+        else:
+            with torch.no_grad():
+                cos_before = (extractor.embed(apply_resize(x0, a_h, a_w), dtype) * t).sum(dim=1)
         moving = torch.ones(b, 1, 1, 1, device=device)
         if config.stop_cos is not None:
             moving = (cos_before < config.stop_cos).float().view(b, 1, 1, 1)
