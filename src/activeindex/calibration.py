@@ -158,13 +158,13 @@ def calibration_set(
     edits = calibration_edits()
     keys = edit_keys(n, m, edits_per_image, len(edits))
     step = None if progress is None else (lambda k: progress(k / edits_per_image))
-    first = describe_copies(images, [edits[k] for k in keys[0]], extractor, seed=seed, image_keys=list(range(n)),
-                            edit_keys=keys[0].tolist(), progress=step, dihedral=dihedral)
-    queries = [first.features]
-    for row in keys[1:]:  # the other edits: single queries only
-        queries.append(describe_copies(images, [edits[k] for k in row], extractor, seed=seed,
-                                       image_keys=list(range(n)), edit_keys=row.tolist(), progress=step).features)
-    return CalibrationSet(describe_images(images[:m], extractor), np.concatenate(queries), seed, first.views,
+    queries, views = [], None
+    for j, row in enumerate(keys):  # the dihedral views of the first edit only
+        copies = describe_copies(images, [edits[k] for k in row], extractor, seed=seed, image_keys=list(range(n)),
+                                 edit_keys=row.tolist(), progress=step, dihedral=dihedral and j == 0)
+        queries.append(copies.features)
+        views = copies.views if j == 0 else views
+    return CalibrationSet(describe_images(images[:m], extractor), np.concatenate(queries), seed, views,
                           edits_per_image)
 
 
