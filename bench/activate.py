@@ -184,18 +184,30 @@ def model_fwd_bwd(extractor: Extractor, batch_size: int, dtype: torch.dtype, rep
     return batch_size / best
 
 
-def timed(fn, coll: Collection, paths: Sequence[Path], out: Path, cfg: ActivationConfig,
-          batch_size: int) -> tuple[list[Released], float]:
-    """Run ``fn`` over ``paths`` in batches, writing to a fresh ``out``; → released files, seconds."""
+def timed(pipelines: dict, coll: Collection, paths: Sequence[Path], out: Path,
+          batch_size: int) -> tuple[dict[str, list[Released]], dict[str, float]]:
+    """Run each of ``pipelines`` (name → (fn, cfg)) over ``paths`` in batches, each writing to a
+    fresh ``out/released-<name>``; → per name the released files and the seconds spent.
+
+    The pipelines take turns batch by batch (the first one first on even batches, last on odd
+    ones), so that a shared machine's drifting speed (other tenants, clock changes: these runs
+    have seen the same command take 2× as long from one minute to the next) falls on both alike
+    and their ratio stays meaningful."""
     import shutil
 
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    released: list[Released] = []
-    t0 = time.perf_counter()
-    for start in range(0, len(paths), batch_size):
-        released.extend(fn(coll, paths[start : start + batch_size], out, cfg))
-    return released, time.perf_counter() - t0
+    names = list(pipelines)
+    for name in names:
+        shutil.rmtree(out / f"released-{name}", ignore_errors=True)
+        (out / f"released-{name}").mkdir(parents=True)
+    released: dict[str, list[Released]] = {name: [] for name in names}
+    seconds = dict.fromkeys(names, 0.0)
+    for b, start in enumerate(range(0, len(paths), batch_size)):
+        for name in names if b % 2 == 0 else reversed(names):
+            fn, cfg = pipelines[name]
+            t0 = time.perf_counter()
+            released[name].extend(fn(coll, paths[start : start + batch_size], out / f"released-{name}", cfg))
+            seconds[name] += time.perf_counter() - t0
+    return released, seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,14 +239,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     naive_cfg = configure({"iterations": args.naive_iterations, "lr": ours_cfg.lr, "stop_cos": None}, extractor)
     act_dtype = gradient_precision(extractor)  # the one-off bf16 gradient check, outside the timing
 
-    warm = CACHE / "released-warmup"
-    timed(ours_pipeline, coll, paths[:2], warm, ours_cfg, 2)  # warm-up
-    timed(naive_pipeline, coll, paths[:2], warm, naive_cfg, 2)
-    released, speed = {}, {}
-    for name, fn, cfg in (("naive", naive_pipeline, naive_cfg), ("ours", ours_pipeline, ours_cfg)):
-        say(f"activating {args.n} files end to end: {name} ({cfg.iterations} iterations at lr {cfg.lr:g})")
-        released[name], seconds = timed(fn, coll, paths, CACHE / f"released-{name}", cfg, args.batch_size)
-        speed[name] = args.n / seconds
+    pipelines = {"naive": (naive_pipeline, naive_cfg), "ours": (ours_pipeline, ours_cfg)}
+    timed(pipelines, coll, paths[:2], CACHE / "warmup", 2)
+    for name, (_, cfg) in pipelines.items():
+        say(f"{name}: {cfg.iterations} iterations at lr {cfg.lr:g}")
+    say(f"activating {args.n} files end to end, the two pipelines batch by batch in turn")
+    released, seconds = timed(pipelines, coll, paths, CACHE, args.batch_size)
+    speed = {name: args.n / sec for name, sec in seconds.items()}
     say("model forward+backward alone, and the matmul ceiling")
     # bf16 is timed only where it is native: emulated bf16 (AVX2) runs hundreds of times slower
     # and says nothing about activation, which uses fp32 there.
