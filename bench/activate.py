@@ -148,7 +148,7 @@ def naive_pipeline(coll: Collection, paths: Sequence[Path], out: Path, cfg: Acti
 def ours_pipeline(coll: Collection, paths: Sequence[Path], out: Path, cfg: ActivationConfig) -> list[Released]:
     """Files → released files as ``add --activate`` makes them (less the index and database)."""
     images = [np.asarray(load_image(p, limits=activation_limits())) for p in paths]
-    _, _, released = release_batch(coll.extractor, coll.index, images, cfg)
+    released = release_batch(coll.extractor, coll.index, images, cfg).files
     for path, rel in zip(paths, released):
         if isinstance(rel, Exception):
             raise rel

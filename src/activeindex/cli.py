@@ -383,12 +383,18 @@ def _print_add(report: AddReport, as_json: bool) -> None:
         if released is not None:
             out["released"] = [r.__dict__ for r in released]
             out["quality"] = report.quality_summary()
+            out["fixes"] = report.fixes()
             out["activation"] = getattr(report, "config", None)  # as run, and where each knob came from
         typer.echo(json.dumps(out, indent=2))
     if released:
         for key, stats in report.quality_summary().items():
             _err(f"{key:10s} min {stats['min']:7.3f}  median {stats['median']:7.3f}  "
                  f"mean {stats['mean']:7.3f}  max {stats['max']:7.3f}")
+        fixes = report.fixes()
+        if fixes["margin"] or fixes["original"]:
+            _err(f"kept found first unedited: {fixes['margin']} released file(s) activated again with the "
+                 f"competitor term, {fixes['original']} released unchanged (activation ranked another "
+                 "image's code first)")
     for name, i in report.duplicates:
         _err(f"already in the collection: {printable_name(name)} (id {i})")
     _report_failures(report.failures)

@@ -72,6 +72,9 @@ def run(out: Path, n_train: int = 1024, n_refs: int = 1024, n_active: int = 64, 
     say(f"   released files: PSNR {q['psnr']['mean']:.2f} dB (min {q['psnr']['min']:.2f}), "
         f"SSIM {q['ssim']['mean']:.3f}, L∞ {q['linf']['mean']:.1f}/255; "
         f"cosine to the stored code {q['cos_before']['mean']:.3f} → {q['cos_after']['mean']:.3f}")
+    fixes = active.fixes()
+    say(f"   unedited released files found first wherever their originals are: {fixes['margin']} after a "
+        f"second activation with the competitor term, {fixes['original']} released unchanged")
     if thr is not None:
         say(f"   recalibrated (activeindex calibrate): {thr.meaning}")
 

@@ -18,6 +18,7 @@ the output folder holds exactly one file per activated image.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from activeindex.activation.competitors import find_competitors
 from activeindex.activation.optimize import ActivatedBatch, ActivationConfig, activate_batch
 from activeindex.activation.release import OutputFormat, Released, finalize
 from activeindex.activation.targets import check_target_support, compute_targets, effective_target
+from activeindex.activation.verify import own_code_first
 from activeindex.atomic import write_bytes_atomic
 from activeindex.collection import AddReport, Collection
 from activeindex.errors import ActivationError, ActiveIndexError, ImageLoadError
@@ -59,14 +61,20 @@ class ReleaseRecord:
     ssim: float | None
     linf: float
     scale: float  # share of the optimised perturbation kept to meet the budget
-    cos_before: float  # cosine of the descriptor to its target, original → activated
-    cos_after: float
+    cos_before: float  # cosine of the descriptor to its target, original → released file
+    cos_after: float  # (the written file described as a query of it would be)
+    fix: str = "none"  # a Fix value: how the file came to be found first unedited
 
 
 @dataclass
 class ActivationReport(AddReport):
     released: list[ReleaseRecord] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)  # ActivationConfig.record() of the run
+
+    def fixes(self) -> dict[str, int]:
+        """How many released files needed a second activation (``margin``), or were released
+        unchanged (``original``) to stay found first unedited."""
+        return {fix.value: sum(r.fix == fix.value for r in self.released) for fix in (Fix.MARGIN, Fix.ORIGINAL)}
 
     def quality_summary(self) -> dict[str, dict[str, float]]:
         """min / median / mean / max of PSNR, SSIM, L∞ and the cosine gain over released files."""
@@ -235,6 +243,37 @@ def _check_not_released(coll: Collection, todo: list[tuple[Path, str, str]], out
             )
 
 
+# The competitor term of a second try for an image whose released file lost rank 1 (the best
+# setting measured in docs/activation-study.md, "The competitor term"); a user's stronger one stays.
+REPAIR_MARGIN = {"margin_weight": 3.0, "margin": 0.05}
+
+
+class Fix(str, enum.Enum):
+    """How an image's released file came to be found first unedited (see :func:`release_batch`)."""
+
+    NONE = "none"  # the first activation was found first (or the original is not either)
+    MARGIN = "margin"  # activated again with the competitor term
+    ORIGINAL = "original"  # released unchanged: both activations ranked another code first
+
+
+@dataclass
+class BatchRelease:
+    """What :func:`release_batch` made of one batch of originals."""
+
+    features: np.ndarray  # (B, d) the originals' descriptors, as every query is described
+    files: list[Released | ActiveIndexError]  # the encoded file, or what kept it from the budget
+    cos_before: np.ndarray  # (B,) cosine of the original's descriptor to its target
+    cos_after: np.ndarray  # (B,) of the *written file's* descriptor to the target (NaN: no file)
+    fixes: list[Fix]
+    iterations_run: int  # of the first activation
+
+
+def describe_arrays(extractor: Extractor, images: Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 (h, w, 3) arrays → (B, d) descriptors, exactly as every query is described."""
+    pre = extractor.preprocessing
+    return extractor.features(np.stack([pre.prepare(Image.fromarray(a)) for a in images]))
+
+
 def release_batch(
     extractor: Extractor,
     index: faiss.Index,
@@ -242,15 +281,63 @@ def release_batch(
     config: ActivationConfig,
     fmt: OutputFormat = OutputFormat.PNG,
     quality: int = 95,
-) -> tuple[np.ndarray, ActivatedBatch, list[Released | ActiveIndexError]]:
-    """One batch of originals (uint8 (h, w, 3)) → (their descriptors, as every query is described;
-    the optimisation's result; per image the encoded released file, or the error that kept it from
-    meeting the budget). ``index`` is the collection's (or a trained, empty copy: its codebooks
-    give the targets)."""
+) -> BatchRelease:
+    """One batch of originals (uint8 (h, w, 3)) → their descriptors and released files.
+    ``index`` is the collection's (or a trained, empty copy: its codebooks give the targets).
+
+    Each written file is described again, as a query of it would be, and checked
+    (:func:`.verify.own_code_first`): wherever the original is found first unedited, its released
+    file must be too. A file that is not is activated again with the competitor term
+    (:data:`REPAIR_MARGIN`), and if that does not hold either, the original is released unchanged
+    — an activated image is never harder to find than its original; ``fixes`` says which images
+    needed which (callers report them)."""
     ex = extractor
-    x = ex.features(np.stack([ex.preprocessing.prepare(Image.fromarray(a)) for a in originals]))
+    n = len(originals)
+    x = describe_arrays(ex, originals)
+    targets = compute_targets(index, x, config.target)
+    passive = own_code_first(index, x, x)
+    files: list[Released | ActiveIndexError] = [ActivationError("not released")] * n
+    y = x.copy()  # descriptors of the written files (an image without one keeps its original's)
+    fixes = [Fix.NONE] * n
+    todo, iterations = list(range(n)), 0
+    for fix in Fix:
+        if fix is Fix.ORIGINAL:
+            perturbations = [np.zeros(originals[i].shape, np.float32) for i in todo]
+        else:
+            cfg = config if fix is Fix.NONE else dataclasses.replace(
+                config, **{k: max(v, getattr(config, k)) for k, v in REPAIR_MARGIN.items()})
+            try:
+                perturbations, steps = _optimise(ex, index, [originals[i] for i in todo], x[todo], targets[todo], cfg)
+            except ActivationError:
+                if fix is Fix.NONE:
+                    raise
+                continue  # the index cannot give the competitor term (no reconstruction by id)
+            iterations = iterations or steps
+        for i, rel in zip(todo, _finalize_all([originals[i] for i in todo], perturbations, config, fmt, quality)):
+            files[i] = rel
+            fixes[i] = fix
+        done = [i for i in todo if isinstance(files[i], Released)]
+        if done:
+            y[done] = describe_arrays(ex, [files[i].pixels for i in done])  # type: ignore[union-attr]
+        first = own_code_first(index, x, y)
+        todo = [i for i in done if passive[i] and not first[i]]
+        if not todo:
+            break
+    cos_before = np.einsum("nd,nd->n", x, targets)
+    cos_after = np.where([isinstance(f, Released) for f in files], np.einsum("nd,nd->n", y, targets), np.nan)
+    return BatchRelease(x, files, cos_before, cos_after, fixes, iterations)
+
+
+def _optimise(ex: Extractor, index: faiss.Index, originals: list[np.ndarray], x: np.ndarray,
+              targets: np.ndarray, config: ActivationConfig) -> tuple[list[np.ndarray], int]:
+    """→ the perturbations of ``originals`` (descriptors ``x``) and the iterations run."""
     competitors = find_competitors(index, x, config.competitors) if config.margin_weight > 0 else None
-    act = activate_batch(ex, originals, compute_targets(index, x, config.target), config, competitors, features=x)
+    act = activate_batch(ex, originals, targets, config, competitors, features=x, measure_after=False)
+    return act.perturbations, act.iterations_run
+
+
+def _finalize_all(originals: list[np.ndarray], perturbations: list[np.ndarray], config: ActivationConfig,
+                  fmt: OutputFormat, quality: int) -> list[Released | ActiveIndexError]:
     def release(item: tuple[np.ndarray, np.ndarray]) -> Released | ActiveIndexError:
         try:
             return finalize(item[0], item[1], config.psnr, fmt, quality)
@@ -259,10 +346,9 @@ def release_batch(
 
     # Encoding (zlib, libjpeg, libwebp) and the SSIM filters release the GIL: one thread per core
     # halves this step on 2 cores (it is a third of an activated image's time at 5 iterations).
-    items = list(zip(originals, act.perturbations))
+    items = list(zip(originals, perturbations))
     with ThreadPoolExecutor(max(1, min(len(items), os.cpu_count() or 1))) as pool:
-        files = list(pool.map(release, items))
-    return x, act, files
+        return list(pool.map(release, items))
 
 
 def _activate_and_add(
@@ -284,10 +370,10 @@ def _activate_and_add(
             report.failures.append(Failure(path, exc.reason))
     if not loaded:
         return
-    x, act, files = release_batch(coll.extractor, coll.index, [item[3] for item in loaded], config, fmt, quality)
+    rb = release_batch(coll.extractor, coll.index, [item[3] for item in loaded], config, fmt, quality)
 
     kept, records = [], []
-    for i, ((path, name, _, _), rel) in enumerate(zip(loaded, files)):
+    for i, ((path, name, _, _), rel) in enumerate(zip(loaded, rb.files)):
         if isinstance(rel, ActiveIndexError):
             report.failures.append(Failure(path, str(rel)))
             continue
@@ -295,11 +381,11 @@ def _activate_and_add(
         dest.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(dest, rel.data)
         kept.append(i)
-        records.append((dest, rel, float(act.cos_before[i]), float(act.cos_after[i])))
+        records.append((dest, rel, float(rb.cos_before[i]), float(rb.cos_after[i]), rb.fixes[i].value))
     if not kept:
         return
     ids = coll.add_vectors(
-        x[kept],
+        rb.features[kept],
         [loaded[i][1] for i in kept],
         [loaded[i][2] for i in kept],
         paths=[str(loaded[i][0].resolve()) for i in kept],
@@ -307,8 +393,8 @@ def _activate_and_add(
         quality=[r[1].quality() for r in records],
         released=[str(r[0].resolve()) for r in records],
     )
-    for id_, i, (dest, rel, before, after) in zip(ids, kept, records):
+    for id_, i, (dest, rel, before, after, fix) in zip(ids, kept, records):
         report.added.append((id_, loaded[i][1]))
         report.released.append(
-            ReleaseRecord(id_, loaded[i][1], str(dest), rel.psnr, rel.ssim, rel.linf, rel.scale, before, after)
+            ReleaseRecord(id_, loaded[i][1], str(dest), rel.psnr, rel.ssim, rel.linf, rel.scale, before, after, fix)
         )

@@ -122,7 +122,7 @@ def configure(user: Mapping[str, Any] | None = None, extractor: Extractor | None
 class ActivatedBatch:
     """Per image: the perturbation to add to the original (float32 (h, w, 3), [0, 1] units, already
     within the budget before rounding), and the cosine of its descriptor to the target before and
-    after (as the optimiser saw it: differentiable resize, no rounding)."""
+    after (as the optimiser saw it: differentiable resize, no rounding; NaN when not measured)."""
 
     perturbations: list[np.ndarray]
     cos_before: np.ndarray
@@ -185,13 +185,15 @@ def _pad_batch(images: list[np.ndarray], device: torch.device) -> tuple[torch.Te
 
 def activate_batch(
     extractor: Extractor, images: list[np.ndarray], targets: np.ndarray, config: ActivationConfig,
-    competitors: Competitors | None = None, features: np.ndarray | None = None,
+    competitors: Competitors | None = None, features: np.ndarray | None = None, measure_after: bool = True,
 ) -> ActivatedBatch:
     """Activate ``images`` (uint8 (h, w, 3), any sizes) towards ``targets`` (B, d) unit vectors.
 
     ``features``: the originals' descriptors as the collection describes them (B, d), when the
     caller has them (it computed the targets from them): the cosine before is then taken from them
-    instead of one more forward pass of the batch.
+    instead of one more forward pass of the batch. ``measure_after=False`` skips the forward pass
+    that measures the cosine after (NaN then), for a caller that describes the written files
+    instead (:func:`activeindex.activation.add.release_batch`).
 
     With ``config.margin_weight > 0`` and ``competitors`` (:func:`.competitors.find_competitors`
     of the originals), the loss adds ``margin_weight · Σ_j τ·softplus((gap_j + margin) / τ)`` per
@@ -321,7 +323,10 @@ def activate_batch(
                     moving = moving * (~done).float().view(b, 1, 1, 1)
         with torch.no_grad():
             p, _ = perturbation(delta)
-            cos_after = (extractor.embed(render(p), dtype) * t).sum(dim=1)
+            if measure_after:
+                cos_after = (extractor.embed(render(p), dtype) * t).sum(dim=1)
+            else:
+                cos_after = torch.full((b,), float("nan"), device=device)
     finally:
         torch.random.set_rng_state(gen_state)
         if cuda_state is not None:

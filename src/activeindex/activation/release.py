@@ -35,6 +35,7 @@ class Released:
     ssim: float | None  # None for images smaller than 3 pixels on a side
     linf: float  # largest absolute change of a channel value, in 0..255 steps
     scale: float  # how much of the optimised perturbation was kept (1.0 = all)
+    pixels: np.ndarray  # uint8 (h, w, 3): what the file decodes to
 
     def quality(self) -> dict[str, float | None]:
         return {"psnr": self.psnr, "ssim": self.ssim, "linf": self.linf}
@@ -91,7 +92,7 @@ def finalize(
         if got >= min_psnr:
             data = data or encode(pixels, fmt, quality)
             linf = float(np.abs(original.astype(np.int16) - decoded.astype(np.int16)).max())
-            return Released(data, got, ssim(original, decoded), linf, scale)
+            return Released(data, got, ssim(original, decoded), linf, scale, decoded)
         if scale == 0.0:
             break
         # PSNR grows by 20·log10(1/s) when the perturbation shrinks by s; aim a little inside.

@@ -382,7 +382,7 @@ def add_activated_ray(
                         report.added.append((i, name))
                         report.released.append(ReleaseRecord(
                             i, name, str(release_path(out_dir, name, fmt)), q["psnr"], q["ssim"], q["linf"],
-                            f.scale, f.cos_before, f.cos_after,
+                            f.scale, f.cos_before, f.cos_after, f.fix,
                         ))
                 given = {a: t[0] for a, t in zip(absolute, flat)}
                 for k in sorted(results):

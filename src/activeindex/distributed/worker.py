@@ -56,6 +56,7 @@ class ReleasedFile:
     scale: float
     cos_before: float
     cos_after: float
+    fix: str = "none"  # activeindex.activation.add.Fix value
 
 
 @dataclass
@@ -214,8 +215,8 @@ def activate_shard(
             pos += 1
         if not loaded:
             continue
-        x, act, files = release_batch(extractor, index, [item[4] for item in loaded], config, fmt, quality)
-        for i, ((p, path, name, id_, _), rel) in enumerate(zip(loaded, files)):
+        rb = release_batch(extractor, index, [item[4] for item in loaded], config, fmt, quality)
+        for i, ((p, path, name, id_, _), rel) in enumerate(zip(loaded, rb.files)):
             if isinstance(rel, ActiveIndexError):
                 failures.append(Failure(Path(path), str(rel)))
                 continue
@@ -224,9 +225,9 @@ def activate_shard(
             write_bytes_atomic(dest, rel.data)
             positions.append(p)
             kept_ids.append(id_)
-            feats.append(x[i])
+            feats.append(rb.features[i])
             released.append(ReleasedFile(id_, name, str(dest), rel.quality(), rel.scale,
-                                         float(act.cos_before[i]), float(act.cos_after[i])))
+                                         float(rb.cos_before[i]), float(rb.cos_after[i]), rb.fixes[i].value))
         if b == 0:
             _maybe_crash(setup, shard)  # after the first batch's files are written: mid-shard
     d = extractor.dim

@@ -48,9 +48,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from activeindex import metrics
-from activeindex.activation.add import release_batch
+from activeindex.activation.add import Fix, release_batch
 from activeindex.activation.optimize import ActivationConfig, configure
-from activeindex.activation.release import decode
 from activeindex.activation.targets import TargetKind, check_target_support, effective_target
 from activeindex.calibration import CalibrationSet, calibrate_modes, calibration_set, split_training
 from activeindex.atomic import write_bytes_atomic
@@ -286,25 +285,27 @@ def release(coll: Collection, originals: list[np.ndarray], method: Method, setti
     check_target_support(coll.index, config.target)
     out: list[np.ndarray] = []
     q: dict[str, list[float]] = {"psnr": [], "ssim": [], "linf": [], "cos_before": [], "cos_after": []}
+    fixes = {fix.value: 0 for fix in Fix}
     t0 = time.perf_counter()
     with stage(f"activate ({method.value})", len(originals)) as update:
         for start in range(0, len(originals), settings.batch_size):
-            _, act, files = release_batch(coll.extractor, coll.index, originals[start : start + settings.batch_size], config)
-            for r in files:
+            rb = release_batch(coll.extractor, coll.index, originals[start : start + settings.batch_size], config)
+            for r, fix in zip(rb.files, rb.fixes):
                 if isinstance(r, Exception):  # a lossless PNG always meets its budget
                     raise r
-                out.append(decode(r.data))
+                out.append(r.pixels)
                 for k, v in r.quality().items():
                     q[k].append(v)
-            q["cos_before"].extend(act.cos_before.tolist())
-            q["cos_after"].extend(act.cos_after.tolist())
-            update(len(files))
+                fixes[fix.value] += 1
+            q["cos_before"].extend(rb.cos_before.tolist())
+            q["cos_after"].extend(rb.cos_after.tolist())
+            update(len(rb.files))
     seconds = time.perf_counter() - t0
     arr = {k: np.asarray([x for x in v if x is not None], dtype=float) for k, v in q.items()}
     stats = {f"{k}_mean": float(v.mean()) for k, v in arr.items() if len(v)}
     stats.update(psnr_min=float(arr["psnr"].min()), psnr_std=float(arr["psnr"].std()),
                  linf_max=float(arr["linf"].max()), images_per_s=len(originals) / seconds, target=config.target.value,
-                 config=config.record(), psnr_all=arr["psnr"].tolist())
+                 config=config.record(), psnr_all=arr["psnr"].tolist(), fixes=fixes)
     return out, stats
 
 

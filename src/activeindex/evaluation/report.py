@@ -250,8 +250,11 @@ def _activation_text(summary: dict[str, Any]) -> str:
     for r in summary["results"].values():
         cfg = (r.get("release") or {}).get("config")
         if cfg:
+            fixes = r["release"].get("fixes") or {}
+            fixed = (f"; to keep unedited files found first, {fixes.get('margin', 0)} activated again with the "
+                     f"competitor term and {fixes.get('original', 0)} released unchanged") if fixes else ""
             return (f"PSNR floor {cfg['psnr']} dB, {cfg['iterations']} iterations, lr {cfg['lr']}, "
-                    f"scaling {cfg['scaling']}, target {cfg['target']}, margin weight {cfg['margin_weight']}")
+                    f"scaling {cfg['scaling']}, target {cfg['target']}, margin weight {cfg['margin_weight']}{fixed}")
     return "none (passive only)"
 
 

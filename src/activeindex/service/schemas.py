@@ -37,8 +37,10 @@ class ReleasedOut(BaseModel):
     ssim: float | None
     linf: float | None = Field(description="largest change of a channel value, in 0..255 steps")
     cos_before: float | None = None
-    cos_after: float | None = None
+    cos_after: float | None = Field(None, description="cosine of the released file's descriptor to its target")
     scale: float | None = None
+    fix: str | None = Field(None, description="none; margin: activated again with the competitor term, or "
+                            "original: released unchanged, so that the file is found first unedited")
     url: str = Field(description="where to download the released file again")
     media_type: str
     data_base64: str | None = Field(None, description="the released file itself")

@@ -335,7 +335,7 @@ class Service:
             "url": f"/api/images/{image_id}/released", "media_type": "image/png",
         }
         if rec is not None:
-            out.update(cos_before=rec.cos_before, cos_after=rec.cos_after, scale=rec.scale)
+            out.update(cos_before=rec.cos_before, cos_after=rec.cos_after, scale=rec.scale, fix=rec.fix)
         if path.is_file():
             out["data_base64"] = base64.b64encode(path.read_bytes()).decode("ascii")
         return out

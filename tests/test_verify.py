@@ -1,0 +1,139 @@
+"""The rank-1 check of released files (activation/verify.py) and what release_batch does with it."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+from PIL import Image
+
+import activeindex.activation.add as add_mod
+from activeindex.activation import ActivationConfig
+from activeindex.activation.add import Fix, release_batch
+from activeindex.activation.verify import own_code_first
+from activeindex.collection import Collection
+from activeindex.index import build_index, train_index
+
+
+def _unit(rng, n, d=32):
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("factory", ["IVF8,PQ8x4", "PCA16,IVF8,PQ8x4", "PQ8x8", "IVF8,Flat"])
+def test_originals_are_found_first_and_neighbours_are_not(factory):
+    rng = np.random.default_rng(0)
+    index = build_index(factory, 32, "l2")
+    train_index(index, _unit(rng, 2000))
+    if faiss.try_extract_index_ivf(index) is not None:
+        faiss.extract_index_ivf(index).nprobe = 8  # every cell: only the codes decide
+    x = _unit(rng, 40)
+    index.add_with_ids(x, np.arange(40, dtype=np.int64))
+    # Stored, queried with themselves: found first, except where two codes of the batch collide.
+    first = own_code_first(index, x, x)
+    assert first.mean() > 0.9
+    # Queried with another image's descriptor: that image's code wins.
+    assert not own_code_first(index, x, np.roll(x, 1, axis=0)).any()
+
+
+def test_batch_mates_compete_before_they_are_stored():
+    """add stores a batch's codes only after releasing it: the other originals still count."""
+    rng = np.random.default_rng(1)
+    index = build_index("IVF4,PQ8x8", 32, "l2")
+    train_index(index, _unit(rng, 2000))
+    faiss.extract_index_ivf(index).nprobe = 4
+    x = _unit(rng, 6)
+    assert own_code_first(index, x, x).all()  # empty index, distinct originals
+    y = x.copy()
+    y[0] = x[3]  # image 0's released file looks like image 3
+    got = own_code_first(index, x, y)
+    assert not got[0] and got[1:].all()
+
+
+def test_an_unvisited_own_cell_is_a_miss():
+    rng = np.random.default_rng(2)
+    index = build_index("IVF16,Flat", 32, "l2")
+    train_index(index, _unit(rng, 2000))
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = 1
+    x = _unit(rng, 1)
+    _, order = ivf.quantizer.search(x, 2)
+    other_cell = ivf.quantizer.reconstruct(int(order[0, 1]))[None]
+    y = other_cell / np.linalg.norm(other_cell)  # the next cell's centre: visited instead of the own one
+    assert not own_code_first(index, x, y)[0]
+    ivf.nprobe = 16  # now every cell is visited, and no other code is stored
+    assert own_code_first(index, x, y)[0]
+
+
+def test_inner_product_indexes():
+    rng = np.random.default_rng(3)
+    index = build_index("IVF4,PQ8x8", 32, "ip")
+    train_index(index, _unit(rng, 2000))
+    faiss.extract_index_ivf(index).nprobe = 4
+    x = _unit(rng, 20)
+    index.add_with_ids(x, np.arange(20, dtype=np.int64))
+    assert own_code_first(index, x, x).mean() > 0.9
+    assert not own_code_first(index, x, np.roll(x, 3, axis=0)).any()
+
+
+# -- release_batch's repair ------------------------------------------------------------------------
+@pytest.fixture()
+def stored(tmp_path, tiny_extractor, train_vectors, image_dir):
+    coll = Collection.create(tmp_path / "c", tiny_extractor, "IVF4,PQ4x4", train_vectors, nprobe=1)
+    paths = sorted(image_dir.glob("*.png"))[:4]
+    coll.add_images(paths)
+    yield coll, [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    coll.close()
+
+
+def test_release_batch_describes_the_written_files(stored):
+    coll, images = stored
+    rb = release_batch(coll.extractor, coll.index, images, ActivationConfig(iterations=3, precision="fp32"))
+    written = add_mod.describe_arrays(coll.extractor, [f.pixels for f in rb.files])
+    targets = add_mod.compute_targets(coll.index, rb.features)
+    np.testing.assert_allclose(rb.cos_after, np.einsum("nd,nd->n", written, targets), atol=1e-6)
+    assert (rb.cos_after > rb.cos_before).mean() >= 0.5
+
+
+def test_a_file_that_loses_rank_one_is_activated_again_then_released_unchanged(stored, monkeypatch):
+    """Image 0 'loses' rank 1 after each activation (the check is forced), image 1 only after the
+    first: 0 ends released unchanged, 1 activated again with the competitor term."""
+    coll, images = stored
+    calls: list[int] = []
+    configs: list[ActivationConfig] = []
+
+    def fake(index, x, y):
+        if y is x:
+            return np.ones(len(x), bool)  # passive: all found first
+        calls.append(1)
+        got = np.ones(len(x), bool)
+        got[0] = len(calls) >= 3  # only the unchanged original is found
+        got[1] = len(calls) >= 2
+        return got
+
+    optimise = add_mod._optimise
+
+    def spy(ex, index, originals, x, targets, config):
+        configs.append(config)
+        return optimise(ex, index, originals, x, targets, config)
+
+    monkeypatch.setattr(add_mod, "own_code_first", fake)
+    monkeypatch.setattr(add_mod, "_optimise", spy)
+    rb = release_batch(coll.extractor, coll.index, images, ActivationConfig(iterations=2, precision="fp32"))
+    assert rb.fixes == [Fix.ORIGINAL, Fix.MARGIN, Fix.NONE, Fix.NONE]
+    np.testing.assert_array_equal(rb.files[0].pixels, images[0])  # unchanged, said so
+    assert rb.files[0].psnr == 100.0
+    assert not np.array_equal(rb.files[1].pixels, images[1])
+    assert configs[0].margin_weight == 0.0
+    assert configs[1].margin_weight == add_mod.REPAIR_MARGIN["margin_weight"]
+    assert len(configs[1:]) == 1 and configs[1].margin == add_mod.REPAIR_MARGIN["margin"]
+
+
+def test_add_activate_reports_the_fixes(stored, tmp_path, monkeypatch, image_dir):
+    coll, _ = stored
+    monkeypatch.setattr(add_mod, "own_code_first",
+                        lambda index, x, y: np.ones(len(x), bool) if y is x else np.zeros(len(x), bool))
+    paths = sorted(image_dir.glob("*.png"))[4:6]
+    report = add_mod.add_activated(coll, paths, tmp_path / "out", ActivationConfig(iterations=2, precision="fp32"))
+    assert report.fixes() == {"margin": 0, "original": 2}
+    assert all(r.fix == "original" and r.psnr == 100.0 for r in report.released)
