@@ -5,7 +5,9 @@ For each batch of images (similar sizes together, bounded in count and pixels):
 1. decode the originals at full resolution and describe them as every query is described;
 2. compute their targets from the index (the reconstruction of the code each will get);
 3. optimise the perturbations (:func:`activate_batch`) and encode each released file within the PSNR
-   budget (:func:`finalize`), written atomically to ``OUT/<stem><ext>`` (same pixel size);
+   budget (:func:`finalize`); describe each file again and check that it is found first unedited
+   wherever its original is (:func:`release_batch`: activated again, or released unchanged, if not);
+   write the files atomically to ``OUT/<stem><ext>`` (same pixel size);
 4. add the *originals'* descriptors to the collection (pending → index written → indexed), with the
    quality of the released file and its path in the database.
 
@@ -32,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from activeindex.activation.competitors import find_competitors
-from activeindex.activation.optimize import ActivatedBatch, ActivationConfig, activate_batch
+from activeindex.activation.optimize import ActivationConfig, activate_batch
 from activeindex.activation.release import OutputFormat, Released, finalize
 from activeindex.activation.targets import check_target_support, compute_targets, effective_target
 from activeindex.activation.verify import own_code_first
