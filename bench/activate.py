@@ -138,7 +138,7 @@ def naive_pipeline(coll: Collection, paths: Sequence[Path], out: Path, cfg: Acti
     ex = coll.extractor
     images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     x = ex.features(np.stack([ex.preprocessing.prepare(Image.fromarray(a)) for a in images]))
-    perturbations = naive_activate(ex, images, compute_targets(coll.index, x), cfg)
+    perturbations = naive_activate(ex, images, compute_targets(coll.index, x, cfg.target), cfg)
     released = [finalize(a, p, cfg.psnr, OutputFormat.PNG) for a, p in zip(images, perturbations)]
     for path, rel in zip(paths, released):
         (out / path.name).write_bytes(rel.data)

@@ -118,6 +118,25 @@ def test_centroid_target_and_refusals(train_vectors):
         compute_targets(untrained, train_vectors[:2])
 
 
+def test_the_auto_target_is_the_centroid_on_ivf_indexes_only(train_vectors):
+    from activeindex.activation.targets import effective_target
+    from activeindex.extractors import create_extractor
+
+    d = train_vectors.shape[1]
+    ivf, pq = build_index("IVF4,PQ4x4", d), build_index("PQ4x4", d)
+    ivf.train(train_vectors)
+    pq.train(train_vectors)
+    assert effective_target(ivf, "auto").value == "centroid"
+    assert effective_target(pq, "auto").value == "reconstruction"
+    np.testing.assert_array_equal(compute_targets(ivf, train_vectors[:3], "auto"),
+                                  compute_targets(ivf, train_vectors[:3], "centroid"))
+    np.testing.assert_array_equal(compute_targets(pq, train_vectors[:3], "auto"),
+                                  compute_targets(pq, train_vectors[:3], "reconstruction"))
+    # The builtin model's tuned default (docs/activation-study.md); the library's stays the paper's.
+    assert create_extractor("builtin").activation_defaults["target"] == "auto"
+    assert ActivationConfig().target.value == "reconstruction"
+
+
 # -- the optimisation ------------------------------------------------------------------------------
 @pytest.mark.parametrize("loss", ["cosine", "mse"])
 @pytest.mark.parametrize("target", ["reconstruction", "centroid"])

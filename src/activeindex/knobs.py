@@ -114,7 +114,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("lambda_f", float, 1.0, "weight of the feature term (towards the target)", 0.0, 1e6),
     Knob("lambda_i", float, 0.01, "weight of the image term MSE(x, x0)", 0.0, 1e6),
     Knob("loss", FeatureLoss, FeatureLoss.COSINE, "feature term: cosine or mse towards the target"),
-    Knob("target", TargetKind, TargetKind.RECONSTRUCTION, "reconstruction of the stored code, or its IVF centroid"),
+    Knob("target", TargetKind, TargetKind.RECONSTRUCTION, "reconstruction of the stored code, its IVF centroid, or auto: the centroid on IVF indexes, the "
+         "reconstruction elsewhere"),
     Knob("margin_weight", float, 0.0, "weight of the competitor term: the own stored code (and IVF cell) must "
          "outscore the nearest other codes (and cells) by --margin; 0: the paper's loss only", 0.0, 1e6),
     Knob("margin", float, 0.02, "score margin the own code must keep over each competitor", 0.0, 2.0),

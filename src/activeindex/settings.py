@@ -88,6 +88,7 @@ class OutputFormat(str, enum.Enum):
 class TargetKind(str, enum.Enum):
     RECONSTRUCTION = "reconstruction"  # the decoded stored code (default, the paper's)
     CENTROID = "centroid"  # the centre of the original's IVF cell
+    AUTO = "auto"  # the centroid on IVF indexes, the reconstruction elsewhere (docs/activation-study.md)
 
 
 class FeatureLoss(str, enum.Enum):

@@ -62,8 +62,11 @@ def check_target_support(index: faiss.Index, kind: TargetKind | str = TargetKind
 
 def compute_targets(index: faiss.Index, x: np.ndarray, kind: TargetKind | str = TargetKind.RECONSTRUCTION) -> np.ndarray:
     """Targets (n, d) float32 for descriptors ``x`` (n, d) of the originals, unit-normalised (the
-    feature loss is a cosine; the direction is what the index compares for normalised queries)."""
+    feature loss is a cosine; the direction is what the index compares for normalised queries).
+    ``auto`` is resolved for ``index`` (:func:`effective_target`)."""
     kind = TargetKind(kind)
+    if kind is TargetKind.AUTO:
+        kind = effective_target(index, kind)
     check_target_support(index, kind)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if kind is TargetKind.CENTROID:
@@ -96,9 +99,13 @@ def lossless(index: faiss.Index) -> bool:
 
 
 def effective_target(index: faiss.Index, kind: TargetKind | str) -> TargetKind:
-    """``kind``, except that a reconstruction target on a lossless IVF index becomes its centroid
+    """``kind`` as it runs on ``index``: ``auto`` is the centroid on an IVF index and the
+    reconstruction elsewhere; a reconstruction target on a lossless IVF index becomes its centroid
     (the only way to push a descriptor deeper into its cell there)."""
     kind = TargetKind(kind)
+    if kind is TargetKind.AUTO:
+        ivf = faiss.try_extract_index_ivf(index) is not None
+        return TargetKind.CENTROID if ivf else TargetKind.RECONSTRUCTION
     if kind is TargetKind.RECONSTRUCTION and faiss.try_extract_index_ivf(index) is not None and lossless(index):
         return TargetKind.CENTROID
     return kind
