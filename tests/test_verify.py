@@ -20,18 +20,25 @@ def _unit(rng, n, d=32):
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("factory", ["IVF8,PQ8x4", "PCA16,IVF8,PQ8x4", "PQ8x8", "IVF8,Flat"])
-def test_originals_are_found_first_and_neighbours_are_not(factory):
-    rng = np.random.default_rng(0)
-    index = build_index(factory, 32, "l2")
+def _trained(factory, rng, metric="l2", nprobe=None):
+    index = build_index(factory, 32, metric)
     train_index(index, _unit(rng, 2000))
-    if faiss.try_extract_index_ivf(index) is not None:
-        faiss.extract_index_ivf(index).nprobe = 8  # every cell: only the codes decide
+    if nprobe is not None:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    return index
+
+
+@pytest.mark.parametrize("factory, metric, nprobe", [
+    ("IVF8,PQ8x4", "l2", 8), ("PCA16,IVF8,PQ8x4", "l2", 8), ("PQ8x8", "l2", None), ("IVF8,Flat", "l2", 8),
+    ("IVF4,PQ8x8", "ip", 4),
+])
+def test_originals_are_found_first_and_neighbours_are_not(factory, metric, nprobe):
+    rng = np.random.default_rng(0)
+    index = _trained(factory, rng, metric, nprobe)  # every cell visited: only the codes decide
     x = _unit(rng, 40)
     index.add_with_ids(x, np.arange(40, dtype=np.int64))
     # Stored, queried with themselves: found first, except where two codes of the batch collide.
-    first = own_code_first(index, x, x)
-    assert first.mean() > 0.9
+    assert own_code_first(index, x, x).mean() > 0.9
     # Queried with another image's descriptor: that image's code wins.
     assert not own_code_first(index, x, np.roll(x, 1, axis=0)).any()
 
@@ -39,9 +46,7 @@ def test_originals_are_found_first_and_neighbours_are_not(factory):
 def test_batch_mates_compete_before_they_are_stored():
     """add stores a batch's codes only after releasing it: the other originals still count."""
     rng = np.random.default_rng(1)
-    index = build_index("IVF4,PQ8x8", 32, "l2")
-    train_index(index, _unit(rng, 2000))
-    faiss.extract_index_ivf(index).nprobe = 4
+    index = _trained("IVF4,PQ8x8", rng, nprobe=4)
     x = _unit(rng, 6)
     assert own_code_first(index, x, x).all()  # empty index, distinct originals
     y = x.copy()
@@ -52,10 +57,8 @@ def test_batch_mates_compete_before_they_are_stored():
 
 def test_an_unvisited_own_cell_is_a_miss():
     rng = np.random.default_rng(2)
-    index = build_index("IVF16,Flat", 32, "l2")
-    train_index(index, _unit(rng, 2000))
+    index = _trained("IVF16,Flat", rng, nprobe=1)
     ivf = faiss.extract_index_ivf(index)
-    ivf.nprobe = 1
     x = _unit(rng, 1)
     _, order = ivf.quantizer.search(x, 2)
     other_cell = ivf.quantizer.reconstruct(int(order[0, 1]))[None]
@@ -63,17 +66,6 @@ def test_an_unvisited_own_cell_is_a_miss():
     assert not own_code_first(index, x, y)[0]
     ivf.nprobe = 16  # now every cell is visited, and no other code is stored
     assert own_code_first(index, x, y)[0]
-
-
-def test_inner_product_indexes():
-    rng = np.random.default_rng(3)
-    index = build_index("IVF4,PQ8x8", 32, "ip")
-    train_index(index, _unit(rng, 2000))
-    faiss.extract_index_ivf(index).nprobe = 4
-    x = _unit(rng, 20)
-    index.add_with_ids(x, np.arange(20, dtype=np.int64))
-    assert own_code_first(index, x, x).mean() > 0.9
-    assert not own_code_first(index, x, np.roll(x, 3, axis=0)).any()
 
 
 # -- release_batch's repair ------------------------------------------------------------------------
