@@ -138,38 +138,6 @@ def test_the_auto_target_is_the_centroid_on_ivf_indexes_only(train_vectors):
 
 
 # -- the optimisation ------------------------------------------------------------------------------
-def test_the_written_out_pixel_gradient_equals_autograd():
-    """pixel_gradient against autograd on the same chain, with the clamp active on some pixels and
-    the budget binding on some images (and not on others), padding included."""
-    from activeindex.activation.optimize import budgeted, pixel_gradient
-
-    g = torch.Generator().manual_seed(0)
-    b, lam, mse_max = 4, 0.3, 10 ** (-42 / 10)
-    x0 = torch.rand(b, 3, 12, 10, generator=g)
-    x0[:, :, :2] = 0.999  # the clamp cuts here
-    bound = torch.rand(b, 3, 12, 10, generator=g) * 0.05
-    bound[3, :, 8:] = 0.0  # padding of a smaller image
-    delta = torch.randn(b, 3, 12, 10, generator=g)
-    delta[1] *= 0.01  # within budget: s = 1
-    w = torch.randn(b, 3, 12, 10, generator=g)  # loss_f = <w, x>
-    n_valid = torch.full((b,), 3.0 * 12 * 10)
-
-    d = delta.clone().requires_grad_(True)
-    _, p, _, s = budgeted(d, bound, n_valid, mse_max)
-    sp = p * s.view(b, 1, 1, 1)
-    x = (x0 + sp).clamp(0.0, 1.0)
-    loss = (w * x).sum() + lam * (sp.square().sum(dim=(1, 2, 3)) / n_valid).sum()
-    (want,) = torch.autograd.grad(loss, d)
-
-    with torch.no_grad():
-        th, p, n2, s = budgeted(delta, bound, n_valid, mse_max)
-        u = x0 + p * s.view(b, 1, 1, 1)
-        inside = ((u >= 0) & (u <= 1)).float()
-        got = pixel_gradient(w.clone(), th, p, n2, s, inside, bound, n_valid, lam)
-    assert (s < 1).sum() >= 2 and (s == 1).any() and (inside == 0).any()
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
-
-
 @pytest.mark.parametrize("loss", ["cosine", "mse"])
 @pytest.mark.parametrize("target", ["reconstruction", "centroid"])
 def test_activation_moves_descriptors_to_target(pq_coll, tiny_extractor, image_dir, loss, target):

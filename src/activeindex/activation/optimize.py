@@ -26,15 +26,15 @@ Conventions and choices, all in the [0, 1] pixel space (not the ImageNet-normali
   the pull towards the target alone does not guarantee.
 - *Early stop*: an image whose descriptor reached ``stop_cos`` to its target stops moving (on device,
   no host sync); the loop ends once the whole batch has (checked every ``CHECK_EVERY`` iterations).
-- *Speed*: one tensor per batch (no per-image lists in the loop); autograd only from the
-  full-resolution image on (codec, resize, model), the elementwise chain back to δ written out
-  (``pixel_gradient``) and torch's fused Adam on the batch tensor; bf16 autocast for the extractor
-  where its input gradients stay faithful to fp32 (:func:`gradient_precision`).
+- *Speed*: one tensor per batch (no per-image lists in the loop), Adam written out on that tensor,
+  bf16 autocast for the extractor where its input gradients stay faithful to fp32
+  (:func:`gradient_precision`).
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -183,34 +183,6 @@ def _pad_batch(images: list[np.ndarray], device: torch.device) -> tuple[torch.Te
     return x0, mask, sizes
 
 
-def budgeted(delta: torch.Tensor, bound: torch.Tensor, n_valid: torch.Tensor,
-             mse_max: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """δ (B, 3, H, W) → (tanh δ, p = bound · tanh δ, ‖p‖² and the budget factor
-    s = min(1, √(mse_max / mse(p))) per image): the budgeted perturbation is s · p (``n_valid``:
-    pixel values per image; padding is zero: ``bound`` is)."""
-    th = torch.tanh(delta)
-    p = bound * th
-    n2 = torch.linalg.vector_norm(p, dim=(1, 2, 3)).square()
-    scale = torch.sqrt(mse_max / (n2 / n_valid).clamp_min(1e-20)).clamp(max=1.0)
-    return th, p, n2, scale
-
-
-def pixel_gradient(gx: torch.Tensor, th: torch.Tensor, p: torch.Tensor, n2: torch.Tensor, scale: torch.Tensor,
-                   inside: torch.Tensor, bound: torch.Tensor, n_valid: torch.Tensor, lambda_i: float) -> torch.Tensor:
-    """∂loss/∂δ from ``gx`` = ∂loss_f/∂x (overwritten) and the image loss λ_i · ‖s·p‖² / N, for
-    x = clamp(x0 + s·p) (``inside``: 1 where the clamp passes the gradient) and :func:`budgeted`'s
-    tensors: the full-resolution elementwise chain written out, in a few fused passes instead of
-    autograd's dozen (``tests/test_activation.py`` checks it against autograd)."""
-    b = gx.shape[0]
-    sv = scale.view(b, 1, 1, 1)
-    g = gx.mul_(inside).addcmul_(p, (2.0 * lambda_i / n_valid).view(b, 1, 1, 1) * sv)  # ∂/∂(s·p)
-    # Where the budget binds (s < 1), s·p is p scaled onto the budget sphere: the gradient loses
-    # its radial part, s·(g − p·<p, g>/‖p‖²); elsewhere s = 1 and it passes unchanged.
-    radial = torch.where(scale < 1.0, (p * g).sum(dim=(1, 2, 3)) / n2.clamp_min(1e-30), 0.0)
-    g.mul_(sv).sub_(p * (scale * radial).view(b, 1, 1, 1))
-    return g.mul_(bound - p * th)  # ∂p/∂δ = bound · (1 − tanh² δ)
-
-
 def activate_batch(
     extractor: Extractor, images: list[np.ndarray], targets: np.ndarray, config: ActivationConfig,
     competitors: Competitors | None = None, features: np.ndarray | None = None, measure_after: bool = True,
@@ -250,11 +222,15 @@ def activate_batch(
         augment = copy_edit_augmentation(extractor.preprocessing.input_size, config.robust_strength)
     quality = None if config.jpeg_quality is None else torch.tensor([float(config.jpeg_quality)], device=device)
 
-    def perturbation(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return budgeted(delta, bound, n_valid, mse_max)
+    def perturbation(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ the budgeted perturbation and its per-image MSE (padding is zero: ``bound`` is)."""
+        p = bound * torch.tanh(delta)
+        mse = torch.linalg.vector_norm(p, dim=(1, 2, 3)).square() / n_valid
+        scale = torch.sqrt(mse_max / mse.clamp_min(1e-20)).clamp(max=1.0)
+        return p * scale.view(b, 1, 1, 1), mse * scale.square()
 
-    def render(x: torch.Tensor) -> torch.Tensor:
-        """The full-resolution image (B, 3, H, W) in [0, 1] → the model's input."""
+    def render(p: torch.Tensor) -> torch.Tensor:
+        x = (x0 + p).clamp(0.0, 1.0)
         if quality is not None:
             from kornia.enhance import jpeg_codec_differentiable
 
@@ -292,9 +268,10 @@ def activate_batch(
     cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     torch.manual_seed(config.seed)
     try:
-        delta = torch.zeros_like(x0)
-        # Adam as torch has it fused (one pass over the batch per step); the gradient is ours.
-        opt = torch.optim.Adam([delta], lr=config.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+        delta = torch.zeros_like(x0, requires_grad=True)
+        m = torch.zeros_like(x0)
+        v = torch.zeros_like(x0)
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
         if features is not None:
             if features.shape != targets.shape:
                 raise ActivationError(f"features have shape {features.shape}, the targets {targets.shape}")
@@ -311,13 +288,8 @@ def activate_batch(
         for it in range(config.iterations):
             if config.stop_cos is not None and it % CHECK_EVERY == 0 and it > 0 and not bool(moving.any()):
                 break
-            with torch.no_grad():
-                th, p, n2, scale = perturbation(delta)
-                x = torch.addcmul(x0, p, scale.view(b, 1, 1, 1))
-                inside = ((x >= 0.0) & (x <= 1.0)).float()  # where the clamp lets the gradient through
-                x.clamp_(0.0, 1.0)
-            x.requires_grad_(True)
-            inp = render(x)
+            p, loss_i = perturbation(delta)
+            inp = render(p)
             if augment is not None:
                 views = augment(inp.repeat(config.views, 1, 1, 1))
                 inp = torch.cat([inp, views])
@@ -329,21 +301,20 @@ def activate_batch(
                 loss_f = (1.0 - (f * tt).sum(dim=1)).view(-1, b).mean(dim=0)
             else:
                 loss_f = (f - tt).pow(2).sum(dim=1).view(-1, b).mean(dim=0)
-            loss = config.lambda_f * loss_f.sum()
+            loss = (config.lambda_f * loss_f + config.lambda_i * loss_i).sum()
             wins = None
             if comp is not None:
                 loss_m, wins = margin_loss(f)
                 loss = loss + config.margin_weight * loss_m.sum()
-            (gx,) = torch.autograd.grad(loss, x)
-            with torch.no_grad():
-                grad = pixel_gradient(gx, th, p, n2, scale, inside, bound, n_valid, config.lambda_i)
+            (grad,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():  # Adam, in place, as few passes over the batch as possible
                 steps = it + 1
-                if config.stop_cos is not None:  # a converged image keeps no momentum: it stops moving
-                    grad.mul_(moving)
-                    if opt.state.get(delta):
-                        opt.state[delta]["exp_avg"].mul_(moving)
-                delta.grad = grad
-                opt.step()
+                m.lerp_(grad, 1 - beta1)
+                if config.stop_cos is not None:
+                    m.mul_(moving)  # a converged image keeps no momentum: it stops moving
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = v.sqrt().div_(math.sqrt(1 - beta2**steps)).add_(eps)
+                delta.addcdiv_(m, denom, value=-config.lr / (1 - beta1**steps))
                 if config.stop_cos is not None:
                     clean_cos = (f[:b].detach() * t).sum(dim=1)
                     done = clean_cos >= config.stop_cos
@@ -351,10 +322,9 @@ def activate_batch(
                         done = done & wins
                     moving = moving * (~done).float().view(b, 1, 1, 1)
         with torch.no_grad():
-            _, p, _, scale = perturbation(delta)
-            p = p * scale.view(b, 1, 1, 1)
+            p, _ = perturbation(delta)
             if measure_after:
-                cos_after = (extractor.embed(render((x0 + p).clamp(0.0, 1.0)), dtype) * t).sum(dim=1)
+                cos_after = (extractor.embed(render(p), dtype) * t).sum(dim=1)
             else:
                 cos_after = torch.full((b,), float("nan"), device=device)
     finally:
