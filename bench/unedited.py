@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index", default="IVF64,PQ8x8")
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--crops", type=int, default=16, help="crops per bundled photo")
+    ap.add_argument("--target", default=None, help="activation target (default: the model's)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     print(f"machine: {machine_summary()}", flush=True)
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(CACHE / "released", ignore_errors=True)
     coll = Collection.create(root, ex, args.index, extract_paths(train, ex).features, nprobe=1)
     coll.add_images(distractors)
-    report = add_activated(coll, released, CACHE / "released", configure({}, ex))
+    report = add_activated(coll, released, CACHE / "released", configure({"target": args.target}, ex))
     by_name = {p.name: p for p in released}
     ids = [r.id for r in report.released]
     originals = [Image.open(by_name[r.name]).convert("RGB") for r in report.released]
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     q = report.quality_summary()
     coll.close()
     print(f"{len(released)} released real-photo crops, {len(distractors)} distractor crops of the same 19 photos, "
-          f"{args.index} (nprobe 1), {args.model}; PSNR mean {q['psnr']['mean']:.2f} dB (min {q['psnr']['min']:.2f}); "
+          f"{args.index} (nprobe 1), {args.model}, target {report.config['target']}; PSNR mean {q['psnr']['mean']:.2f} dB (min {q['psnr']['min']:.2f}); "
           f"cosine to the target {q['cos_before']['mean']:.3f} → {q['cos_after']['mean']:.3f}")
     print("| copy | original R@1 | released file R@1 |")
     print("|---|---|---|")
