@@ -94,7 +94,7 @@ def test_a_file_that_loses_rank_one_is_activated_again_then_released_unchanged(s
     calls: list[int] = []
     configs: list[ActivationConfig] = []
 
-    def fake(index, x, y):
+    def fake(index, x, y, mates=True):
         if y is x:
             return np.ones(len(x), bool)  # passive: all found first
         calls.append(1)
@@ -124,8 +124,67 @@ def test_a_file_that_loses_rank_one_is_activated_again_then_released_unchanged(s
 def test_add_activate_reports_the_fixes(stored, tmp_path, monkeypatch, image_dir):
     coll, _ = stored
     monkeypatch.setattr(add_mod, "own_code_first",
-                        lambda index, x, y: np.ones(len(x), bool) if y is x else np.zeros(len(x), bool))
+                        lambda index, x, y, mates=True: np.ones(len(x), bool) if y is x else np.zeros(len(x), bool))
     paths = sorted(image_dir.glob("*.png"))[4:6]
     report = add_mod.add_activated(coll, paths, tmp_path / "out", ActivationConfig(iterations=2, precision="fp32"))
     assert report.fixes() == {"margin": 0, "original": 2}
     assert all(r.fix == "original" and r.psnr == 100.0 for r in report.released)
+
+
+def test_files_outranked_by_later_batches_are_activated_again(stored, tmp_path, monkeypatch, image_dir):
+    """release_batch checks a file against the codes stored before it; once the run's last batch is
+    stored, every earlier file is checked again, and one that lost rank 1 is activated again with
+    the competitor term or, failing that, released unchanged, its record updated."""
+    coll, _ = stored
+    paths = sorted(image_dir.glob("*.png"))[4:10]
+    final = coll.index.ntotal + len(paths)
+    seen: list[int] = []
+
+    def fake(index, x, y, mates=True):
+        if y is x:
+            return np.ones(len(x), bool)
+        seen.append(len(x))
+        return np.full(len(x), index.ntotal < final)  # every file is outranked once all are stored
+
+    monkeypatch.setattr(add_mod, "own_code_first", fake)
+    report = add_mod.add_activated(coll, paths, tmp_path / "out", ActivationConfig(iterations=2, precision="fp32"),
+                                   batch_size=2)
+    assert len(report.released) == 6
+    last = {r.name for r in report.released[-2:]}  # the last batch was checked against every code
+    for r in report.released:
+        if r.name in last:
+            assert r.fix == "none" and r.psnr < 100.0
+        else:
+            assert r.fix == "original" and r.psnr == 100.0 and coll.record(r.id)["psnr"] == 100.0
+            source = next(p for p in paths if p.name == r.name)
+            np.testing.assert_array_equal(np.asarray(Image.open(r.released).convert("RGB")),
+                                          np.asarray(Image.open(source).convert("RGB")))
+    assert report.fixes() == {"margin": 0, "original": 4}
+
+
+def test_the_recheck_keeps_files_that_are_still_first(stored, tmp_path, image_dir):
+    """No fake: a real run of three batches; whatever the recheck did, every file whose original is
+    found first in the finished collection is found first too, and its record says its quality."""
+    coll, _ = stored
+    paths = sorted(image_dir.glob("*.png"))[4:10]
+    report = add_mod.add_activated(coll, paths, tmp_path / "out", ActivationConfig(iterations=2, precision="fp32"),
+                                   batch_size=2)
+    source = {p.name: p for p in paths}
+    x, y = (add_mod.describe_arrays(coll.extractor, [np.asarray(Image.open(f).convert("RGB")) for f in files])
+            for files in ([source[r.name] for r in report.released], [r.released for r in report.released]))
+    passive = own_code_first(coll.index, x, x, mates=False)
+    assert own_code_first(coll.index, x, y, mates=False)[passive].all()
+    for r in report.released:
+        assert coll.record(r.id)["psnr"] == pytest.approx(r.psnr)
+
+
+def test_mates_false_ignores_the_batch_mates():
+    rng = np.random.default_rng(1)
+    index = _trained("IVF4,PQ8x8", rng, nprobe=4)
+    x = _unit(rng, 6)
+    y = x.copy()
+    y[0] = x[3]
+    assert not own_code_first(index, x, y)[0]
+    assert own_code_first(index, x, y, mates=False).all()  # nothing stored: no rival at all
+    index.add_with_ids(x, np.arange(6, dtype=np.int64))
+    assert not own_code_first(index, x, y, mates=False)[0]  # stored, image 3's code wins

@@ -755,6 +755,25 @@ class Collection:
             self.db.execute("ROLLBACK")
             raise
 
+    def update_release_quality(self, ids: Sequence[int], quality: Sequence[dict[str, float | None]]) -> None:
+        """Record the quality of released files written again (activated again after their run:
+        :func:`activeindex.activation.add.recheck_run`), in one transaction."""
+        if len(ids) != len(quality):
+            raise ValueError(f"{len(ids)} ids but {len(quality)} quality records")
+        if not ids:
+            return
+        with self._write_lock():
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.executemany(
+                    "UPDATE images SET psnr = ?, ssim = ?, linf = ? WHERE id = ? AND status = 'indexed'",
+                    [(q.get("psnr"), q.get("ssim"), q.get("linf"), int(i)) for i, q in zip(ids, quality)],
+                )
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
     def add_images(
         self,
         paths: Sequence[str | os.PathLike[str]],

@@ -9,7 +9,10 @@ For each batch of images (similar sizes together, bounded in count and pixels):
    wherever its original is (:func:`release_batch`: activated again, or released unchanged, if not);
    write the files atomically to ``OUT/<stem><ext>`` (same pixel size);
 4. add the *originals'* descriptors to the collection (pending → index written → indexed), with the
-   quality of the released file and its path in the database.
+   quality of the released file and its path in the database;
+5. once the last batch is stored, check every earlier file of the run again against the finished
+   index (a later batch's code can be ranked first) and repair those that lost rank 1
+   (:func:`recheck_run`; the Ray driver does the same for its workers' files).
 
 Crash safety: a batch is durable once step 4 returns. A crash before that leaves at most that batch's
 released files without rows; a rerun redoes the batch (same result, files replaced) and skips every
@@ -148,10 +151,14 @@ def add_activated(
     grows with the pixel count."""
     plan = plan_activation(coll, paths, out_dir, config, names=names, fmt=fmt, quality=quality,
                            batch_size=batch_size, max_batch_pixels=max_batch_pixels, progress=progress)
-    for batch in plan.batches:
-        _activate_and_add(coll, batch, plan.out_dir, plan.config, plan.fmt, quality, plan.report, max_pixels)
+    checks: list[RunCheck] = []
+    for b, batch in enumerate(plan.batches):
+        done = _activate_and_add(coll, batch, plan.out_dir, plan.config, plan.fmt, quality, plan.report, max_pixels)
+        if b < len(plan.batches) - 1:  # the last batch was checked against every code of the run
+            checks.extend(done)
         if progress:
             progress(len(batch))
+    recheck_run(coll, plan.report, checks, plan.config, plan.fmt, quality, batch_size, max_pixels)
     coll.resolve_repeats(plan.repeats, plan.report)
     return plan.report
 
@@ -266,6 +273,7 @@ class BatchRelease:
     files: list[Released | ActiveIndexError]  # the encoded file, or what kept it from the budget
     cos_before: np.ndarray  # (B,) cosine of the original's descriptor to its target
     cos_after: np.ndarray  # (B,) of the *written file's* descriptor to the target (NaN: no file)
+    released_features: np.ndarray  # (B, d) the written files' descriptors (the original's: no file)
     fixes: list[Fix]
     iterations_run: int  # of the first activation
 
@@ -283,6 +291,8 @@ def release_batch(
     config: ActivationConfig,
     fmt: OutputFormat = OutputFormat.PNG,
     quality: int = 95,
+    *,
+    start: Fix = Fix.NONE,
 ) -> BatchRelease:
     """One batch of originals (uint8 (h, w, 3)) → their descriptors and released files.
     ``index`` is the collection's (or a trained, empty copy: its codebooks give the targets).
@@ -292,7 +302,8 @@ def release_batch(
     file must be too. A file that is not is activated again with the competitor term
     (:data:`REPAIR_MARGIN`), and if that does not hold either, the original is released unchanged
     — an activated image is never harder to find than its original; ``fixes`` says which images
-    needed which (callers report them)."""
+    needed which (callers report them). ``start=Fix.MARGIN`` begins with the competitor term (files
+    that lost rank 1 after their release: :func:`recheck_run`)."""
     ex = extractor
     n = len(originals)
     x = describe_arrays(ex, originals)
@@ -302,7 +313,7 @@ def release_batch(
     y = x.copy()  # descriptors of the written files (an image without one keeps its original's)
     fixes = [Fix.NONE] * n
     todo, iterations = list(range(n)), 0
-    for fix in Fix:
+    for fix in list(Fix)[list(Fix).index(start):]:
         if fix is Fix.ORIGINAL:
             perturbations = [np.zeros(originals[i].shape, np.float32) for i in todo]
         else:
@@ -327,7 +338,7 @@ def release_batch(
             break
     cos_before = np.einsum("nd,nd->n", x, targets)
     cos_after = np.where([isinstance(f, Released) for f in files], np.einsum("nd,nd->n", y, targets), np.nan)
-    return BatchRelease(x, files, cos_before, cos_after, fixes, iterations)
+    return BatchRelease(x, files, cos_before, cos_after, y, fixes, iterations)
 
 
 def _optimise(ex: Extractor, index: faiss.Index, originals: list[np.ndarray], x: np.ndarray,
@@ -362,7 +373,8 @@ def _activate_and_add(
     quality: int,
     report: ActivationReport,
     max_pixels: int = MAX_ACTIVATION_PIXELS,
-) -> None:
+) -> list[RunCheck]:
+    """One batch: released files written, originals' codes stored → what :func:`recheck_run` needs."""
     limits = activation_limits(max_pixels)
     loaded: list[tuple[Path, str, str, np.ndarray]] = []
     for path, name, sha in batch:
@@ -371,7 +383,7 @@ def _activate_and_add(
         except ImageLoadError as exc:
             report.failures.append(Failure(path, exc.reason))
     if not loaded:
-        return
+        return []
     rb = release_batch(coll.extractor, coll.index, [item[3] for item in loaded], config, fmt, quality)
 
     kept, records = [], []
@@ -385,7 +397,7 @@ def _activate_and_add(
         kept.append(i)
         records.append((dest, rel, float(rb.cos_before[i]), float(rb.cos_after[i]), rb.fixes[i].value))
     if not kept:
-        return
+        return []
     ids = coll.add_vectors(
         rb.features[kept],
         [loaded[i][1] for i in kept],
@@ -400,3 +412,79 @@ def _activate_and_add(
         report.released.append(
             ReleaseRecord(id_, loaded[i][1], str(dest), rel.psnr, rel.ssim, rel.linf, rel.scale, before, after, fix)
         )
+    return [RunCheck(id_, loaded[i][0], rb.features[i], rb.released_features[i]) for id_, i in zip(ids, kept)]
+
+
+@dataclass(frozen=True)
+class RunCheck:
+    """A released file of this run, to check again once the run's last code is stored."""
+
+    id: int
+    source: Path  # the original, to activate again
+    original: np.ndarray  # (d,) its descriptor (the stored code's)
+    released: np.ndarray  # (d,) the written file's descriptor
+
+
+RECHECK_CHUNK = 4096  # files checked per index search
+
+
+def recheck_run(
+    coll: Collection,
+    report: ActivationReport,
+    checks: Sequence[RunCheck],
+    config: ActivationConfig,
+    fmt: OutputFormat,
+    quality: int,
+    batch_size: int = DEFAULT_BATCH,
+    max_pixels: int = MAX_ACTIVATION_PIXELS,
+) -> int:
+    """Check the run's released files again now that all its codes are stored, and repair those
+    that lost rank 1 → how many were repaired.
+
+    :func:`release_batch` checks a file against the codes stored before it and its batch's; the
+    codes of later batches (or, on Ray, of the other shards) can still be ranked first. Wherever
+    the original is found first in the final index, its released file must be too: those that are
+    not are activated again with the competitor term, or released unchanged (as in
+    :func:`release_batch`), rewritten atomically, and their quality updated in the collection and
+    in ``report``. A crash in between leaves valid files (within the budget, the last ones maybe
+    outranked), each with its own quality recorded or, for at most one batch, the one it replaced."""
+    if not checks:
+        return 0
+    lost: list[RunCheck] = []
+    for start in range(0, len(checks), RECHECK_CHUNK):
+        part = checks[start : start + RECHECK_CHUNK]
+        x = np.stack([c.original for c in part])
+        passive = own_code_first(coll.index, x, x, mates=False)
+        first = own_code_first(coll.index, x, np.stack([c.released for c in part]), mates=False)
+        lost.extend(c for c, p, f in zip(part, passive, first) if p and not f)
+    if not lost:
+        return 0
+    logger.info("%d released files lost rank 1 to codes stored after them: activating them again", len(lost))
+    where = {r.id: k for k, r in enumerate(report.released)}
+    limits = activation_limits(max_pixels)
+    repaired = 0
+    for start in range(0, len(lost), batch_size):
+        part, originals = [], []
+        for c in lost[start : start + batch_size]:
+            try:
+                originals.append(np.asarray(load_image(c.source, limits=limits)))
+                part.append(c)
+            except ImageLoadError as exc:  # gone or changed since: its file stays as released
+                logger.warning("%s lost rank 1 after its release but cannot be read again: %s", c.source, exc.reason)
+        if not part:
+            continue
+        rb = release_batch(coll.extractor, coll.index, originals, config, fmt, quality, start=Fix.MARGIN)
+        ids, qualities = [], []
+        for c, rel, fix, after in zip(part, rb.files, rb.fixes, rb.cos_after):
+            old = report.released[where[c.id]]
+            if isinstance(rel, ActiveIndexError):  # the old file stays: within the budget, outranked
+                logger.warning("%s: lost rank 1 after its release and could not be released again: %s", old.name, rel)
+                continue
+            write_bytes_atomic(Path(old.released), rel.data)
+            report.released[where[c.id]] = dataclasses.replace(
+                old, psnr=rel.psnr, ssim=rel.ssim, linf=rel.linf, scale=rel.scale, cos_after=float(after), fix=fix.value)
+            ids.append(c.id)
+            qualities.append(rel.quality())
+        coll.update_release_quality(ids, qualities)
+        repaired += len(ids)
+    return repaired

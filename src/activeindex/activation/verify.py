@@ -46,9 +46,10 @@ def _apply(chain: list, v: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(v, dtype=np.float32)
 
 
-def own_code_first(index: faiss.Index, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def own_code_first(index: faiss.Index, x: np.ndarray, y: np.ndarray, *, mates: bool = True) -> np.ndarray:
     """(n,) bool: whether searching ``index`` with ``y[i]`` ranks the code of ``x[i]`` first
-    (see the module docstring). ``x`` and ``y``: (n, d) descriptors."""
+    (see the module docstring). ``x`` and ``y``: (n, d) descriptors. ``mates=False``: the originals'
+    codes are all stored already, only the index's hits compete (and no (n, n) matrix is made)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.ascontiguousarray(y, dtype=np.float32)
     n = len(x)
@@ -65,21 +66,27 @@ def own_code_first(index: faiss.Index, x: np.ndarray, y: np.ndarray) -> np.ndarr
             return (np.square(q).sum(1)[:, None] - 2.0 * q @ a.T + np.square(a).sum(1)[None, :]).astype(np.float32)
         return -(q @ a.T).astype(np.float32)
 
-    d_all = dist(yt, own)  # row i: y_i against every original's code of the batch
-    d_own = np.diag(d_all).copy()
+    def dist_rows(q: np.ndarray, a: np.ndarray) -> np.ndarray:  # q, a (n, d') → (n,): row i against row i
+        if l2:
+            return np.square(q - a).sum(1).astype(np.float32)
+        return -np.einsum("nd,nd->n", q, a).astype(np.float32)
+
+    d_own = dist_rows(yt, own)
     found = np.ones(n, bool)
     ivf = faiss.try_extract_index_ivf(index)
-    visits = None
     if ivf is not None:
         _, own_list = ivf.quantizer.search(xt, 1)
         _, visits = ivf.quantizer.search(yt, max(1, int(ivf.nprobe)))
         found = (visits == own_list).any(axis=1)
-        # A batch-mate's code can only win where y visits its cell.
-        mate_visible = (visits[:, :, None] == own_list[:, 0][None, None, :]).any(axis=1)  # (n, n)
-    else:
-        mate_visible = np.ones((n, n), bool)
-    np.fill_diagonal(mate_visible, False)
-    best_other = np.where(mate_visible, d_all, np.inf).min(axis=1)
+    best_other = np.full(n, np.inf, np.float32)
+    if mates and n > 1:
+        d_all = dist(yt, own)  # row i: y_i against every original's code of the batch
+        if ivf is not None:  # a batch-mate's code can only win where y visits its cell
+            mate_visible = (visits[:, :, None] == own_list[:, 0][None, None, :]).any(axis=1)  # (n, n)
+        else:
+            mate_visible = np.ones((n, n), bool)
+        np.fill_diagonal(mate_visible, False)
+        best_other = np.where(mate_visible, d_all, np.inf).min(axis=1)
     if index.ntotal > 0:
         D, I = index.search(y, min(int(index.ntotal), 3))
         D = sign * D.astype(np.float32)

@@ -42,7 +42,9 @@ from activeindex.activation.add import (
     DEFAULT_BATCH_PIXELS,
     ActivationReport,
     ReleaseRecord,
+    RunCheck,
     plan_activation,
+    recheck_run,
     release_path,
 )
 from activeindex.activation.optimize import ActivationConfig
@@ -343,6 +345,7 @@ def add_activated_ray(
             rounds.append([])
         rounds[-1].append(b)
     next_shard = 0
+    checks: list[RunCheck] = []
     out_abs = str(out_dir.resolve())
     with ray_session(options, stats) as ray:
         template = _prepare(ray, coll, options, stats)
@@ -384,8 +387,12 @@ def add_activated_ray(
                             i, name, str(release_path(out_dir, name, fmt)), q["psnr"], q["ssim"], q["linf"],
                             f.scale, f.cos_before, f.cos_after, f.fix,
                         ))
+                        checks.append(RunCheck(i, path, f.original, f.descriptor))
                 given = {a: t[0] for a, t in zip(absolute, flat)}
                 for k in sorted(results):
                     report.failures.extend(_map_failures(results[k].failures, given))
+    # Workers checked each file against its batch only: the driver checks them all against the
+    # collection as it now is, and activates again (here) the few that lost rank 1.
+    recheck_run(coll, report, checks, config, fmt, quality, batch_size, max_pixels)
     coll.resolve_repeats(repeats, report)
     return report

@@ -57,6 +57,9 @@ class ReleasedFile:
     cos_before: float
     cos_after: float
     fix: str = "none"  # activeindex.activation.add.Fix value
+    # For the driver's check once every shard's codes are stored (activation.add.recheck_run):
+    original: np.ndarray | None = None  # (d,) the original's descriptor
+    descriptor: np.ndarray | None = None  # (d,) the released file's
 
 
 @dataclass
@@ -227,7 +230,8 @@ def activate_shard(
             kept_ids.append(id_)
             feats.append(rb.features[i])
             released.append(ReleasedFile(id_, name, str(dest), rel.quality(), rel.scale,
-                                         float(rb.cos_before[i]), float(rb.cos_after[i]), rb.fixes[i].value))
+                                         float(rb.cos_before[i]), float(rb.cos_after[i]), rb.fixes[i].value,
+                                         rb.features[i], rb.released_features[i]))
         if b == 0:
             _maybe_crash(setup, shard)  # after the first batch's files are written: mid-shard
     d = extractor.dim
