@@ -18,7 +18,7 @@ budget:
     not folded) in fp32 on a contiguous NCHW batch, ``torch.optim.Adam`` over the list of per-image parameters, every iteration run; the
     file written with a plain ``write_bytes``.
 ``ours``
-    The product's path (what ``add --activate`` runs per batch): :func:`load_image`, then
+    The product's path (what ``add --activate`` runs per batch): :func:`load_arrays` (decoding in threads), then
     :func:`activeindex.activation.add.release_batch` — one padded tensor per batch, the resize as
     two batched matrix products (exact PIL-bilinear weights), BatchNorm folded into the
     convolutions (:func:`activeindex.extractors.builtin.fold_batchnorm`), bf16 autocast where input gradients
@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from activeindex.activation import ActivationConfig, compute_targets
-from activeindex.activation.add import activation_limits, release_batch
+from activeindex.activation.add import activation_limits, load_arrays, release_batch
 from activeindex.activation.jnd import CHANNEL_FACTOR, jnd_heatmap
 from activeindex.activation.optimize import BUDGET_MARGIN_DB, configure, gradient_precision
 from activeindex.activation.release import OutputFormat, Released, decode, finalize
@@ -68,7 +68,6 @@ from activeindex.features import extract_paths
 from activeindex.extractors import Extractor, create_extractor
 from activeindex.extractors.builtin import build_builtin
 from activeindex.hardware import machine_summary, matmul_rate
-from activeindex.images import load_image
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "activate"
 
@@ -147,7 +146,9 @@ def naive_pipeline(coll: Collection, paths: Sequence[Path], out: Path, cfg: Acti
 
 def ours_pipeline(coll: Collection, paths: Sequence[Path], out: Path, cfg: ActivationConfig) -> list[Released]:
     """Files → released files as ``add --activate`` makes them (less the index and database)."""
-    images = [np.asarray(load_image(p, limits=activation_limits())) for p in paths]
+    images = load_arrays(paths, activation_limits())
+    if any(isinstance(a, Exception) for a in images):
+        raise next(a for a in images if isinstance(a, Exception))
     released = release_batch(coll.extractor, coll.index, images, cfg).files
     for path, rel in zip(paths, released):
         if isinstance(rel, Exception):

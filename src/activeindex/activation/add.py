@@ -278,10 +278,30 @@ class BatchRelease:
     iterations_run: int  # of the first activation
 
 
+def _map_threads(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """``[fn(item) for item in items]``, one thread per core: for work that releases the GIL
+    (Pillow's resize and codecs, zlib, the SSIM filters), which then runs on every core."""
+    if len(items) < 2:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max(1, min(len(items), os.cpu_count() or 1))) as pool:
+        return list(pool.map(fn, items))
+
+
+def load_arrays(paths: Sequence[str | os.PathLike[str]], limits: ImageLimits) -> list[np.ndarray | ImageLoadError]:
+    """Decode the originals of a batch (in threads) → uint8 (h, w, 3) arrays, or why one could not be."""
+    def load(path: str | os.PathLike[str]) -> np.ndarray | ImageLoadError:
+        try:
+            return np.asarray(load_image(path, limits=limits))
+        except ImageLoadError as exc:
+            return exc
+
+    return _map_threads(load, list(paths))
+
+
 def describe_arrays(extractor: Extractor, images: Sequence[np.ndarray]) -> np.ndarray:
     """uint8 (h, w, 3) arrays → (B, d) descriptors, exactly as every query is described."""
     pre = extractor.preprocessing
-    return extractor.features(np.stack([pre.prepare(Image.fromarray(a)) for a in images]))
+    return extractor.features(np.stack(_map_threads(lambda a: pre.prepare(Image.fromarray(a)), images)))
 
 
 def release_batch(
@@ -359,9 +379,7 @@ def _finalize_all(originals: list[np.ndarray], perturbations: list[np.ndarray], 
 
     # Encoding (zlib, libjpeg, libwebp) and the SSIM filters release the GIL: one thread per core
     # halves this step on 2 cores (it is a third of an activated image's time at 5 iterations).
-    items = list(zip(originals, perturbations))
-    with ThreadPoolExecutor(max(1, min(len(items), os.cpu_count() or 1))) as pool:
-        return list(pool.map(release, items))
+    return _map_threads(release, list(zip(originals, perturbations)))
 
 
 def _activate_and_add(
@@ -375,13 +393,12 @@ def _activate_and_add(
     max_pixels: int = MAX_ACTIVATION_PIXELS,
 ) -> list[RunCheck]:
     """One batch: released files written, originals' codes stored → what :func:`recheck_run` needs."""
-    limits = activation_limits(max_pixels)
     loaded: list[tuple[Path, str, str, np.ndarray]] = []
-    for path, name, sha in batch:
-        try:
-            loaded.append((path, name, sha, np.asarray(load_image(path, limits=limits))))
-        except ImageLoadError as exc:
-            report.failures.append(Failure(path, exc.reason))
+    for (path, name, sha), image in zip(batch, load_arrays([t[0] for t in batch], activation_limits(max_pixels))):
+        if isinstance(image, ImageLoadError):
+            report.failures.append(Failure(path, image.reason))
+        else:
+            loaded.append((path, name, sha, image))
     if not loaded:
         return []
     rb = release_batch(coll.extractor, coll.index, [item[3] for item in loaded], config, fmt, quality)
@@ -465,12 +482,13 @@ def recheck_run(
     repaired = 0
     for start in range(0, len(lost), batch_size):
         part, originals = [], []
-        for c in lost[start : start + batch_size]:
-            try:
-                originals.append(np.asarray(load_image(c.source, limits=limits)))
+        chunk = lost[start : start + batch_size]
+        for c, image in zip(chunk, load_arrays([c.source for c in chunk], limits)):
+            if isinstance(image, ImageLoadError):  # gone since: its file stays as released
+                logger.warning("%s lost rank 1 after its release but cannot be read again: %s", c.source, image.reason)
+            else:
                 part.append(c)
-            except ImageLoadError as exc:  # gone or changed since: its file stays as released
-                logger.warning("%s lost rank 1 after its release but cannot be read again: %s", c.source, exc.reason)
+                originals.append(image)
         if not part:
             continue
         rb = release_batch(coll.extractor, coll.index, originals, config, fmt, quality, start=Fix.MARGIN)

@@ -192,11 +192,10 @@ def activate_shard(
     """Activate the shard's batches of (path, name, id) against the empty index (its codebooks give
     the targets), write each released file atomically to ``out_dir``, and encode the originals'
     descriptors with their ids → the shard index, the released files' records, the failures."""
-    from activeindex.activation.add import activation_limits, release_batch, release_path
+    from activeindex.activation.add import activation_limits, load_arrays, release_batch, release_path
     from activeindex.activation.release import OutputFormat
     from activeindex.atomic import write_bytes_atomic
     from activeindex.errors import ActiveIndexError
-    from activeindex.images import load_image
 
     t0 = time.perf_counter()
     extractor = _setup(setup)
@@ -210,11 +209,12 @@ def activate_shard(
     pos = 0
     for b, batch in enumerate(batches):
         loaded = []
-        for path, name, id_ in batch:
-            try:
-                loaded.append((pos, path, name, id_, np.asarray(load_image(path, limits=activation_limits(*([max_pixels] if max_pixels else []))))))
-            except ImageLoadError as exc:
-                failures.append(Failure(Path(path), exc.reason))
+        images = load_arrays([item[0] for item in batch], activation_limits(*([max_pixels] if max_pixels else [])))
+        for (path, name, id_), image in zip(batch, images):
+            if isinstance(image, ImageLoadError):
+                failures.append(Failure(Path(path), image.reason))
+            else:
+                loaded.append((pos, path, name, id_, image))
             pos += 1
         if not loaded:
             continue
