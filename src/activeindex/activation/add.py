@@ -443,6 +443,7 @@ class RunCheck:
 
 
 RECHECK_CHUNK = 4096  # files checked per index search
+SAME_ORIGINAL_COS = 0.999  # an original read again must describe as it did (else it was replaced)
 
 
 def recheck_run(
@@ -493,8 +494,11 @@ def recheck_run(
             continue
         rb = release_batch(coll.extractor, coll.index, originals, config, fmt, quality, start=Fix.MARGIN)
         ids, qualities = [], []
-        for c, rel, fix, after in zip(part, rb.files, rb.fixes, rb.cos_after):
+        for c, rel, fix, after, x in zip(part, rb.files, rb.fixes, rb.cos_after, rb.features):
             old = report.released[where[c.id]]
+            if float(x @ c.original) < SAME_ORIGINAL_COS:  # the file was replaced during the run
+                logger.warning("%s changed since it was added: its released file is left as it was", c.source)
+                continue
             if isinstance(rel, ActiveIndexError):  # the old file stays: within the budget, outranked
                 logger.warning("%s: lost rank 1 after its release and could not be released again: %s", old.name, rel)
                 continue
