@@ -150,6 +150,12 @@ def test_activation_moves_copies_towards_their_originals(tmp_path, tiny_extracto
     assert plain.summary["r@1"]["identity"] >= passive.summary["r@1"]["identity"]
     assert set(passive.summary["r@1"]) == {*paper_edits(), "mean"}
     assert len(plain.examples) == 2 and not np.array_equal(plain.examples[0], passive.examples[0])
+    # Resumed from its checkpoints, the evaluation reports the same figures, the paired gain included.
+    lines: list[str] = []
+    _, again, _ = evaluate_and_report(data, tiny_extractor, settings, tmp_path / "out", log=lines.append)
+    assert any("resuming: 2 of 2" in ln for ln in lines)
+    assert "gain_over_passive" in again["results"]["IVF4,PQ8x4 | plain"]
+    assert again["results"] == summary["results"]
 
 
 def test_evaluate_refuses_bad_settings_before_any_work(tmp_path):

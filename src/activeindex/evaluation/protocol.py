@@ -637,6 +637,8 @@ def save_checkpoint(out: Path, run: RunResult, factory_info: dict[str, Any], key
         arrays["curve_recall"], arrays["curve_precision"] = (np.asarray(a) for a in run.curve)
     if run.psnr is not None:
         arrays["psnr"] = np.asarray(run.psnr)
+    if run.ranks is not None:  # the paired gain over passive and the report's example ranks need them
+        arrays["ranks"] = np.asarray(run.ranks)
     for i, ex in enumerate(run.examples):
         arrays[f"example_{i}"] = np.asarray(ex)
     buf = io.BytesIO()
@@ -657,6 +659,7 @@ def load_checkpoint(out: Path, factory: str, method: Method, key: str) -> tuple[
                 curve=(z["curve_recall"], z["curve_precision"]) if meta["curve"] else None,
                 psnr=z["psnr"] if meta["psnr"] else None,
                 examples=[z[f"example_{i}"] for i in range(int(meta["examples"]))],
+                ranks=z["ranks"] if "ranks" in z.files else None,  # absent from the first version-3 files
             )
             return run, meta["factory_info"]
     except FileNotFoundError:
