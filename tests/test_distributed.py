@@ -200,6 +200,27 @@ def test_add_activated_on_ray_gives_the_same_collection(ray_local, tmp_path, tin
     assert sorted(p.name for p in (tmp_path / "rb").iterdir()) == sorted(p.name for p in (tmp_path / "ra").iterdir())
 
 
+def test_the_driver_rechecks_the_workers_files(ray_local, tmp_path, tiny_extractor, train_vectors, paths, monkeypatch):
+    """Workers check their files against their batch only; the driver checks them all once every
+    code is stored, and releases again (here: unchanged, the check is forced to fail) those that lost."""
+    import activeindex.activation.add as add_mod
+    from activeindex.distributed import RayOptions, add_activated_ray
+
+    def fake(index, x, y, mates=True):  # in the driver only: the workers run the real check
+        return np.ones(len(x), bool) if y is x else np.zeros(len(x), bool)
+
+    monkeypatch.setattr(add_mod, "own_code_first", fake)
+    config = ActivationConfig(iterations=1, precision="fp32")
+    with _collection(tmp_path / "b", tiny_extractor, train_vectors) as b:
+        got = add_activated_ray(b, paths[:8], tmp_path / "rb", config, batch_size=4, options=RayOptions(shard_size=4))
+        assert got.fixes() == {"margin": 0, "original": 8}
+        for r in got.released:
+            assert r.psnr == 100.0 and b.record(r.id)["psnr"] == 100.0
+            source = next(p for p in paths if p.name == r.name)
+            np.testing.assert_array_equal(np.asarray(Image.open(r.released).convert("RGB")),
+                                          np.asarray(Image.open(source).convert("RGB")))
+
+
 def test_a_worker_killed_mid_shard_is_retried_without_duplicates(
     ray_local, tmp_path, tiny_extractor, train_vectors, paths, monkeypatch
 ):
