@@ -34,6 +34,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 from PIL import Image
 
 from activeindex.activation.competitors import find_competitors
@@ -279,11 +280,13 @@ class BatchRelease:
 
 
 def _map_threads(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-    """``[fn(item) for item in items]``, one thread per core: for work that releases the GIL
-    (Pillow's resize and codecs, zlib, the SSIM filters), which then runs on every core."""
-    if len(items) < 2:
+    """``[fn(item) for item in items]`` on as many threads as torch may use (every core, or the one
+    a Ray worker is given): for work that releases the GIL (Pillow's resize and codecs, zlib, the
+    SSIM filters)."""
+    threads = min(len(items), torch.get_num_threads())
+    if threads < 2:
         return [fn(item) for item in items]
-    with ThreadPoolExecutor(max(1, min(len(items), os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(fn, items))
 
 
