@@ -24,6 +24,22 @@ def small_collection(root: Path, extractor, train_vectors, image_dir: Path,
     return root
 
 
+def assert_released_files_found_first(coll, report, paths: list[Path]) -> None:
+    """Every released file of ``report`` (an ``add --activate`` of ``paths``), described as a query
+    of it would be, ranks its original's code first in ``coll`` wherever the original itself does."""
+    import numpy as np
+    from PIL import Image
+
+    from activeindex.activation.add import describe_arrays
+    from activeindex.activation.verify import own_code_first
+
+    source = {p.name: p for p in paths}
+    x, y = (describe_arrays(coll.extractor, [np.asarray(Image.open(f).convert("RGB")) for f in files])
+            for files in ([source[r.name] for r in report.released], [r.released for r in report.released]))
+    passive = own_code_first(coll.index, x, x, mates=False)
+    assert own_code_first(coll.index, x, y, mates=False)[passive].all()
+
+
 def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """Run ``activeindex.cli.main`` in-process (it maps ActiveIndexError to exit 2 + ``error:``)
     → (exit code, stdout, stderr)."""

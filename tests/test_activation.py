@@ -132,7 +132,7 @@ def test_the_auto_target_is_the_centroid_on_ivf_indexes_only(train_vectors):
                                   compute_targets(ivf, train_vectors[:3], "centroid"))
     np.testing.assert_array_equal(compute_targets(pq, train_vectors[:3], "auto"),
                                   compute_targets(pq, train_vectors[:3], "reconstruction"))
-    # Not a default (it cost unedited real photos rank 1, docs/activation-study.md): the paper's stays.
+    # Not a default (it costs copy-detection µAP, docs/activation-study.md): the paper's stays.
     assert "target" not in create_extractor("builtin").activation_defaults
     assert ActivationConfig().target.value == "reconstruction"
 

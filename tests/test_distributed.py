@@ -17,13 +17,13 @@ from typer.testing import CliRunner
 
 from activeindex import index as ix
 from activeindex.activation import ActivationConfig
-from activeindex.activation.add import add_activated, describe_arrays
-from activeindex.activation.verify import own_code_first
+from activeindex.activation.add import add_activated
 from activeindex.cli import app
 from activeindex.collection import Collection
 from activeindex.distributed import shards as sh
 from activeindex.distributed.worker import CRASH_ENV
 from activeindex.errors import CollectionError
+from helpers import assert_released_files_found_first
 
 N_IMAGES = 16
 
@@ -191,12 +191,8 @@ def test_add_activated_on_ray_gives_the_same_collection(ray_local, tmp_path, tin
             if r.fix == g.fix == "none":  # the same optimisation (a fix depends on what each check saw)
                 assert abs(g.psnr - r.psnr) < 0.5
         # Both checked every file against the finished collection (workers saw only their batches).
-        source = {p.name: p for p in paths}
-        for coll, report in ((a, ref), (b, got)):
-            x, y = (describe_arrays(coll.extractor, [np.asarray(Image.open(f).convert("RGB")) for f in files])
-                    for files in ([source[r.name] for r in report.released], [r.released for r in report.released]))
-            passive = own_code_first(coll.index, x, x, mates=False)
-            assert own_code_first(coll.index, x, y, mates=False)[passive].all()
+        assert_released_files_found_first(a, ref, paths)
+        assert_released_files_found_first(b, got, paths)
     assert sorted(p.name for p in (tmp_path / "rb").iterdir()) == sorted(p.name for p in (tmp_path / "ra").iterdir())
 
 
@@ -267,7 +263,6 @@ def test_default_path_does_not_import_ray(tmp_path, image_dir, train_vectors):
     np.save(tmp_path / "xt.npy", train_vectors)
     code = f"""
 import sys
-from PIL import Image
 from typer.testing import CliRunner
 from activeindex.cli import app
 import activeindex.distributed  # importing the backend does not import Ray either

@@ -13,6 +13,7 @@ from activeindex.activation.add import Fix, release_batch
 from activeindex.activation.verify import own_code_first
 from activeindex.collection import Collection
 from activeindex.index import build_index, train_index
+from helpers import assert_released_files_found_first
 
 
 def _unit(rng, n, d=32):
@@ -138,12 +139,10 @@ def test_files_outranked_by_later_batches_are_activated_again(stored, tmp_path, 
     coll, _ = stored
     paths = sorted(image_dir.glob("*.png"))[4:10]
     final = coll.index.ntotal + len(paths)
-    seen: list[int] = []
 
     def fake(index, x, y, mates=True):
         if y is x:
             return np.ones(len(x), bool)
-        seen.append(len(x))
         return np.full(len(x), index.ntotal < final)  # every file is outranked once all are stored
 
     monkeypatch.setattr(add_mod, "own_code_first", fake)
@@ -169,11 +168,7 @@ def test_the_recheck_keeps_files_that_are_still_first(stored, tmp_path, image_di
     paths = sorted(image_dir.glob("*.png"))[4:10]
     report = add_mod.add_activated(coll, paths, tmp_path / "out", ActivationConfig(iterations=2, precision="fp32"),
                                    batch_size=2)
-    source = {p.name: p for p in paths}
-    x, y = (add_mod.describe_arrays(coll.extractor, [np.asarray(Image.open(f).convert("RGB")) for f in files])
-            for files in ([source[r.name] for r in report.released], [r.released for r in report.released]))
-    passive = own_code_first(coll.index, x, x, mates=False)
-    assert own_code_first(coll.index, x, y, mates=False)[passive].all()
+    assert_released_files_found_first(coll, report, paths)
     for r in report.released:
         assert coll.record(r.id)["psnr"] == pytest.approx(r.psnr)
 
