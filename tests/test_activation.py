@@ -17,7 +17,7 @@ from activeindex.activation.add import add_activated
 from activeindex.activation.jnd import jnd_heatmap
 from activeindex.activation.optimize import CHECK_EVERY
 from activeindex.activation.release import decode, finalize, psnr
-from activeindex.activation.resize import apply_resize, batch_matrices, input_matrices
+from activeindex.activation.resize import Banded, InputResize, apply_resize, batch_matrices, input_matrices
 from activeindex.activation.targets import check_target_support
 from activeindex.cli import app
 from activeindex.collection import Collection
@@ -83,6 +83,36 @@ def test_padded_batch_resize_equals_single():
     for i, (h, w) in enumerate(sizes):
         s_h, s_w = batch_matrices([(h, w)], pre, (h, w))
         assert torch.allclose(together[i], apply_resize(imgs[i], s_h, s_w)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 64])
+@pytest.mark.parametrize("policy", ["square", "center-crop"])
+def test_banded_resize_equals_the_dense_product_and_its_gradient(rows, policy):
+    """The block-by-block product skips only zero weights: values and input gradients are those of
+    ``A_h · x · A_wᵀ``, for a padded batch of mixed sizes (a 3× block reduction and an upscale
+    among them) and any block height (one that divides no axis, one larger than the output)."""
+    pre = Preprocessing(input_size=24, resize=policy)
+    sizes = [(97, 130), (120, 40), (18, 22)]
+    a_h, a_w = batch_matrices(sizes, pre, (120, 130))
+    x = torch.rand(3, 3, 120, 130, dtype=torch.float64, requires_grad=True)
+    g = torch.rand(3, 3, 24, 24, dtype=torch.float64)
+    a_h, a_w = a_h.double(), a_w.double()
+    dense = torch.matmul(a_h.unsqueeze(1), torch.matmul(x, a_w.transpose(1, 2).unsqueeze(1)))
+    (g_dense,) = torch.autograd.grad(dense, x, g)
+    banded = InputResize(a_h, a_w, rows)(x)
+    (g_banded,) = torch.autograd.grad(banded, x, g)
+    assert banded.shape == dense.shape
+    assert torch.allclose(banded, dense, atol=1e-12) and torch.allclose(g_banded, g_dense, atol=1e-12)
+    assert g_banded[1, :, :, 40:].abs().max() == 0  # nothing flows into an image's padding
+
+
+def test_banded_blocks_read_only_the_rows_they_need():
+    pre = Preprocessing(input_size=160)
+    a_h, _ = batch_matrices([(1024, 1024)], pre, (1024, 1024))
+    band = Banded.of(a_h, 16)
+    widths = [hi - lo for _, _, lo, hi in band.blocks]
+    assert len(widths) == 10 and max(widths) < 1024 // 4  # a 6.4× reduction: ~110 of 1024 rows
+    assert sum(widths) < 1.2 * 1024  # the blocks overlap only by the filter's support
 
 
 # -- targets ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ Conventions and choices, all in the [0, 1] pixel space (not the ImageNet-normali
   where the descriptor needs it rather than being scaled back blindly at the end.
 - *Variable sizes in one batch.* Images are padded (edge-replicated) to the batch's largest height and
   width; a mask keeps padded pixels out of the perturbation and the image loss, and the resize to the
-  extractor input is one batched matrix product per axis with exact PIL-bilinear weights
+  extractor input is a batched, banded matrix product per axis with exact PIL-bilinear weights
   (:mod:`activeindex.activation.resize`).
 - *Robust activation* (expectation over transformations): each iteration also passes ``views``
   randomly edited copies of the resized image (the kornia copy edits the descriptor was trained on:
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from activeindex.activation.competitors import Competitors
 from activeindex.activation.jnd import CHANNEL_FACTOR, jnd_heatmap
-from activeindex.activation.resize import apply_resize, batch_matrices
+from activeindex.activation.resize import InputResize, batch_matrices
 from activeindex.activation.targets import TargetKind
 from activeindex.errors import ActivationError
 from activeindex.extractors import Extractor
@@ -206,7 +206,7 @@ def activate_batch(
     device = extractor.device
     dtype = gradient_precision(extractor, config.precision)
     x0, mask, sizes = _pad_batch(images, device)
-    a_h, a_w = (m.to(device) for m in batch_matrices(sizes, extractor.preprocessing, tuple(x0.shape[-2:])))
+    resize = InputResize(*(m.to(device) for m in batch_matrices(sizes, extractor.preprocessing, tuple(x0.shape[-2:]))))
     t = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32)).to(device)
     b = len(images)
 
@@ -237,7 +237,7 @@ def activate_batch(
             x = jpeg_codec_differentiable(x, quality)
         # The model's first layer sees bf16 under bf16 autocast anyway: the resize may run in it too.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            small = apply_resize(x, a_h, a_w)
+            small = resize(x)
         return small.float()  # the edits of robust activation expect float32
 
     def no_gradient() -> ActivationError:
@@ -278,7 +278,7 @@ def activate_batch(
             cos_before = (torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device) * t).sum(dim=1)
         else:
             with torch.no_grad():
-                cos_before = (extractor.embed(apply_resize(x0, a_h, a_w), dtype) * t).sum(dim=1)
+                cos_before = (extractor.embed(resize(x0), dtype) * t).sum(dim=1)
         moving = torch.ones(b, 1, 1, 1, device=device)
         if config.stop_cos is not None:
             moving = (cos_before < config.stop_cos).float().view(b, 1, 1, 1)

@@ -4,14 +4,21 @@ PIL's bilinear resize (what :meth:`Preprocessing.prepare` and every query use) i
 output row is a fixed weighted sum of input rows (a triangle filter widened by the scale factor when
 downscaling, i.e. antialiased), and likewise for columns. Writing those weights as matrices
 ``A_h`` (S × H) and ``A_w`` (S × W) gives ``resize(x) = A_h · x · A_wᵀ``: exactly PIL's filter, exact
-gradients back to every full-resolution pixel, and one batched ``matmul`` for a batch of images of
-*different* sizes padded into one tensor (the padded columns of each image's matrix are zero).
+gradients back to every full-resolution pixel, and batched ``matmul`` calls for a batch of images
+of *different* sizes padded into one tensor (the padded columns of each image's matrix are zero).
 The centre-crop policy is the same matrices with only the kept rows.
+
+The matrices are banded (an output row reads about ``2 × scale`` input rows), so :class:`InputResize`
+multiplies band by band: each block of ``BAND_ROWS`` output rows with only the input rows that
+block reads in some image of the batch, and the gradient likewise with the transposed matrix, block
+by block of input rows. Same numbers as the dense product up to float summation order, and a small
+share of its work: 256 → 160 px reads 30 of 256 rows per block, a 1024-px photo 150 of 1024.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -85,8 +92,71 @@ def batch_matrices(sizes: list[tuple[int, int]], pre: Preprocessing, padded: tup
     return a_h, a_w
 
 
+# Output rows per block of the banded product: smaller blocks read fewer unused input rows but make
+# more, smaller matmul calls; 16 was the fastest of 8/16/32 for 256- and 1024-px images.
+BAND_ROWS = 16
+
+
+@dataclass(frozen=True)
+class Banded:
+    """A (B, R, N) matrix and its blocks of output rows ``[r0, r1)`` with the input rows ``[lo, hi)``
+    outside which every image's weights in those rows are zero (``lo == hi``: none)."""
+
+    a: torch.Tensor
+    blocks: tuple[tuple[int, int, int, int], ...]
+
+    @classmethod
+    def of(cls, a: torch.Tensor, rows: int = BAND_ROWS) -> Banded:
+        used = (a != 0).any(dim=0)  # (R, N)
+        blocks = []
+        for r0 in range(0, a.shape[1], rows):
+            r1 = min(r0 + rows, a.shape[1])
+            cols = torch.nonzero(used[r0:r1].any(dim=0)).flatten().tolist()
+            blocks.append((r0, r1, cols[0], cols[-1] + 1) if cols else (r0, r1, 0, 0))
+        return cls(a, tuple(blocks))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``a · x`` along dim -2: x (B, C, N, M) → (B, C, R, M), block by block (each matmul reads
+        a view of ``x``; under autocast it runs in autocast's dtype, as the dense product did)."""
+        b, c, _, m = x.shape
+        parts = [x.new_zeros(b, c, r1 - r0, m) if lo == hi else
+                 torch.matmul(self.a[:, None, r0:r1, lo:hi], x[:, :, lo:hi, :])
+                 for r0, r1, lo, hi in self.blocks]
+        return torch.cat(parts, dim=2)
+
+
+class _BandedRows(torch.autograd.Function):
+    """``a · x`` along dim -2 for a banded ``a``; the gradient is ``aᵀ · g``, banded too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: Banded, at: Banded) -> torch.Tensor:
+        ctx.at, ctx.x_dtype = at, x.dtype
+        return a(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        at = ctx.at
+        if at.a.dtype != g.dtype:  # the forward ran under autocast: so does its gradient
+            at = Banded(at.a.to(g.dtype), at.blocks)
+        return at(g).to(ctx.x_dtype), None, None
+
+
+class InputResize:
+    """``A_h · x · A_wᵀ`` per image of a padded batch, as banded products (rows, then columns on the
+    already reduced tensor). Built once per batch: the blocks are found once for every iteration."""
+
+    def __init__(self, a_h: torch.Tensor, a_w: torch.Tensor, rows: int = BAND_ROWS) -> None:
+        self._axes = [(Banded.of(a, rows), Banded.of(a.transpose(1, 2), rows)) for a in (a_h, a_w)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, C, S, S)."""
+        (h, ht), (w, wt) = self._axes
+        rows = _BandedRows.apply(x, h, ht)  # (B, C, S, W)
+        cols = _BandedRows.apply(rows.transpose(2, 3), w, wt)  # (B, C, S_w, S_h)
+        return cols.transpose(2, 3)
+
+
 def apply_resize(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) → (B, C, S, S): ``A_h · x · A_wᵀ`` per image; columns first (the cheaper order
-    when downscaling)."""
-    cols = torch.matmul(x, a_w.transpose(1, 2).unsqueeze(1))  # (B, C, H, S)
-    return torch.matmul(a_h.unsqueeze(1), cols)  # (B, C, S, S)
+    """(B, C, H, W) → (B, C, S, S): ``A_h · x · A_wᵀ`` per image (:class:`InputResize`, used once)."""
+    return InputResize(a_h, a_w)(x)
