@@ -5,7 +5,7 @@ Run it from the repository root::
     .venv/bin/python bench/activate.py                  # 64 images, batch 16
     .venv/bin/python bench/activate.py --n 128 --json runs/bench-activate.json
 
-Two pipelines activate the same synthetic 256×256 reference files of a ``IVF32,PQ32x8`` collection
+Two pipelines activate the same synthetic 256×256 (``--size``) reference files of a ``IVF32,PQ32x8`` collection
 (built by :func:`build_collection` below, cached under ``bench/.cache/activate``), each timed from
 the files on disk to the released files written (decode, describe, targets, optimise, PSNR/SSIM
 check and encoding, write), with the same model, input resolution, loss, JND bound and hard PSNR
@@ -72,13 +72,16 @@ from activeindex.hardware import machine_summary, matmul_rate
 CACHE = Path(__file__).resolve().parent / ".cache" / "activate"
 
 
-def build_collection(out: Path, extractor: Extractor, n_train: int, n_refs: int, factory: str) -> tuple[Collection, list[Path]]:
-    """Synthetic training and reference images under ``out/images`` (made once, then reused) and a
-    fresh collection at ``out/collection`` holding the references' original codes."""
+def build_collection(out: Path, extractor: Extractor, n_train: int, n_refs: int, factory: str,
+                     size: tuple[int, int] = (256, 256)) -> tuple[Collection, list[Path]]:
+    """Synthetic training and reference images under ``out/images`` (made once, then reused; the
+    references at ``size`` (width, height)) and a fresh collection at ``out/collection`` holding the
+    references' original codes."""
     import shutil
 
     train = make_images(out / "images" / "train", n_train, seed=7)  # all cores: made once, then cached
-    refs = make_images(out / "images" / "references", n_refs, seed=7, start=n_train)
+    folder = "references" if size == (256, 256) else f"references-{size[0]}x{size[1]}"
+    refs = make_images(out / "images" / folder, n_refs, seed=7, start=n_train, size=size)
     shutil.rmtree(out / "collection", ignore_errors=True)
     coll = Collection.create(out / "collection", extractor, factory, extract_paths(train, extractor).features)
     coll.add_images(refs)
@@ -218,8 +221,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=None, help="ours' iterations (default: the model's own)")
     ap.add_argument("--naive-iterations", type=int, default=10, help="the authors' shape's (default: the paper's 10)")
     ap.add_argument("--lr", type=float, default=None, help="Adam step size of both (default: the model's own)")
+    ap.add_argument("--size", default="256x256", help="WxH of the reference files (photos are larger: "
+                    "1024x768 shows the full-resolution work; the 1024 references are made once per size)")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        ap.error(f"--size takes WxH, e.g. 1024x768, not {args.size!r}")
 
     def say(msg: str) -> None:  # progress on stderr, so the report on stdout stays clean
         print(f"[{time.perf_counter() - t_start:6.1f} s] {msg}", file=sys.stderr, flush=True)
@@ -229,8 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {machine}", flush=True)
     torch.manual_seed(0)
     extractor = create_extractor("builtin")
-    say(f"collection (1024 training + 1024 reference images, made once under {CACHE})")
-    coll, refs = build_collection(CACHE, extractor, 1024, 1024, "IVF32,PQ32x8")
+    say(f"collection (1024 training + 1024 {width}x{height} reference images, made once under {CACHE})")
+    coll, refs = build_collection(CACHE, extractor, 1024, 1024, "IVF32,PQ32x8", (width, height))
     ids = coll.first_ids(args.n)
     paths = list(refs[: args.n])
     images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
@@ -255,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fwd_bwd["bf16"] = model_fwd_bwd(extractor, args.batch_size, torch.bfloat16)
     results: dict = {
         "machine": {**machine.to_dict(), "activation_dtype": str(act_dtype)},
-        "setup": {"n": args.n, "batch_size": args.batch_size, "model": extractor.spec_string,
+        "setup": {"n": args.n, "batch_size": args.batch_size, "model": extractor.spec_string, "size": [width, height],
                   "input_size": extractor.preprocessing.input_size,
                   "naive": naive_cfg.record(), "ours": ours_cfg.record()},
         "images_per_s": speed,
@@ -279,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ok_speed, ok_gain = results["speedup"] >= 3.0, gain["ours"] >= gain["naive"] - 0.02
     lim = results["limit"]
     per_iteration = results["speedup"] * ours_cfg.iterations / naive_cfg.iterations
-    print(f"activation of {args.n} files end to end ({extractor.spec_string}, {extractor.preprocessing.input_size} px, "
+    print(f"activation of {args.n} {width}x{height} files end to end ({extractor.spec_string}, {extractor.preprocessing.input_size} px, "
           f"lr {ours_cfg.lr:g}, batch {args.batch_size}, {torch.get_num_threads()} threads)")
     print(f"  naive (authors' shape, fp32, {naive_cfg.iterations:2d} iterations) {speed['naive']:7.2f} img/s   "
           f"PSNR {results['psnr_mean']['naive']:.2f} dB")

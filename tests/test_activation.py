@@ -14,9 +14,12 @@ from typer.testing import CliRunner
 
 from activeindex.activation import ActivationConfig, OutputFormat, activate_batch, compute_targets
 from activeindex.activation.add import add_activated
+import activeindex.activation.jnd as jnd_module
+import activeindex.activation.render as render_module
 from activeindex.activation.jnd import jnd_heatmap
 from activeindex.activation.optimize import CHECK_EVERY
 from activeindex.activation.release import decode, finalize, psnr
+from activeindex.activation.render import Render, render
 from activeindex.activation.resize import Banded, InputResize, apply_resize, batch_matrices, input_matrices
 from activeindex.activation.targets import check_target_support
 from activeindex.cli import app
@@ -56,6 +59,49 @@ def test_jnd_floor_and_edges_in_both_directions():
     assert jv[0, 0, 10, 16] > jv[0, 0, 10, 4] + 5 / 255
     assert torch.allclose(jv, jh.transpose(-1, -2), atol=1e-5)
     assert jv.min() >= 5 / 255 - 1e-6
+
+
+@pytest.mark.parametrize("band", [1000, 7777, 10**9])
+def test_jnd_in_bands_of_rows_is_the_whole_image_heatmap(monkeypatch, band):
+    x = torch.rand(2, 3, 90, 64)
+    whole = jnd_module._heatmap(x)
+    monkeypatch.setattr(jnd_module, "BAND_ELEMENTS", band)  # 15, 121 rows, or the whole image
+    assert torch.allclose(jnd_heatmap(x), whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("tile", [64, 1000, 10**9])  # one row, a few rows, the whole image per tile
+@pytest.mark.parametrize("case", ["binding", "loose", "zero"])
+def test_render_equals_the_op_chain_and_its_gradient(monkeypatch, tile, case):
+    """The tiled forward/backward of the budgeted perturbation is the autograd of the op chain it
+    replaces, in float64: saturated pixels (the clamp stops the gradient), padding (bound 0), the
+    budget binding (s < 1, gradient through s) or not (s = 1), and δ = 0 (the first iteration)."""
+    monkeypatch.setattr(render_module, "TILE_ELEMENTS", tile)
+    g = torch.Generator().manual_seed(0)
+    b, c, h, w = 3, 3, 37, 50
+    x0 = torch.rand(b, c, h, w, generator=g, dtype=torch.float64)
+    x0[0, :, :5], x0[1, :, :5] = 1.0, 0.0
+    bound = torch.rand(b, c, h, w, generator=g, dtype=torch.float64) * 0.05
+    bound[2, :, 30:] = 0.0
+    n_valid = torch.tensor([c * h * w, c * h * w, c * 30 * w], dtype=torch.float64)
+    mse_max = 1.0 if case == "loose" else 10 ** -4.21
+    spread = 0.0 if case == "zero" else 2.0
+    delta = (torch.randn(b, c, h, w, generator=g, dtype=torch.float64) * spread).requires_grad_(True)
+    gx, gl = torch.randn(b, c, h, w, generator=g, dtype=torch.float64), torch.randn(b, generator=g, dtype=torch.float64)
+
+    p = bound * torch.tanh(delta)
+    mse = torch.linalg.vector_norm(p, dim=(1, 2, 3)).square() / n_valid
+    s = torch.sqrt(mse_max / mse.clamp_min(1e-20)).clamp(max=1.0)
+    x_ref, loss_ref = (x0 + p * s.view(b, 1, 1, 1)).clamp(0, 1), mse * s.square()
+    (g_ref,) = torch.autograd.grad((x_ref * gx).sum() + (loss_ref * gl).sum(), delta)
+    assert (s < 1).all() if case == "binding" else (s == 1).all()
+
+    r = Render(x0, bound, n_valid, mse_max)
+    assert len(r.tiles) == (3 if tile > c * h * w else 3 * -(-c * h * w // max(w, tile // w * w)))
+    x, loss = render(delta, r)
+    (g_got,) = torch.autograd.grad((x * gx).sum() + (loss * gl).sum(), delta)
+    assert torch.allclose(x, x_ref, atol=1e-14) and torch.allclose(loss, loss_ref, rtol=1e-12, atol=0)
+    assert torch.allclose(g_got, g_ref, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(r.perturbation(delta.detach()), p.detach() * s.view(b, 1, 1, 1), atol=1e-14)
 
 
 @pytest.mark.parametrize("policy", ["square", "center-crop"])

@@ -34,7 +34,6 @@ Conventions and choices, all in the [0, 1] pixel space (not the ImageNet-normali
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 
 from activeindex.activation.competitors import Competitors
 from activeindex.activation.jnd import CHANNEL_FACTOR, jnd_heatmap
+from activeindex.activation.render import Render, render
 from activeindex.activation.resize import InputResize, batch_matrices
 from activeindex.activation.targets import TargetKind
 from activeindex.errors import ActivationError
@@ -222,15 +222,9 @@ def activate_batch(
         augment = copy_edit_augmentation(extractor.preprocessing.input_size, config.robust_strength)
     quality = None if config.jpeg_quality is None else torch.tensor([float(config.jpeg_quality)], device=device)
 
-    def perturbation(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """→ the budgeted perturbation and its per-image MSE (padding is zero: ``bound`` is)."""
-        p = bound * torch.tanh(delta)
-        mse = torch.linalg.vector_norm(p, dim=(1, 2, 3)).square() / n_valid
-        scale = torch.sqrt(mse_max / mse.clamp_min(1e-20)).clamp(max=1.0)
-        return p * scale.view(b, 1, 1, 1), mse * scale.square()
+    tiles = Render(x0, bound, n_valid, mse_max)  # δ → the budgeted x, and the image loss
 
-    def render(p: torch.Tensor) -> torch.Tensor:
-        x = (x0 + p).clamp(0.0, 1.0)
+    def to_input(x: torch.Tensor) -> torch.Tensor:
         if quality is not None:
             from kornia.enhance import jpeg_codec_differentiable
 
@@ -272,6 +266,7 @@ def activate_batch(
         m = torch.zeros_like(x0)
         v = torch.zeros_like(x0)
         beta1, beta2, eps = 0.9, 0.999, 1e-8
+        step_t = torch.zeros((), device=device)
         if features is not None:
             if features.shape != targets.shape:
                 raise ActivationError(f"features have shape {features.shape}, the targets {targets.shape}")
@@ -288,8 +283,8 @@ def activate_batch(
         for it in range(config.iterations):
             if config.stop_cos is not None and it % CHECK_EVERY == 0 and it > 0 and not bool(moving.any()):
                 break
-            p, loss_i = perturbation(delta)
-            inp = render(p)
+            x, loss_i = render(delta, tiles)
+            inp = to_input(x)
             if augment is not None:
                 views = augment(inp.repeat(config.views, 1, 1, 1))
                 inp = torch.cat([inp, views])
@@ -307,14 +302,15 @@ def activate_batch(
                 loss_m, wins = margin_loss(f)
                 loss = loss + config.margin_weight * loss_m.sum()
             (grad,) = torch.autograd.grad(loss, delta)
-            with torch.no_grad():  # Adam, in place, as few passes over the batch as possible
+            with torch.no_grad():
                 steps = it + 1
-                m.lerp_(grad, 1 - beta1)
-                if config.stop_cos is not None:
-                    m.mul_(moving)  # a converged image keeps no momentum: it stops moving
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = v.sqrt().div_(math.sqrt(1 - beta2**steps)).add_(eps)
-                delta.addcdiv_(m, denom, value=-config.lr / (1 - beta1**steps))
+                if config.stop_cos is not None:  # a converged image keeps no momentum: it stops moving
+                    grad.mul_(moving)
+                    m.mul_(moving)
+                step_t.fill_(steps)
+                # Adam as one fused kernel over δ, its gradient and moments (torch's own; one pass).
+                torch._fused_adam_([delta], [grad], [m], [v], [], [step_t], lr=config.lr, beta1=beta1, beta2=beta2,
+                                   weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
                 if config.stop_cos is not None:
                     clean_cos = (f[:b].detach() * t).sum(dim=1)
                     done = clean_cos >= config.stop_cos
@@ -322,9 +318,9 @@ def activate_batch(
                         done = done & wins
                     moving = moving * (~done).float().view(b, 1, 1, 1)
         with torch.no_grad():
-            p, _ = perturbation(delta)
+            p = tiles.perturbation(delta)
             if measure_after:
-                cos_after = (extractor.embed(render(p), dtype) * t).sum(dim=1)
+                cos_after = (extractor.embed(to_input((x0 + p).clamp(0.0, 1.0)), dtype) * t).sum(dim=1)
             else:
                 cos_after = torch.full((b,), float("nan"), device=device)
     finally:
