@@ -6,7 +6,7 @@ Run it from the repository root (after ``bench/activate.py``, whose cached image
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 .venv/bin/python bench/activate_stages.py
 
 Wraps the steps of :func:`activeindex.activation.add.release_batch` with timers and runs it over
-``--n`` of the bench's 256×256 reference files in batches of 16: describing (the originals and the
+``--n`` of the bench's 256×256 (``--size``) reference files in batches of 16: describing (the originals and the
 written files), the targets, the rank-1 check, the optimisation, and encoding + checking the files
 (wall time; inside it, SSIM, PNG and PSNR as CPU time summed over the threads). Informational: the
 figures move with the machine's load; ``bench/activate.py`` gives the ratio that counts.
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import activeindex.activation.add as add
+import activeindex.activation.optimize as optimize
 import activeindex.activation.release as release
 from activeindex.activation.optimize import configure
 from activeindex.extractors import create_extractor
@@ -31,16 +32,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from activate import CACHE, build_collection  # noqa: E402  (the same collection and images)
 
 STEPS = [(add, "describe_arrays"), (add, "compute_targets"), (add, "own_code_first"), (add, "_optimise"),
+         (optimize, "_pad_batch"), (optimize, "jnd_heatmap"),
          (add, "_finalize_all"), (release, "ssim"), (release, "encode"), (release, "psnr")]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--size", default="256x256", help="WxH of the reference files (as bench/activate.py --size)")
     args = ap.parse_args(argv)
+    width, height = (int(v) for v in args.size.lower().split("x"))
     print(f"machine: {machine_summary()}", flush=True)
     ex = create_extractor("builtin")
-    coll, refs = build_collection(CACHE, ex, 1024, 1024, "IVF32,PQ32x8")
+    coll, refs = build_collection(CACHE, ex, 1024, 1024, "IVF32,PQ32x8", (width, height))
     images = add.load_arrays(refs[: args.n], add.activation_limits())
     cfg = configure({}, ex)
     spent: dict[str, float] = {}

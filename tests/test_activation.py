@@ -18,7 +18,8 @@ import activeindex.activation.jnd as jnd_module
 import activeindex.activation.render as render_module
 from activeindex.activation.jnd import jnd_heatmap
 from activeindex.activation.optimize import CHECK_EVERY
-from activeindex.activation.release import decode, finalize, psnr
+import activeindex.activation.release as release_module
+from activeindex.activation.release import decode, finalize, psnr, ssim
 from activeindex.activation.render import Render, render
 from activeindex.activation.resize import Banded, InputResize, apply_resize, batch_matrices, input_matrices
 from activeindex.activation.targets import check_target_support
@@ -59,6 +60,21 @@ def test_jnd_floor_and_edges_in_both_directions():
     assert jv[0, 0, 10, 16] > jv[0, 0, 10, 4] + 5 / 255
     assert torch.allclose(jv, jh.transpose(-1, -2), atol=1e-5)
     assert jv.min() >= 5 / 255 - 1e-6
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32])
+@pytest.mark.parametrize("size", [(3, 3), (5, 8), (6, 6), (40, 33), (97, 130)])
+def test_ssim_in_bands_is_scikit_images_ssim(monkeypatch, rows, size):
+    from skimage.metrics import structural_similarity
+
+    monkeypatch.setattr(release_module, "SSIM_ROWS", rows)
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    win = min(7, min(size) if min(size) % 2 else min(size) - 1)
+    want = structural_similarity(a, b, channel_axis=2, data_range=255, win_size=win)
+    assert ssim(a, b) == pytest.approx(want, abs=1e-6)
+    assert ssim(a, a) == pytest.approx(1.0, abs=1e-6) and ssim(a[:2], b[:2]) is None
 
 
 @pytest.mark.parametrize("band", [1000, 7777, 10**9])

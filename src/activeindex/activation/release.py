@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from skimage.metrics import structural_similarity
+from scipy.ndimage import uniform_filter1d
 
 from activeindex.errors import ActivationError
 from activeindex.settings import OutputFormat  # re-exported (defined there: no torch/FAISS needed)
@@ -46,14 +46,37 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return MAX_PSNR if mse == 0 else min(MAX_PSNR, 10.0 * math.log10(255.0**2 / mse))
 
 
+# Output rows per band of the SSIM computation: small enough that a band's filtered planes stay in
+# cache through the formula's dozen steps (1024×768: 2× as fast as scikit-image's whole-image pass).
+SSIM_ROWS = 32
+
+
 def ssim(a: np.ndarray, b: np.ndarray) -> float | None:
-    side = min(a.shape[0], a.shape[1])
+    """Mean SSIM of two uint8 (h, w, 3) images, as scikit-image's ``structural_similarity(a, b,
+    channel_axis=2, data_range=255, win_size=7)`` (uniform 7×7 windows, sample covariance, the
+    mean over every window inside the image and over the channels; windows shrink to the image
+    for sides under 7; None under 3), computed in bands of ``SSIM_ROWS`` output rows."""
+    h, w = a.shape[:2]
+    side = min(h, w)
     if side < 3:
         return None
     win = min(7, side if side % 2 else side - 1)
-    # skimage filters uint8 input in float64; float32 is 1.5× as fast and equal within 1e-6.
-    a, b = a.astype(np.float32), b.astype(np.float32)
-    return float(structural_similarity(a, b, channel_axis=2, data_range=255, win_size=win))
+    r, n = win // 2, win * win
+    cov = n / (n - 1.0)
+    c1, c2 = (0.01 * 255.0) ** 2, (0.03 * 255.0) ** 2
+    total = 0.0
+    for r0 in range(r, h - r, SSIM_ROWS):
+        r1 = min(r0 + SSIM_ROWS, h - r)
+        x, y = a[r0 - r : r1 + r].astype(np.float32), b[r0 - r : r1 + r].astype(np.float32)
+        m = np.stack([x, y, x * x, y * y, x * y])  # then their window means, in place
+        uniform_filter1d(m, win, axis=1, output=m)
+        uniform_filter1d(m, win, axis=2, output=m)
+        ux, uy, uxx, uyy, uxy = m[:, r:-r, r:-r]
+        uxuy, ux2, uy2 = ux * uy, ux * ux, uy * uy
+        num = (2.0 * uxuy + c1) * ((uxy - uxuy) * (2.0 * cov) + c2)
+        den = (ux2 + uy2 + c1) * ((uxx + uyy - ux2 - uy2) * cov + c2)
+        total += float(np.divide(num, den).sum(dtype=np.float64))
+    return total / ((h - 2 * r) * (w - 2 * r) * a.shape[2])
 
 
 def encode(pixels: np.ndarray, fmt: OutputFormat, quality: int) -> bytes:
