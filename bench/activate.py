@@ -20,7 +20,8 @@ budget:
 ``ours``
     The product's path (what ``add --activate`` runs per batch): :func:`load_arrays` (decoding in threads), then
     :func:`activeindex.activation.add.release_batch` — one padded tensor per batch, the resize as
-    two batched matrix products (exact PIL-bilinear weights), BatchNorm folded into the
+    banded batched matrix products (exact PIL-bilinear weights), the budgeted perturbation forward
+    and backward in cache-sized tiles, torch's fused Adam, BatchNorm folded into the
     convolutions (:func:`activeindex.extractors.builtin.fold_batchnorm`), bf16 autocast where input gradients
     stay faithful, channels-last, Adam on the batch tensor, no host syncs inside the loop, the
     early stop — at the model's own knobs (its tuned iterations and step size, ``activeindex

@@ -2,7 +2,8 @@
 inside their index cells (Fernandez et al., ICLR 2023; METHOD.md §1).
 
 - :mod:`.jnd` the perceptual heatmap that shapes the perturbation;
-- :mod:`.resize` the exact, differentiable, batched resize to the extractor input;
+- :mod:`.resize` the exact, differentiable, batched (banded) resize to the extractor input;
+- :mod:`.render` the budgeted perturbation and the rendered image, forward and backward in tiles;
 - :mod:`.targets` what the index can give as a target, and which indexes can;
 - :mod:`.optimize` the optimisation over a batch (:func:`activate_batch`, :class:`ActivationConfig`);
 - :mod:`.release` encoding the released file within the PSNR budget;

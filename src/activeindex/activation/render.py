@@ -61,12 +61,9 @@ class Render:
             sumsq[i] += torch.dot(p, p)
         self._budget(sumsq.to(self.x0.dtype))
         x = torch.empty_like(self.x0)
-        scale = self.scale.tolist() if d.device.type == "cpu" else self.scale
+        scale = _scalars(self.scale)
         for i, j0, j1 in self.tiles:  # pass 2: x = clamp(x0 + s·p), and where the clamp let it through
-            if d.device.type == "cpu":
-                pre = torch.addcmul(self.x0[i, j0:j1], self.th[i, j0:j1], self.bound[i, j0:j1], value=scale[i])
-            else:
-                pre = self.x0[i, j0:j1] + scale[i] * self.th[i, j0:j1] * self.bound[i, j0:j1]
+            pre = torch.addcmul(self.x0[i, j0:j1], self.th[i, j0:j1], self.bound[i, j0:j1] * scale[i])
             out = torch.clamp(pre, 0.0, 1.0, out=x[i, j0:j1])
             torch.eq(out, pre, out=self.inside[i, j0:j1])
         return x.view(self.shape), self.mse * self.scale.square()
@@ -88,11 +85,11 @@ class Render:
         g_mse = g_loss * s.square() + g_s * ds_dmse
         coef = 2.0 * g_mse / self.n_valid  # dmse/dp = 2p / n_valid
         g_delta = torch.empty_like(self.x0)
-        s_list, c_list = (s.tolist(), coef.tolist()) if g.device.type == "cpu" else (s, coef)
+        s_list, c_list = _scalars(s), _scalars(coef)
         for i, j0, j1 in self.tiles:  # pass 2: g_p = s·g_pre + coef·p, then through bound·tanh
             th, bound = self.th[i, j0:j1], self.bound[i, j0:j1]
             gd = torch.mul(g_pre[i, j0:j1], s_list[i], out=g_delta[i, j0:j1])
-            gd.add_(th * bound, alpha=c_list[i]).mul_(bound).mul_(1.0 - th * th)
+            gd.addcmul_(th, bound * c_list[i]).mul_(bound).mul_(1.0 - th * th)
         return g_delta.view(self.shape)
 
     @torch.no_grad()
@@ -100,6 +97,12 @@ class Render:
         """The budgeted perturbation s·p (B, 3, H, W) for δ (no gradient)."""
         self.forward(delta)
         return (self.th * self.bound * self.scale[:, None]).view(self.shape)
+
+
+def _scalars(v: torch.Tensor) -> list[float] | torch.Tensor:
+    """Per-image scalars for the tile loops: Python floats on a CPU (no tensor op per tile), the
+    tensor itself elsewhere (indexing it keeps a GPU's work queued, without a host sync)."""
+    return v.tolist() if v.device.type == "cpu" else v
 
 
 class _RenderFn(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""Differentiable resize to the extractor's input, as batched matrix products.
+"""Differentiable resize to the extractor's input, as batched, banded matrix products.
 
 PIL's bilinear resize (what :meth:`Preprocessing.prepare` and every query use) is separable: each
 output row is a fixed weighted sum of input rows (a triangle filter widened by the scale factor when
