@@ -269,6 +269,17 @@ def test_early_stop_leaves_converged_images_alone(pq_coll, tiny_extractor, image
     assert out.iterations_run == CHECK_EVERY  # the loop ends at the first check
 
 
+def test_early_stop_freezes_only_the_converged_images_of_a_batch(tiny_extractor, image_dir):
+    """One image already at its target (its own descriptor), one far from it: the first is never
+    moved (no gradient, no momentum) while the second is optimised as usual."""
+    _, imgs = _images(image_dir, 2)
+    x = _describe(tiny_extractor, imgs)
+    t = np.stack([x[0], -x[1]]).astype(np.float32)
+    out = activate_batch(tiny_extractor, imgs, t, ActivationConfig(stop_cos=0.99, iterations=4, **FP32))
+    assert np.abs(out.perturbations[0]).max() == 0
+    assert np.abs(out.perturbations[1]).max() > 0 and out.cos_after[1] > out.cos_before[1]
+
+
 def test_robust_and_codec_aware_activation_run_within_budget(pq_coll, tiny_extractor, image_dir):
     _, imgs = _images(image_dir, 2)
     t = compute_targets(pq_coll.index, _describe(tiny_extractor, imgs))

@@ -26,7 +26,8 @@ Conventions and choices, all in the [0, 1] pixel space (not the ImageNet-normali
   the pull towards the target alone does not guarantee.
 - *Early stop*: an image whose descriptor reached ``stop_cos`` to its target stops moving (on device,
   no host sync); the loop ends once the whole batch has (checked every ``CHECK_EVERY`` iterations).
-- *Speed*: one tensor per batch (no per-image lists in the loop), Adam written out on that tensor,
+- *Speed*: one tensor per batch (no per-image lists in the loop); the budgeted perturbation and its
+  gradient in cache-sized tiles (:mod:`.render`), a banded resize, torch's fused Adam on that tensor;
   bf16 autocast for the extractor where its input gradients stay faithful to fp32
   (:func:`gradient_precision`).
 """
@@ -263,10 +264,8 @@ def activate_batch(
     torch.manual_seed(config.seed)
     try:
         delta = torch.zeros_like(x0, requires_grad=True)
-        m = torch.zeros_like(x0)
-        v = torch.zeros_like(x0)
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
-        step_t = torch.zeros((), device=device)
+        # torch's fused Adam: one kernel, one pass over δ, its gradient and both moments.
+        adam = torch.optim.Adam([delta], lr=config.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
         if features is not None:
             if features.shape != targets.shape:
                 raise ActivationError(f"features have shape {features.shape}, the targets {targets.shape}")
@@ -308,11 +307,10 @@ def activate_batch(
                 # is free, the two passes are skipped while every image still moves.)
                 if config.stop_cos is not None and (device.type != "cpu" or not bool(moving.all())):
                     grad.mul_(moving)
-                    m.mul_(moving)
-                step_t.fill_(steps)
-                # Adam as one fused kernel over δ, its gradient and moments (torch's own; one pass).
-                torch._fused_adam_([delta], [grad], [m], [v], [], [step_t], lr=config.lr, beta1=beta1, beta2=beta2,
-                                   weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+                    if delta in adam.state:
+                        adam.state[delta]["exp_avg"].mul_(moving)
+                delta.grad = grad
+                adam.step()
                 if config.stop_cos is not None:
                     clean_cos = (f[:b].detach() * t).sum(dim=1)
                     done = clean_cos >= config.stop_cos
