@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 import activeindex.activation.add as add
 import activeindex.activation.optimize as optimize
