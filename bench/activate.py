@@ -17,8 +17,8 @@ budget:
     decode per file, a Python list of per-image tensors, a per-image ``F.interpolate(...,
     antialias=True)`` to the input size (centre-cropped for a model that crops), ``torch.stack``,
     the model as trained (a built-in one's BatchNorm layers not folded; a model file's graph as
-    given, ``--model``) in fp32 on a contiguous NCHW batch, ``torch.optim.Adam`` over the list of per-image parameters, every iteration run; the
-    file written with a plain ``write_bytes``.
+    given, ``--model``) in fp32 on a contiguous NCHW batch, ``torch.optim.Adam`` over the list of
+    per-image parameters, every iteration run; the file written with a plain ``write_bytes``.
 ``ours``
     The product's path (what ``add --activate`` runs per batch): :func:`load_arrays` (decoding in threads), then
     :func:`activeindex.activation.add.release_batch` — one padded tensor per batch, the resize as

@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import activeindex.activation.add as add
 import activeindex.activation.optimize as optimize
 import activeindex.activation.release as release

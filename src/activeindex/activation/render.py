@@ -11,7 +11,7 @@ sizes the passes, not the model, are the cost: a 16-image batch of 1024×768 pho
 tensor, which a 2-core machine streams at a few GB/s. :class:`Render` computes the same values and
 gradients in two passes each way over tiles of about ``TILE_ELEMENTS`` values (a few rows of one
 image's channel plane, which stay in the core's cache between the ops on them); on a GPU, whose
-memory keeps up, a tile is the whole batch.
+memory keeps up, a tile is a whole image.
 
 Equal to the op chain's autograd up to float rounding (``tests/test_activation.py`` compares both
 in float64), including where the clamp saturates (no gradient) and where the budget does not bind
