@@ -290,6 +290,21 @@ def test_robust_and_codec_aware_activation_run_within_budget(pq_coll, tiny_extra
             assert psnr(a, np.rint(np.clip(a / 255 + p, 0, 1) * 255).astype(np.uint8)) >= cfg.psnr - 0.2
 
 
+def test_robust_views_add_to_the_unedited_view_instead_of_diluting_it(pq_coll, tiny_extractor, image_dir):
+    """The unedited view keeps weight 1 whatever the views: with ``view_weight=0`` robust activation
+    is plain activation (the views are computed and weigh nothing); with a weight they change it."""
+    _, imgs = _images(image_dir, 2)
+    t = compute_targets(pq_coll.index, _describe(tiny_extractor, imgs))
+    plain = activate_batch(tiny_extractor, imgs, t, ActivationConfig(iterations=3, lr=0.1, **FP32))
+    zero = activate_batch(tiny_extractor, imgs, t, ActivationConfig(robust=True, views=2, view_weight=0.0,
+                                                                    iterations=3, lr=0.1, **FP32))
+    heavy = activate_batch(tiny_extractor, imgs, t, ActivationConfig(robust=True, views=2, view_weight=3.0,
+                                                                     iterations=3, lr=0.1, **FP32))
+    for p, z, h in zip(plain.perturbations, zero.perturbations, heavy.perturbations):
+        np.testing.assert_allclose(z, p, atol=1e-5)
+        assert np.abs(h - p).max() > 1e-3
+
+
 class _Detached(torch.nn.Module):
     def __init__(self):
         super().__init__()

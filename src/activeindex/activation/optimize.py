@@ -88,6 +88,7 @@ class ActivationConfig:
     robust: bool = DEFAULTS["robust"]  # expectation over random differentiable edits
     views: int = DEFAULTS["views"]  # edited views per image and iteration when robust
     robust_strength: float = DEFAULTS["robust_strength"]  # strength of the kornia copy edits
+    view_weight: float = DEFAULTS["view_weight"]  # the edited views' mean term against the clean view's 1
     jpeg_quality: int | None = None  # optimise through differentiable JPEG at this quality
     precision: str = "auto"  # "auto" | "fp32" | "bf16" for the extractor's forward/backward
     seed: int = 0
@@ -292,9 +293,13 @@ def activate_batch(
                 raise no_gradient()
             tt = t.repeat(f.shape[0] // b, 1)
             if config.loss is FeatureLoss.COSINE:
-                loss_f = (1.0 - (f * tt).sum(dim=1)).view(-1, b).mean(dim=0)
+                per_view = (1.0 - (f * tt).sum(dim=1)).view(-1, b)
             else:
-                loss_f = (f - tt).pow(2).sum(dim=1).view(-1, b).mean(dim=0)
+                per_view = (f - tt).pow(2).sum(dim=1).view(-1, b)
+            # The unedited view keeps its full weight: the edited views add to it, not dilute it.
+            loss_f = per_view[0]
+            if per_view.shape[0] > 1:
+                loss_f = loss_f + config.view_weight * per_view[1:].mean(dim=0)
             loss = (config.lambda_f * loss_f + config.lambda_i * loss_i).sum()
             wins = None
             if comp is not None:
