@@ -40,6 +40,7 @@ from activeindex.evaluation.sources import synthetic_source
 from activeindex.evaluation.uncertainty import gain_interval
 from activeindex.extractors import create_extractor
 from activeindex.hardware import machine_summary
+from activeindex.knobs import check_value
 
 
 def parse_config(text: str) -> dict[str, str]:
@@ -90,10 +91,12 @@ def main(argv: list[str] | None = None) -> None:
         say(f"passive mean R@1 {r1['mean']:.3f}")
         for text in args.config:
             knobs = parse_config(text)
+            # robust=1 selects the robust method (which sets the knob itself), plain otherwise.
+            method = Method.ROBUST if check_value("robust", knobs.pop("robust", False)) else Method.PLAIN
             s = replace(settings, activation=knobs)
             load = os.getloadavg()
-            released, stats = release(coll, shared.originals, Method.PLAIN, s)
-            run = evaluate_run(coll, ids, _copies(released, ex, s, text), shared, args.index, Method.PLAIN, s)
+            released, stats = release(coll, shared.originals, method, s)
+            run = evaluate_run(coll, ids, _copies(released, ex, s, text), shared, args.index, method, s)
             r1 = run.summary["r@1"]
             gain = r1["mean"] - base.summary["r@1"]["mean"]
             rows.append({

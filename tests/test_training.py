@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from activeindex.datasets.synthetic import synthetic_image
-from activeindex.training.augment import copy_edit_augmentation
+from activeindex.training.augment import copy_edit_augmentation, edit_families
 from activeindex.training.losses import info_nce, koleo
 from activeindex.training.trainer import TrainConfig, export_weights, train_descriptor
 
@@ -33,6 +33,28 @@ def test_augmentation_shapes_and_range():
     y = copy_edit_augmentation(32)(x).clamp(0, 1)
     assert y.shape == (4, 3, 32, 32) and torch.isfinite(y).all()
     assert not torch.allclose(y, torch.nn.functional.interpolate(x, size=(32, 32)))
+
+
+def test_edit_families_give_each_view_its_family():
+    """View-major views: the 1st of each 3 is cropped (scaled up: smoother), the 2nd rotated
+    (corners filled black), the 3rd shrunk under a flat caption band; all differentiable."""
+    torch.manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    x = (0.5 + 0.4 * torch.sin(xx)[None, None] * torch.cos(yy)).expand(2, 3, 32, 32).contiguous()
+    x.requires_grad_(True)
+    views = edit_families(32, 6)(x.repeat(6, 1, 1, 1)).view(6, 2, 3, 32, 32)
+    for v in (0, 3):  # crops: an enlarged part of a fast-varying pattern varies less per pixel
+        assert (views[v].diff(dim=-1).abs().mean() < x.diff(dim=-1).abs().mean()).item()
+    for v in (1, 4):  # rotations up to 90 degrees leave a black corner in at least one image
+        assert (views[v][..., :2, :2].amax(dim=(1, 2, 3)) < 0.05).any().item()
+    for v in (2, 5):  # the caption band: most of its top row is one flat colour (glyphs aside)
+        row = views[v][:, 0, 0, :].detach()
+        flat = (row - row.median(dim=1, keepdim=True).values).abs() < 1e-6
+        assert (flat.float().mean(dim=1) > 0.5).any().item()
+    views.sum().backward()
+    assert x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="views"):
+        edit_families(32, 3)(torch.rand(4, 3, 32, 32))
 
 
 @pytest.fixture(scope="module")

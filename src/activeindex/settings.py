@@ -96,6 +96,13 @@ class FeatureLoss(str, enum.Enum):
     MSE = "mse"  # ||f - t||²
 
 
+class ViewEdits(str, enum.Enum):
+    """What the edited views of robust activation are (:mod:`activeindex.training.augment`)."""
+
+    RANDOM = "random"  # each view one random strong copy edit (the descriptor's training edits)
+    FAMILIES = "families"  # view i an edit of family i mod 3: a crop, a rotation, a caption band
+
+
 class QueryMode(str, enum.Enum):
     """How a query image is searched (see :mod:`activeindex.dihedral`). Each mode has its own copy
     threshold: searching more views per query flags more unrelated images at a given score."""

@@ -53,7 +53,7 @@ from activeindex.extractors import Extractor
 from activeindex.extractors.base import calibration_batch
 from activeindex.hardware import cpu_model, native_bf16
 from activeindex.knobs import DEFAULTS, KNOBS, check_value, resolve_knobs
-from activeindex.settings import FeatureLoss  # re-exported (defined there: no torch/FAISS needed)
+from activeindex.settings import FeatureLoss, ViewEdits  # re-exported (defined there: no torch/FAISS needed)
 
 CHECK_EVERY = 5  # iterations between the (only) host syncs of the early-stop test
 # bf16 is used for the backward pass when input gradients keep this cosine to fp32 on every image.
@@ -88,6 +88,7 @@ class ActivationConfig:
     robust: bool = DEFAULTS["robust"]  # expectation over random differentiable edits
     views: int = DEFAULTS["views"]  # edited views per image and iteration when robust
     robust_strength: float = DEFAULTS["robust_strength"]  # strength of the kornia copy edits
+    view_edits: ViewEdits = DEFAULTS["view_edits"]  # what the edited views are
     view_weight: float = DEFAULTS["view_weight"]  # the edited views' mean term against the clean view's 1
     jpeg_quality: int | None = None  # optimise through differentiable JPEG at this quality
     precision: str = "auto"  # "auto" | "fp32" | "bf16" for the extractor's forward/backward
@@ -219,9 +220,13 @@ def activate_batch(
 
     augment = None
     if config.robust and config.views > 0:
-        from activeindex.training.augment import copy_edit_augmentation
+        from activeindex.training.augment import copy_edit_augmentation, edit_families
 
-        augment = copy_edit_augmentation(extractor.preprocessing.input_size, config.robust_strength)
+        size = extractor.preprocessing.input_size
+        if config.view_edits is ViewEdits.FAMILIES:
+            augment = edit_families(size, config.views, config.robust_strength)
+        else:
+            augment = copy_edit_augmentation(size, config.robust_strength)
     quality = None if config.jpeg_quality is None else torch.tensor([float(config.jpeg_quality)], device=device)
 
     tiles = Render(x0, bound, n_valid, mse_max)  # δ → the budgeted x, and the image loss

@@ -104,3 +104,31 @@ def copy_edit_augmentation(size: int, strength: float = 1.0) -> nn.Module:
         _RandomCaptionBand(p=0.2),
         K.RandomJPEG(jpeg_quality=(max(10.0, 100 - 90 * s), 95.0), p=0.2 * s),
     )
+
+
+class _EditFamilies(nn.Module):
+    """``views`` edited views of a batch stacked view-major ((views·B, 3, H, W), as
+    ``x.repeat(views, 1, 1, 1)`` gives): view i gets an edit of family i mod 3 — a crop, a rotation,
+    a caption band — so every step sees each family the descriptor or the index tends to lose,
+    instead of leaving them to chance."""
+
+    def __init__(self, size: int, views: int, strength: float = 1.0) -> None:
+        super().__init__()
+        s = float(strength)
+        self.views = views
+        self.families = nn.ModuleList([
+            K.RandomResizedCrop((size, size), scale=(0.25, 1.0 - 0.3 * s), ratio=(0.5, 2.0), p=1.0),
+            nn.Sequential(K.RandomHorizontalFlip(p=0.5), K.RandomRotation(degrees=90.0 * s, p=1.0)),
+            nn.Sequential(_RandomCaptionBand(p=1.0), _RandomPatchOverlay(p=0.5)),
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] % self.views:
+            raise ValueError(f"{x.shape[0]} images are not {self.views} views of one batch")
+        chunks = x.chunk(self.views)
+        return torch.cat([self.families[i % len(self.families)](c) for i, c in enumerate(chunks)])
+
+
+def edit_families(size: int, views: int, strength: float = 1.0) -> nn.Module:
+    """Robust activation's views by family (:class:`_EditFamilies`), for float images in [0, 1]."""
+    return _EditFamilies(size, views, strength)
