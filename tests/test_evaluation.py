@@ -219,3 +219,18 @@ def test_checkpoints_are_never_unpickled(tmp_path):
     (tmp_path / "checkpoints" / "Flat__passive.npz").write_bytes(buf.getvalue())
     assert protocol.load_checkpoint(tmp_path, "Flat", Method.PASSIVE, "k") is None
     assert not marker.exists()
+
+
+def test_a_checkpoint_is_not_reused_under_other_model_defaults(tiny_extractor, monkeypatch):
+    """The run key covers the activation as it resolves: a model whose own defaults changed (a new
+    version's tuning) gets a new key, so its old activated runs are recomputed, not reused."""
+    from types import SimpleNamespace
+
+    from activeindex.evaluation import protocol
+
+    data = SimpleNamespace(train=["t0"], distractors=["d0"], under_test=["u0"], nonmatching=["n0"])
+    settings = EvalSettings(factories=("Flat",), methods=("passive", "plain"))
+    key = protocol.run_key(data, tiny_extractor, settings)
+    assert protocol.run_key(data, tiny_extractor, settings) == key
+    monkeypatch.setattr(tiny_extractor, "activation_defaults", {"lr": 0.5}, raising=False)
+    assert protocol.run_key(data, tiny_extractor, settings) != key

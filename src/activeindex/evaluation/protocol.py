@@ -602,6 +602,11 @@ def run_key(data: EvalData, ex: Extractor, settings: EvalSettings) -> str:
         d.pop(k)
     if not d["dihedral"]:
         d.pop("dihedral")  # runs checkpointed before the dihedral mode existed stay valid
+    # The activation as it resolves (the model's and the library's defaults too, not only the knobs
+    # the user set): a run made under other defaults is recomputed, not reused.
+    resolved = settings.activation_config(Method.ROBUST, ex).record()
+    resolved.pop("sources")
+    d["activation_resolved"] = resolved
     sets = {k: [str(p) for p in getattr(data, k)] for k in ("train", "distractors", "under_test", "nonmatching")}
     blob = json.dumps({"settings": d, "sets": sets, "model": ex.digest, "version": CHECKPOINT_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
