@@ -85,6 +85,16 @@ def test_jnd_in_bands_of_rows_is_the_whole_image_heatmap(monkeypatch, band):
     assert torch.allclose(jnd_heatmap(x), whole, atol=1e-6)
 
 
+def test_a_tiles_scalar_scales_alike_as_a_number_or_as_a_device_tensor():
+    """The tile loops take per-image scalars as Python floats on a CPU and as tensors on a GPU
+    (``render._scalars``): both forms of ``_times`` must give the same ``addcmul``."""
+    base, a, b = (torch.rand(5, 7, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in range(3))
+    for s in (0.37, torch.tensor(0.37, dtype=torch.float64)):
+        factor, value = render_module._times(b, s)
+        assert isinstance(value, float)
+        torch.testing.assert_close(torch.addcmul(base, a, factor, value=value), base + a * b * 0.37)
+
+
 @pytest.mark.parametrize("tile", [64, 1000, 10**9])  # one row, a few rows, the whole image per tile
 @pytest.mark.parametrize("case", ["binding", "loose", "zero"])
 def test_render_equals_the_op_chain_and_its_gradient(monkeypatch, tile, case):

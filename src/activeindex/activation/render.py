@@ -63,7 +63,8 @@ class Render:
         x = torch.empty_like(self.x0)
         scale = _scalars(self.scale)
         for i, j0, j1 in self.tiles:  # pass 2: x = clamp(x0 + s·p), and where the clamp let it through
-            pre = torch.addcmul(self.x0[i, j0:j1], self.th[i, j0:j1], self.bound[i, j0:j1] * scale[i])
+            bound, value = _times(self.bound[i, j0:j1], scale[i])
+            pre = torch.addcmul(self.x0[i, j0:j1], self.th[i, j0:j1], bound, value=value)
             out = torch.clamp(pre, 0.0, 1.0, out=x[i, j0:j1])
             torch.eq(out, pre, out=self.inside[i, j0:j1])
         return x.view(self.shape), self.mse * self.scale.square()
@@ -89,7 +90,8 @@ class Render:
         for i, j0, j1 in self.tiles:  # pass 2: g_p = s·g_pre + coef·p, then through bound·tanh
             th, bound = self.th[i, j0:j1], self.bound[i, j0:j1]
             gd = torch.mul(g_pre[i, j0:j1], s_list[i], out=g_delta[i, j0:j1])
-            gd.addcmul_(th, bound * c_list[i]).mul_(bound).mul_(1.0 - th * th)
+            factor, value = _times(bound, c_list[i])
+            gd.addcmul_(th, factor, value=value).mul_(bound).mul_(1.0 - th * th)
         return g_delta.view(self.shape)
 
     @torch.no_grad()
@@ -103,6 +105,12 @@ def _scalars(v: torch.Tensor) -> list[float] | torch.Tensor:
     """Per-image scalars for the tile loops: Python floats on a CPU (no tensor op per tile), the
     tensor itself elsewhere (indexing it keeps a GPU's work queued, without a host sync)."""
     return v.tolist() if v.device.type == "cpu" else v
+
+
+def _times(t: torch.Tensor, s: float | torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``t·s`` as an ``addcmul`` factor and its ``value``: a Python float stays the ``value`` (no
+    temporary tile), a device scalar is folded into the factor (``value`` takes numbers only)."""
+    return (t, s) if isinstance(s, float) else (t * s, 1.0)
 
 
 class _RenderFn(torch.autograd.Function):
