@@ -28,6 +28,7 @@ from activeindex.collection import Collection
 from activeindex.errors import ActivationError, ActiveIndexError
 from activeindex.extractors.base import Extractor, Preprocessing
 from activeindex.index import build_index
+from activeindex.settings import ViewEdits
 
 FP32 = dict(precision="fp32")
 
@@ -293,7 +294,9 @@ def test_early_stop_freezes_only_the_converged_images_of_a_batch(tiny_extractor,
 def test_robust_and_codec_aware_activation_run_within_budget(pq_coll, tiny_extractor, image_dir):
     _, imgs = _images(image_dir, 2)
     t = compute_targets(pq_coll.index, _describe(tiny_extractor, imgs))
-    for cfg in (ActivationConfig(robust=True, views=2, iterations=3), ActivationConfig(jpeg_quality=90, iterations=3)):
+    for cfg in (ActivationConfig(robust=True, views=2, iterations=3),
+                ActivationConfig(robust=True, views=4, view_edits=ViewEdits.COLOUR, iterations=3),
+                ActivationConfig(jpeg_quality=90, iterations=3)):
         out = activate_batch(tiny_extractor, imgs, t, cfg)
         assert np.isfinite(out.cos_after).all()
         for a, p in zip(imgs, out.perturbations):

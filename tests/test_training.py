@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from activeindex.datasets.synthetic import synthetic_image
-from activeindex.training.augment import copy_edit_augmentation, edit_families
+from activeindex.training.augment import colour_family, copy_edit_augmentation, edit_families
 from activeindex.training.losses import info_nce, koleo
 from activeindex.training.trainer import TrainConfig, export_weights, train_descriptor
 
@@ -35,26 +35,63 @@ def test_augmentation_shapes_and_range():
     assert not torch.allclose(y, torch.nn.functional.interpolate(x, size=(32, 32)))
 
 
-def test_edit_families_give_each_view_its_family():
-    """View-major views: the 1st of each 3 is cropped (scaled up: smoother), the 2nd rotated
-    (corners filled black), the 3rd shrunk under a flat caption band; all differentiable."""
-    torch.manual_seed(0)
-    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    x = (0.5 + 0.4 * torch.sin(xx)[None, None] * torch.cos(yy)).expand(2, 3, 32, 32).contiguous()
-    x.requires_grad_(True)
-    views = edit_families(32, 6)(x.repeat(6, 1, 1, 1)).view(6, 2, 3, 32, 32)
-    for v in (0, 3):  # crops: an enlarged part of a fast-varying pattern varies less per pixel
-        assert (views[v].diff(dim=-1).abs().mean() < x.diff(dim=-1).abs().mean()).item()
-    for v in (1, 4):  # rotations up to 90 degrees leave a black corner in at least one image
-        assert (views[v][..., :2, :2].amax(dim=(1, 2, 3)) < 0.05).any().item()
-    for v in (2, 5):  # the caption band: most of its top row is one flat colour (glyphs aside)
-        row = views[v][:, 0, 0, :].detach()
+def _pattern(n: int = 2, size: int = 32) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    return (0.5 + 0.4 * torch.sin(xx)[None, None] * torch.cos(yy)).expand(n, 3, size, size).contiguous()
+
+
+def _check_geometric_view(kind: str, view: torch.Tensor, x: torch.Tensor) -> None:
+    if kind == "crop":  # an enlarged part of a fast-varying pattern varies less per pixel
+        assert (view.diff(dim=-1).abs().mean() < x.diff(dim=-1).abs().mean()).item()
+    elif kind == "rotation":  # rotations up to 90 degrees leave a black corner in at least one image
+        assert (view[..., :2, :2].amax(dim=(1, 2, 3)) < 0.05).any().item()
+    else:  # the caption band: most of its top row is one flat colour (glyphs aside)
+        row = view[:, 0, 0, :].detach()
         flat = (row - row.median(dim=1, keepdim=True).values).abs() < 1e-6
         assert (flat.float().mean(dim=1) > 0.5).any().item()
+
+
+def test_edit_families_with_colour_give_each_view_its_family():
+    """View-major views, in turn a crop (scaled up: smoother), a colour edit (the same layout,
+    other values), a rotation (corners filled black), a caption band; all differentiable."""
+    torch.manual_seed(0)
+    x = _pattern().requires_grad_(True)
+    views = edit_families(32, 8, colour=True)(x.repeat(8, 1, 1, 1)).view(8, 2, 3, 32, 32)
+    for v, kind in enumerate(("crop", "colour", "rotation", "caption") * 2):
+        if kind == "colour":  # the pattern changed in value (its layout: the next test)
+            assert ((views[v] - x).abs().mean() > 0.02).item()
+        else:
+            _check_geometric_view(kind, views[v], x)
     views.sum().backward()
     assert x.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="views"):
         edit_families(32, 3)(torch.rand(4, 3, 32, 32))
+
+
+def test_the_colour_family_keeps_the_layout_and_changes_the_values():
+    """A smooth coloured pattern through 16 colour edits: still in place (correlated with the
+    original, up to sign: a hue shift can swap light and dark in the channels' mean), its mean and
+    contrast changed, and a hue or saturation shift moves the channels apart."""
+    torch.manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    grey = 0.5 + 0.3 * torch.sin(xx / 5) * torch.cos(yy / 5)
+    x = torch.stack([grey, grey * 0.8 + 0.1, grey * 0.6 + 0.3]).expand(16, 3, 32, 32).contiguous()
+    y = colour_family()(x)
+    a, b = y.mean(1).flatten(1), x.mean(1).flatten(1)
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-12)
+    assert (corr.abs() > 0.5).all().item(), corr
+    assert (y.mean(dim=(1, 2, 3)) - x.mean(dim=(1, 2, 3))).abs().max() > 0.1  # brightness
+    assert (y.std(dim=(1, 2, 3)) / x.std(dim=(1, 2, 3))).log().abs().max() > 0.3  # contrast
+    assert ((y[:, 0] - y[:, 1]) - (x[:, 0] - x[:, 1])).abs().mean() > 0.01  # hue / saturation
+
+
+def test_the_default_families_leave_the_colour_edit_out():
+    torch.manual_seed(0)
+    x = _pattern()
+    views = edit_families(32, 6)(x.repeat(6, 1, 1, 1)).view(6, 2, 3, 32, 32)
+    for v, kind in enumerate(("crop", "rotation", "caption") * 2):
+        _check_geometric_view(kind, views[v], x)
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("views", int, 3, "edited views per image and step of robust activation", 1, 64),
     Knob("robust_strength", float, 0.7, "strength of the random edits of robust activation", 0.0, 1.0, low_open=True),
     Knob("view_edits", ViewEdits, ViewEdits.FAMILIES, "edited views of robust activation: families (view i a crop, "
-         "a rotation or a caption band, in turn) or random (one random strong copy edit each)"),
+         "a rotation or a caption band, in turn), families-colour (the same with a colour edit after the crop) "
+         "or random (one random strong copy edit each)"),
     Knob("view_weight", float, 1.0, "weight of the edited views' mean feature term in robust activation; the unedited "
          "view keeps weight 1", 0.0, 1e6),
 )}

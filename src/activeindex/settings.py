@@ -101,6 +101,7 @@ class ViewEdits(str, enum.Enum):
 
     RANDOM = "random"  # each view one random strong copy edit (the descriptor's training edits)
     FAMILIES = "families"  # view i an edit of family i mod 3: a crop, a rotation, a caption band
+    COLOUR = "families-colour"  # view i of family i mod 4: a crop, a colour edit, a rotation, a caption band
 
 
 class QueryMode(str, enum.Enum):

@@ -223,8 +223,9 @@ def activate_batch(
         from activeindex.training.augment import copy_edit_augmentation, edit_families
 
         size = extractor.preprocessing.input_size
-        if config.view_edits is ViewEdits.FAMILIES:
-            augment = edit_families(size, config.views, config.robust_strength)
+        if config.view_edits is not ViewEdits.RANDOM:
+            colour = config.view_edits is ViewEdits.COLOUR
+            augment = edit_families(size, config.views, config.robust_strength, colour)
         else:
             augment = copy_edit_augmentation(size, config.robust_strength)
     quality = None if config.jpeg_quality is None else torch.tensor([float(config.jpeg_quality)], device=device)

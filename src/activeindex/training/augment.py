@@ -106,21 +106,54 @@ def copy_edit_augmentation(size: int, strength: float = 1.0) -> nn.Module:
     )
 
 
+class _RandomContrast(nn.Module):
+    """Blend each image with its mean grey by a factor drawn log-uniformly in [lo, hi] (then
+    clipped): PIL's ``ImageEnhance.Contrast``, the contrast edit copiers apply."""
+
+    def __init__(self, lo: float = 0.4, hi: float = 2.5) -> None:
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        k = torch.empty(b, 1, 1, 1, device=x.device).uniform_(math.log(self.lo), math.log(self.hi)).exp()
+        grey = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        mean = grey.mean(dim=(2, 3), keepdim=True)
+        return (mean + k * (x - mean)).clamp(0, 1)
+
+
+def colour_family(strength: float = 1.0) -> nn.Module:
+    """One photometric copy edit per image: a contrast and a brightness factor, a hue and
+    saturation shift, sometimes a blur — the edits the descriptor survives but whose shifted
+    descriptors the coarse quantiser sends to another cell."""
+    s = float(strength)
+    return nn.Sequential(
+        _RandomContrast(lo=1.0 - 0.6 * s, hi=1.0 + 1.5 * s),
+        _RandomGain(lo=1.0 - 0.6 * s, hi=1.0 + 1.2 * s, p=1.0),
+        K.ColorJitter(saturation=0.5 * s, hue=0.25 * s, p=1.0),
+        K.RandomGaussianBlur((11, 11), (0.1, 3.0 * s + 0.1), p=0.4),
+    )
+
+
 class _EditFamilies(nn.Module):
     """``views`` edited views of a batch stacked view-major ((views·B, 3, H, W), as
-    ``x.repeat(views, 1, 1, 1)`` gives): view i gets an edit of family i mod 3 — a crop, a rotation,
-    a caption band — so every step sees each family the descriptor or the index tends to lose,
-    instead of leaving them to chance."""
+    ``x.repeat(views, 1, 1, 1)`` gives): view i gets an edit of family i mod the number of families,
+    so every step sees each family the descriptor or the index tends to lose, instead of leaving
+    them to chance. The families, in turn: a crop, a colour edit (with ``colour``), a rotation, a
+    caption band."""
 
-    def __init__(self, size: int, views: int, strength: float = 1.0) -> None:
+    def __init__(self, size: int, views: int, strength: float = 1.0, colour: bool = False) -> None:
         super().__init__()
         s = float(strength)
         self.views = views
-        self.families = nn.ModuleList([
-            K.RandomResizedCrop((size, size), scale=(0.25, 1.0 - 0.3 * s), ratio=(0.5, 2.0), p=1.0),
+        families = [K.RandomResizedCrop((size, size), scale=(0.25, 1.0 - 0.3 * s), ratio=(0.5, 2.0), p=1.0)]
+        if colour:
+            families.append(colour_family(s))
+        families += [
             nn.Sequential(K.RandomHorizontalFlip(p=0.5), K.RandomRotation(degrees=90.0 * s, p=1.0)),
             nn.Sequential(_RandomCaptionBand(p=1.0), _RandomPatchOverlay(p=0.5)),
-        ])
+        ]
+        self.families = nn.ModuleList(families)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] % self.views:
@@ -129,6 +162,6 @@ class _EditFamilies(nn.Module):
         return torch.cat([self.families[i % len(self.families)](c) for i, c in enumerate(chunks)])
 
 
-def edit_families(size: int, views: int, strength: float = 1.0) -> nn.Module:
+def edit_families(size: int, views: int, strength: float = 1.0, colour: bool = False) -> nn.Module:
     """Robust activation's views by family (:class:`_EditFamilies`), for float images in [0, 1]."""
-    return _EditFamilies(size, views, strength)
+    return _EditFamilies(size, views, strength, colour)
