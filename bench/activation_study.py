@@ -19,7 +19,8 @@ of every figure reported in the README, so no reported image or edit draw is tun
 
 Prints one Markdown row per configuration: mean R@1 gain over passive (95 % interval), identity and
 resize-0.5 R@1 (passive on the first row), µAP, PSNR, cosine to the target, and seconds per activated
-image; writes the same to ``OUT/study.json`` with each configuration as run and the machine.
+image; writes the same to ``OUT/study.json`` with each configuration as run and the machine, keeping
+the rows of earlier invocations on the same images, draws and index that this one did not rerun.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from activeindex.atomic import write_text_atomic
 from activeindex.evaluation.protocol import (
     EvalSettings, Method, _copies, build_collection, evaluate_run, prepare_shared, release,
 )
@@ -121,9 +123,27 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['config']} | {r['mean_r1']:.3f} | {r['gain']:+.3f} ({lo:+.3f}, {hi:+.3f}) | {r['identity']:.3f} | "
               f"{r['resize']:.3f} | {r['uap']:.3f} | {r['psnr_mean']:.2f} ({r['psnr_min']:.2f}) | "
               f"{r['cos_before']:.3f} → {r['cos_after']:.3f} | {r['s_per_image']:.2f} |")
+    write_study(args, machine, rows)
+
+
+# The arguments that decide the images, the draws and the index: rows of runs that share them are
+# paired against the same passive run and may sit in one table.
+SAME_RUN = ("model", "index", "nprobe", "n_train", "n_refs", "n_test", "n_nonmatch", "seed")
+
+
+def write_study(args: argparse.Namespace, machine: dict, rows: list[dict]) -> None:
+    """Write ``OUT/study.json`` atomically, keeping the rows of earlier invocations on the same
+    images, draws and index that this one did not rerun (several invocations build one table)."""
+    path = args.out / "study.json"
+    run_args = {k: str(v) for k, v in vars(args).items()}
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if all(earlier.get("args", {}).get(k) == run_args[k] for k in SAME_RUN):
+            done = {r["config"] for r in rows}
+            rows = [r for r in earlier["rows"] if r["config"] not in done] + rows
+            rows.sort(key=lambda r: r["config"] != "passive")  # passive first, the rest in run order
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "study.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                     "machine": machine, "rows": rows}, indent=2))
+    write_text_atomic(path, json.dumps({"args": run_args, "machine": machine, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

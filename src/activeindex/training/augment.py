@@ -125,7 +125,8 @@ class _RandomContrast(nn.Module):
 def colour_family(strength: float = 1.0) -> nn.Module:
     """One photometric copy edit per image: a contrast and a brightness factor, a hue and
     saturation shift, sometimes a blur — the edits the descriptor survives but whose shifted
-    descriptors the coarse quantiser sends to another cell."""
+    descriptors the coarse quantiser sends to another cell. (As robust views, ``view_edits
+    families-colour``, they measured no gain over the default families: docs/activation-study.md.)"""
     s = float(strength)
     return nn.Sequential(
         _RandomContrast(lo=1.0 - 0.6 * s, hi=1.0 + 1.5 * s),
