@@ -4,6 +4,7 @@ Run it from the repository root::
 
     .venv/bin/python bench/unedited.py                          # builtin, IVF64,PQ8x8
     .venv/bin/python bench/unedited.py --model sscd-distilled
+    .venv/bin/python bench/unedited.py --config robust=1,target=centroid   # any activation knobs
 
 Activation pulls a descriptor towards its own stored code; the nearest *other* codes can move closer
 too, and an activated file published unchanged could then rank a neighbour first (issue 21: 7 of
@@ -44,6 +45,9 @@ from activeindex.edits import NamedEdit
 from activeindex.extractors import create_extractor
 from activeindex.features import extract_paths
 from activeindex.hardware import machine_summary
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from activation_study import parse_config  # noqa: E402  (the same knob=value syntax)
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "unedited"
 EDITS = (NamedEdit("identity", "identity", {}), NamedEdit("resize 0.5", "resize", {"area": 0.5}))
@@ -86,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--crops", type=int, default=16, help="crops per bundled photo")
     ap.add_argument("--target", default=None, help="activation target (default: the model's)")
+    ap.add_argument("--config", default="", help="more knobs, as bench/activation_study.py takes them: "
+                    "knob=value[,knob=value...], e.g. robust=1,target=centroid")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     print(f"machine: {machine_summary()}", flush=True)
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(CACHE / "released", ignore_errors=True)
     coll = Collection.create(root, ex, args.index, extract_paths(train, ex).features, nprobe=1)
     coll.add_images(distractors)
-    report = add_activated(coll, released, CACHE / "released", configure({"target": args.target}, ex))
+    knobs = {"target": args.target, **parse_config(args.config)}
+    report = add_activated(coll, released, CACHE / "released", configure(knobs, ex))
     by_name = {p.name: p for p in released}
     ids = [r.id for r in report.released]
     originals = [Image.open(by_name[r.name]).convert("RGB") for r in report.released]
@@ -108,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     q = report.quality_summary()
     coll.close()
     print(f"{len(released)} released real-photo crops, {len(distractors)} distractor crops of the same 19 photos, "
-          f"{args.index} (nprobe 1), {args.model}, target {report.config['target']}; PSNR mean {q['psnr']['mean']:.2f} dB (min {q['psnr']['min']:.2f}); "
+          f"{args.index} (nprobe 1), {args.model}, target {report.config['target']}"
+          f"{', robust' if report.config['robust'] else ''}; PSNR mean {q['psnr']['mean']:.2f} dB (min {q['psnr']['min']:.2f}); "
           f"cosine to the target {q['cos_before']['mean']:.3f} → {q['cos_after']['mean']:.3f}")
     print("| copy | original R@1 | released file R@1 |")
     print("|---|---|---|")

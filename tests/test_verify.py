@@ -44,6 +44,26 @@ def test_originals_are_found_first_and_neighbours_are_not(factory, metric, nprob
     assert not own_code_first(index, x, np.roll(x, 1, axis=0)).any()
 
 
+@pytest.mark.parametrize("pass_ids", [False, True])
+@pytest.mark.parametrize("rival_gap", [-2e-5, 2e-5])
+def test_a_stored_rival_at_almost_the_own_distance_is_not_taken_for_the_own_code(pass_ids, rival_gap):
+    """A near-duplicate stored before the own code, nearer to the query by less than the tolerance
+    that recognises the own code by its distance: it is a rival, not the own code seen twice (a
+    released real photo was passed as found first that way, with the rival ranked first)."""
+    def at(dist: float, axis: int) -> np.ndarray:  # a unit vector at squared distance dist from e0
+        cos = 1.0 - dist / 2.0
+        v = np.zeros(8, np.float64)
+        v[0], v[axis] = cos, np.sqrt(1.0 - cos * cos)
+        return v.astype(np.float32)
+
+    index = build_index("Flat", 8, "l2")
+    y = at(0.0, 1)[None]  # the query: e0
+    own, rival = at(0.09, 1)[None], at(0.09 + rival_gap, 2)[None]
+    index.add_with_ids(np.concatenate([rival, own]), np.array([7, 3], dtype=np.int64))
+    got = own_code_first(index, own, y, own_ids=np.array([3]) if pass_ids else None)
+    assert bool(got[0]) == (rival_gap > 0)
+
+
 def test_batch_mates_compete_before_they_are_stored():
     """add stores a batch's codes only after releasing it: the other originals still count."""
     rng = np.random.default_rng(1)
@@ -95,7 +115,7 @@ def test_a_file_that_loses_rank_one_is_activated_again_then_released_unchanged(s
     calls: list[int] = []
     configs: list[ActivationConfig] = []
 
-    def fake(index, x, y, mates=True):
+    def fake(index, x, y, mates=True, own_ids=None):
         if y is x:
             return np.ones(len(x), bool)  # passive: all found first
         calls.append(1)
@@ -140,7 +160,7 @@ def test_files_outranked_by_later_batches_are_activated_again(stored, tmp_path, 
     paths = sorted(image_dir.glob("*.png"))[4:10]
     final = coll.index.ntotal + len(paths)
 
-    def fake(index, x, y, mates=True):
+    def fake(index, x, y, mates=True, own_ids=None):
         if y is x:
             return np.ones(len(x), bool)
         return np.full(len(x), index.ntotal < final)  # every file is outranked once all are stored

@@ -476,8 +476,9 @@ def recheck_run(
     for start in range(0, len(checks), RECHECK_CHUNK):
         part = checks[start : start + RECHECK_CHUNK]
         x = np.stack([c.original for c in part])
-        passive = own_code_first(coll.index, x, x, mates=False)
-        first = own_code_first(coll.index, x, np.stack([c.released for c in part]), mates=False)
+        ids = np.array([c.id for c in part], dtype=np.int64)
+        passive = own_code_first(coll.index, x, x, mates=False, own_ids=ids)
+        first = own_code_first(coll.index, x, np.stack([c.released for c in part]), mates=False, own_ids=ids)
         lost.extend(c for c, p, f in zip(part, passive, first) if p and not f)
     if not lost:
         return 0

@@ -46,10 +46,16 @@ def _apply(chain: list, v: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(v, dtype=np.float32)
 
 
-def own_code_first(index: faiss.Index, x: np.ndarray, y: np.ndarray, *, mates: bool = True) -> np.ndarray:
+def own_code_first(index: faiss.Index, x: np.ndarray, y: np.ndarray, *, mates: bool = True,
+                   own_ids: np.ndarray | None = None) -> np.ndarray:
     """(n,) bool: whether searching ``index`` with ``y[i]`` ranks the code of ``x[i]`` first
     (see the module docstring). ``x`` and ``y``: (n, d) descriptors. ``mates=False``: the originals'
-    codes are all stored already, only the index's hits compete (and no (n, n) matrix is made)."""
+    codes are all stored already, only the index's hits compete (and no (n, n) matrix is made).
+
+    ``own_ids``: the ids under which the own codes are stored, where the caller knows them (−1: not
+    stored); the own code is then left out of the hits by its id. Without them it is recognised by
+    its distance: the hit nearest to the own code's distance, within :data:`SAME_DISTANCE` — not the
+    first such hit, which can be a rival at the same distance (a near-duplicate) ranked before it."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.ascontiguousarray(y, dtype=np.float32)
     n = len(x)
@@ -91,13 +97,14 @@ def own_code_first(index: faiss.Index, x: np.ndarray, y: np.ndarray, *, mates: b
         D, I = index.search(y, min(int(index.ntotal), 3))
         D = sign * D.astype(np.float32)
         for i in range(n):
-            skipped_own = False
-            for dist_i, id_ in zip(D[i], I[i]):
-                if id_ < 0:
-                    continue
-                if not skipped_own and abs(dist_i - d_own[i]) <= SAME_DISTANCE * max(1.0, abs(d_own[i])):
-                    skipped_own = True  # the own code, already stored
-                    continue
-                best_other[i] = min(best_other[i], dist_i)
-                break
+            hits = [(float(d_), int(id_)) for d_, id_ in zip(D[i], I[i]) if id_ >= 0]
+            if own_ids is not None:
+                hits = [h for h in hits if h[1] != own_ids[i]]
+            elif hits:
+                gaps = [abs(d_ - d_own[i]) for d_, _ in hits]
+                k = int(np.argmin(gaps))
+                if gaps[k] <= SAME_DISTANCE * max(1.0, abs(d_own[i])):
+                    del hits[k]  # the own code, already stored
+            if hits:
+                best_other[i] = min(best_other[i], hits[0][0])
     return found & (d_own <= best_other)
