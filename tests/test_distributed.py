@@ -202,7 +202,7 @@ def test_the_driver_rechecks_the_workers_files(ray_local, tmp_path, tiny_extract
     import activeindex.activation.add as add_mod
     from activeindex.distributed import RayOptions, add_activated_ray
 
-    def fake(index, x, y, mates=True):  # in the driver only: the workers run the real check
+    def fake(index, x, y, mates=True, own_ids=None):  # in the driver only: the workers run the real check
         return np.ones(len(x), bool) if y is x else np.zeros(len(x), bool)
 
     monkeypatch.setattr(add_mod, "own_code_first", fake)
