@@ -11,9 +11,9 @@ the originals' descriptors ``x``, whether a search of the index with ``y[i]`` ra
   that of ``y`` to the code's reconstruction (what IVF-PQ's asymmetric distance computes);
 - for IVF indexes, the own code is found only if the own cell (the nearest centroid of ``x``) is
   among the ``nprobe`` cells ``y`` visits;
-- its rivals are the index's hits for ``y`` (the own code, when already stored, is recognised by
-  its distance and left out once) and the codes of the other originals of the batch, which ``add``
-  stores only after releasing them.
+- its rivals are the index's hits for ``y`` (the own code, when already stored, is left out once:
+  by its id where the caller gives it, else the hit nearest to its distance) and the codes of the
+  other originals of the batch, which ``add`` stores only after releasing them.
 
 Checking the originals themselves (``y = x``) tells which images are found first passively.
 """
