@@ -110,7 +110,7 @@ class _RandomContrast(nn.Module):
     """Blend each image with its mean grey by a factor drawn log-uniformly in [lo, hi] (then
     clipped): PIL's ``ImageEnhance.Contrast``, the contrast edit copiers apply."""
 
-    def __init__(self, lo: float = 0.4, hi: float = 2.5) -> None:
+    def __init__(self, lo: float, hi: float) -> None:
         super().__init__()
         self.lo, self.hi = lo, hi
 
