@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             method = Method.ROBUST if check_value("robust", knobs.pop("robust", False)) else Method.PLAIN
             s = replace(settings, activation=knobs)
             load = os.getloadavg()
-            released, stats = release(coll, shared.originals, method, s)
+            released, stats = release(coll, shared.originals, ids, method, s)
             run = evaluate_run(coll, ids, _copies(released, ex, s, text), shared, args.index, method, s)
             r1 = run.summary["r@1"]
             gain = r1["mean"] - base.summary["r@1"]["mean"]

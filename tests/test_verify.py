@@ -108,6 +108,27 @@ def test_release_batch_describes_the_written_files(stored):
     assert (rb.cos_after > rb.cos_before).mean() >= 0.5
 
 
+def test_evaluate_release_names_the_stored_own_codes_by_id(stored, monkeypatch):
+    """evaluate stores the originals before releasing them: its check leaves each own code out of
+    the rivals by its id, batch by batch, not by its distance."""
+    from activeindex.evaluation import protocol
+
+    coll, images = stored
+    ids = coll.first_ids(len(images))
+    seen: list[list[int]] = []
+
+    def spy(index, x, y, mates=True, own_ids=None):
+        seen.append(None if own_ids is None else own_ids.tolist())
+        return own_code_first(index, x, y, mates=mates, own_ids=own_ids)
+
+    monkeypatch.setattr(add_mod, "own_code_first", spy)
+    settings = protocol.EvalSettings(batch_size=2, activation={"iterations": 1})
+    released, stats = protocol.release(coll, images, ids, protocol.Method.PLAIN, settings)
+    assert len(released) == len(images) and stats["fixes"]["none"] + stats["fixes"]["margin"] >= 1
+    assert seen and all(s in (ids[:2], ids[2:]) for s in seen)
+    assert {tuple(s) for s in seen} == {tuple(ids[:2]), tuple(ids[2:])}
+
+
 def test_a_file_that_loses_rank_one_is_activated_again_then_released_unchanged(stored, monkeypatch):
     """Image 0 'loses' rank 1 after each activation (the check is forced), image 1 only after the
     first: 0 ends released unchanged, 1 activated again with the competitor term."""
@@ -159,8 +180,11 @@ def test_files_outranked_by_later_batches_are_activated_again(stored, tmp_path, 
     coll, _ = stored
     paths = sorted(image_dir.glob("*.png"))[4:10]
     final = coll.index.ntotal + len(paths)
+    rechecked: list[int] = []  # the ids the recheck's second activation names as the own codes
 
     def fake(index, x, y, mates=True, own_ids=None):
+        if index.ntotal == final and own_ids is not None:
+            rechecked.extend(own_ids.tolist())
         if y is x:
             return np.ones(len(x), bool)
         return np.full(len(x), index.ntotal < final)  # every file is outranked once all are stored
@@ -179,6 +203,7 @@ def test_files_outranked_by_later_batches_are_activated_again(stored, tmp_path, 
             np.testing.assert_array_equal(np.asarray(Image.open(r.released).convert("RGB")),
                                           np.asarray(Image.open(source).convert("RGB")))
     assert report.fixes() == {"margin": 0, "original": 4}
+    assert set(rechecked) == {r.id for r in report.released if r.name not in last}
 
 
 def test_the_recheck_keeps_files_that_are_still_first(stored, tmp_path, image_dir):

@@ -316,6 +316,7 @@ def release_batch(
     quality: int = 95,
     *,
     start: Fix = Fix.NONE,
+    own_ids: np.ndarray | None = None,
 ) -> BatchRelease:
     """One batch of originals (uint8 (h, w, 3)) → their descriptors and released files.
     ``index`` is the collection's (or a trained, empty copy: its codebooks give the targets).
@@ -326,12 +327,14 @@ def release_batch(
     (:data:`REPAIR_MARGIN`), and if that does not hold either, the original is released unchanged
     — an activated image is never harder to find than its original; ``fixes`` says which images
     needed which (callers report them). ``start=Fix.MARGIN`` begins with the competitor term (files
-    that lost rank 1 after their release: :func:`recheck_run`)."""
+    that lost rank 1 after their release: :func:`recheck_run`). ``own_ids``: where the originals'
+    codes are stored in ``index`` already, their ids (the check then leaves each own code out of
+    the rivals by id, not by its distance)."""
     ex = extractor
     n = len(originals)
     x = describe_arrays(ex, originals)
     targets = compute_targets(index, x, config.target)
-    passive = own_code_first(index, x, x)
+    passive = own_code_first(index, x, x, own_ids=own_ids)
     files: list[Released | ActiveIndexError] = [ActivationError("not released")] * n
     y = x.copy()  # descriptors of the written files (an image without one keeps its original's)
     fixes = [Fix.NONE] * n
@@ -355,7 +358,7 @@ def release_batch(
         done = [i for i in todo if isinstance(files[i], Released)]
         if done:
             y[done] = describe_arrays(ex, [files[i].pixels for i in done])  # type: ignore[union-attr]
-        first = own_code_first(index, x, y)
+        first = own_code_first(index, x, y, own_ids=own_ids)
         todo = [i for i in done if passive[i] and not first[i]]
         if not todo:
             break
@@ -497,7 +500,8 @@ def recheck_run(
                 originals.append(image)
         if not part:
             continue
-        rb = release_batch(coll.extractor, coll.index, originals, config, fmt, quality, start=Fix.MARGIN)
+        rb = release_batch(coll.extractor, coll.index, originals, config, fmt, quality, start=Fix.MARGIN,
+                           own_ids=np.array([c.id for c in part], np.int64))
         ids, qualities = [], []
         for c, rel, fix, after, x in zip(part, rb.files, rb.fixes, rb.cos_after, rb.features):
             old = report.released[where[c.id]]

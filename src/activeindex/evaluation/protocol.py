@@ -276,8 +276,10 @@ def build_collection(root: Path, factory: str, ex: Extractor, shared: Shared, se
     return coll, ids
 
 
-def release(coll: Collection, originals: list[np.ndarray], method: Method, settings: EvalSettings) -> tuple[list[np.ndarray], dict[str, Any]]:
-    """Released pixels of ``originals`` under ``method`` and what releasing cost."""
+def release(coll: Collection, originals: list[np.ndarray], ids: list[int], method: Method,
+            settings: EvalSettings) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Released pixels of ``originals`` (stored in ``coll`` under ``ids``) under ``method`` and what
+    releasing cost."""
     if method is Method.PASSIVE:
         return originals, {}
     config = settings.activation_config(method, coll.extractor)
@@ -289,7 +291,9 @@ def release(coll: Collection, originals: list[np.ndarray], method: Method, setti
     t0 = time.perf_counter()
     with stage(f"activate ({method.value})", len(originals)) as update:
         for start in range(0, len(originals), settings.batch_size):
-            rb = release_batch(coll.extractor, coll.index, originals[start : start + settings.batch_size], config)
+            stop = start + settings.batch_size
+            rb = release_batch(coll.extractor, coll.index, originals[start:stop], config,
+                               own_ids=np.asarray(ids[start:stop], np.int64))
             for r, fix in zip(rb.files, rb.fixes):
                 if isinstance(r, Exception):  # a lossless PNG always meets its budget
                     raise r
@@ -546,7 +550,7 @@ def run_evaluation(
                 if done[(factory, method)] is not None:
                     results.append(done[(factory, method)][0])
                     continue
-                released, stats = release(coll, shared.originals, method, settings)
+                released, stats = release(coll, shared.originals, ids, method, settings)
                 if method is Method.PASSIVE and shared.passive_copies is not None:
                     copies = shared.passive_copies
                 else:
