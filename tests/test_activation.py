@@ -131,6 +131,34 @@ def test_render_equals_the_op_chain_and_its_gradient(monkeypatch, tile, case):
     assert torch.allclose(r.perturbation(delta.detach()), p.detach() * s.view(b, 1, 1, 1), atol=1e-14)
 
 
+def test_render_and_resize_reuse_their_buffers_across_iterations():
+    """The rendered x and the gradients live in buffers reused by the next iteration: a second
+    forward/backward through the same Render and resize gives what fresh ones give, and the first
+    iteration's gradient is not needed once the second begins (the loop's contract)."""
+    g = torch.Generator().manual_seed(1)
+    b, c, h, w = 2, 3, 40, 56
+    x0 = torch.rand(b, c, h, w, generator=g, dtype=torch.float64)
+    bound = torch.rand(b, c, h, w, generator=g, dtype=torch.float64) * 0.05
+    n_valid = torch.full((b,), float(c * h * w), dtype=torch.float64)
+    a_h, a_w = (m.double() for m in batch_matrices([(h, w)] * b, Preprocessing(input_size=16), (h, w)))
+    steps = [(torch.randn(b, c, h, w, generator=g, dtype=torch.float64) * 2).requires_grad_(True) for _ in range(2)]
+    weights = torch.randn(b, c, 16, 16, generator=g, dtype=torch.float64)
+
+    def step(r: Render, resize: InputResize, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, loss = render(delta, r)
+        y = resize(x)
+        (grad,) = torch.autograd.grad((y * weights).sum() + loss.sum(), delta)
+        return y.detach().clone(), grad.clone()
+
+    shared_r, shared_resize = Render(x0, bound, n_valid, 10 ** -4.21), InputResize(a_h, a_w)
+    first = step(shared_r, shared_resize, steps[0])
+    second = step(shared_r, shared_resize, steps[1])
+    for delta, got in zip(steps, (first, second)):
+        fresh = step(Render(x0, bound, n_valid, 10 ** -4.21), InputResize(a_h, a_w), delta)
+        assert torch.equal(got[0], fresh[0]) and torch.equal(got[1], fresh[1])
+    assert not torch.equal(first[1], second[1])
+
+
 @pytest.mark.parametrize("policy", ["square", "center-crop"])
 @pytest.mark.parametrize("size", [(48, 64), (100, 37), (20, 20), (300, 200)])
 def test_matrix_resize_matches_pil(policy, size):

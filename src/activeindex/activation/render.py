@@ -30,8 +30,10 @@ TILE_ELEMENTS = 128 * 1024
 
 class Render:
     """The rendering of one batch: its constants (``x0``, ``bound``, the per-image budget) and
-    buffers reused by every iteration. ``n_valid`` (B,) counts each image's values (padding
-    excluded; ``bound`` is zero there)."""
+    buffers reused by every iteration — including the ``x`` that :meth:`forward` returns and the
+    gradient :meth:`backward` returns, which the next call overwrites (one iteration's are used
+    up before the next begins). ``n_valid`` (B,) counts each image's values (padding excluded;
+    ``bound`` is zero there)."""
 
     def __init__(self, x0: torch.Tensor, bound: torch.Tensor, n_valid: torch.Tensor, mse_max: float) -> None:
         b, c, h, w = x0.shape
@@ -43,7 +45,16 @@ class Render:
         self.tiles = [(i, j, min(j + step, per_image)) for i in range(b) for j in range(0, per_image, step)]
         # Saved by forward for backward (overwritten at each iteration).
         self.th = torch.empty_like(self.x0)
-        self.inside = torch.empty_like(self.x0, dtype=torch.bool)
+        # Where the clamp let x through, as 0/1 in x's dtype: a product with a bool mask takes a
+        # casting path 6× slower than with a float one (and the comparison into bool 3×).
+        self.inside = torch.empty_like(self.x0)
+        # The rendered x and the two gradients, allocated once: a fresh full-resolution tensor per
+        # iteration costs more than the passes over it (its pages are mapped and zeroed anew:
+        # 50 ms for 150 MB against 4 ms for an in-place pass, 2 cores). So the next forward
+        # overwrites the x returned by this one, and the next backward the gradient.
+        self._x = torch.empty_like(self.x0)
+        self._g_pre = torch.empty_like(self.x0)
+        self._g_delta = torch.empty_like(self.x0)
         self.scale = torch.ones(b, dtype=x0.dtype, device=x0.device)
         self.mse = torch.zeros(b, dtype=x0.dtype, device=x0.device)
 
@@ -60,7 +71,7 @@ class Render:
             p = th * self.bound[i, j0:j1]
             sumsq[i] += torch.dot(p, p)
         self._budget(sumsq.to(self.x0.dtype))
-        x = torch.empty_like(self.x0)
+        x = self._x
         scale = _scalars(self.scale)
         for i, j0, j1 in self.tiles:  # pass 2: x = clamp(x0 + s·p), and where the clamp let it through
             bound, value = _times(self.bound[i, j0:j1], scale[i])
@@ -73,7 +84,7 @@ class Render:
         """Gradients of x and of the image loss → the gradient of δ."""
         g = gx.reshape(self.x0.shape).to(self.x0.dtype)
         g_loss = torch.zeros_like(self.scale) if g_loss is None else g_loss.to(self.x0.dtype)
-        g_pre = torch.empty_like(self.x0)
+        g_pre = self._g_pre
         dot = torch.zeros(len(self.x0), dtype=torch.float64, device=g.device)
         for i, j0, j1 in self.tiles:  # pass 1: through the clamp; Σ g·p per image (for s)
             gp = torch.mul(g[i, j0:j1], self.inside[i, j0:j1], out=g_pre[i, j0:j1])
@@ -85,7 +96,7 @@ class Render:
         g_s = dot.to(s.dtype) + g_loss * 2.0 * mse * s  # loss = mse·s²
         g_mse = g_loss * s.square() + g_s * ds_dmse
         coef = 2.0 * g_mse / self.n_valid  # dmse/dp = 2p / n_valid
-        g_delta = torch.empty_like(self.x0)
+        g_delta = self._g_delta
         s_list, c_list = _scalars(s), _scalars(coef)
         for i, j0, j1 in self.tiles:  # pass 2: g_p = s·g_pre + coef·p, then through bound·tanh
             th, bound = self.th[i, j0:j1], self.bound[i, j0:j1]
@@ -96,9 +107,11 @@ class Render:
 
     @torch.no_grad()
     def perturbation(self, delta: torch.Tensor) -> torch.Tensor:
-        """The budgeted perturbation s·p (B, 3, H, W) for δ (no gradient)."""
+        """The budgeted perturbation s·p (B, 3, H, W) for δ (no gradient), in the buffer of the
+        rendered x (the last call of the loop: nothing renders after it)."""
         self.forward(delta)
-        return (self.th * self.bound * self.scale[:, None]).view(self.shape)
+        p = torch.mul(self.th, self.bound, out=self._x)  # x's buffer, its rendering no longer needed
+        return p.mul_(self.scale[:, None]).view(self.shape)
 
 
 def _scalars(v: torch.Tensor) -> list[float] | torch.Tensor:

@@ -105,6 +105,7 @@ class Banded:
     a: torch.Tensor
     blocks: tuple[tuple[int, int, int, int], ...]
     _cast: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    _out: dict[tuple, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, a: torch.Tensor, rows: int = BAND_ROWS) -> Banded:
@@ -116,15 +117,29 @@ class Banded:
             blocks.append((r0, r1, cols[0], cols[-1] + 1) if cols else (r0, r1, 0, 0))
         return cls(a, tuple(blocks))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, reuse: bool = False) -> torch.Tensor:
         """``a · x`` along dim -2: x (B, C, N, M) → (B, C, R, M) in ``x``'s dtype, block by block
-        (each matmul reads a view of ``x``)."""
+        (each matmul reads a view of ``x``). ``reuse``: into this object's buffer for that shape,
+        which the next ``reuse`` call overwrites (a gradient, used up before the next iteration:
+        see :class:`.render.Render` for why a full-resolution buffer is worth keeping)."""
         b, c, _, m = x.shape
         a = self.a if x.dtype == self.a.dtype else self._cast.setdefault(x.dtype, self.a.to(x.dtype))
-        parts = [x.new_zeros(b, c, r1 - r0, m) if lo == hi else
-                 torch.matmul(a[:, None, r0:r1, lo:hi], x[:, :, lo:hi, :])
-                 for r0, r1, lo, hi in self.blocks]
-        return torch.cat(parts, dim=2)
+        if not reuse:
+            parts = [x.new_zeros(b, c, r1 - r0, m) if lo == hi else
+                     torch.matmul(a[:, None, r0:r1, lo:hi], x[:, :, lo:hi, :])
+                     for r0, r1, lo, hi in self.blocks]
+            return torch.cat(parts, dim=2)
+        shape = (b, c, self.a.shape[1], m)
+        out = self._out.get((shape, x.dtype, x.device))
+        if out is None:
+            self._out.clear()
+            out = self._out[(shape, x.dtype, x.device)] = x.new_empty(shape)
+        for r0, r1, lo, hi in self.blocks:
+            if lo == hi:
+                out[:, :, r0:r1].zero_()
+            else:
+                torch.matmul(a[:, None, r0:r1, lo:hi], x[:, :, lo:hi, :], out=out[:, :, r0:r1])
+        return out
 
 
 class _BandedRows(torch.autograd.Function):
@@ -141,7 +156,7 @@ class _BandedRows(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return ctx.at(g).to(ctx.x_dtype), None, None  # in the forward's dtype
+        return ctx.at(g, reuse=True).to(ctx.x_dtype), None, None  # in the forward's dtype
 
 
 class InputResize:
