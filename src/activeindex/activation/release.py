@@ -47,15 +47,19 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # Output rows per band of the SSIM computation: small enough that a band's filtered planes stay in
-# cache through the formula's dozen steps (1024×768: 2× as fast as scikit-image's whole-image pass).
-SSIM_ROWS = 32
+# cache through the formula's steps (1024×768: 64 rows 1.1× faster than 32, 2.5× faster than
+# scikit-image's whole-image pass).
+SSIM_ROWS = 64
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float | None:
     """Mean SSIM of two uint8 (h, w, 3) images, as scikit-image's ``structural_similarity(a, b,
     channel_axis=2, data_range=255, win_size=7)`` (uniform 7×7 windows, sample covariance, the
     mean over every window inside the image and over the channels; windows shrink to the image
-    for sides under 7; None under 3), computed in bands of ``SSIM_ROWS`` output rows."""
+    for sides under 7; None under 3), computed in bands of ``SSIM_ROWS`` output rows.
+
+    Four window means per band, not five: the formula needs the variances only as their sum, so
+    x² + y² is filtered as one plane (a quarter fewer filter passes); the formula runs in place."""
     h, w = a.shape[:2]
     side = min(h, w)
     if side < 3:
@@ -68,14 +72,29 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float | None:
     for r0 in range(r, h - r, SSIM_ROWS):
         r1 = min(r0 + SSIM_ROWS, h - r)
         x, y = a[r0 - r : r1 + r].astype(np.float32), b[r0 - r : r1 + r].astype(np.float32)
-        m = np.stack([x, y, x * x, y * y, x * y])  # then their window means, in place
+        m = np.empty((4, *x.shape), np.float32)  # x, y, x² + y², x·y; then their window means
+        m[0], m[1] = x, y
+        np.multiply(x, x, out=m[2])
+        m[2] += y * y
+        np.multiply(x, y, out=m[3])
         uniform_filter1d(m, win, axis=1, output=m)
         uniform_filter1d(m, win, axis=2, output=m)
-        ux, uy, uxx, uyy, uxy = m[:, r:-r, r:-r]
-        uxuy, ux2, uy2 = ux * uy, ux * ux, uy * uy
-        num = (2.0 * uxuy + c1) * ((uxy - uxuy) * (2.0 * cov) + c2)
-        den = (ux2 + uy2 + c1) * ((uxx + uyy - ux2 - uy2) * cov + c2)
-        total += float(np.divide(num, den).sum(dtype=np.float64))
+        ux, uy, usq, uxy = m[:, r:-r, r:-r]
+        uxuy = ux * uy
+        means_sq = ux * ux
+        means_sq += uy * uy
+        num = uxy - uxuy  # (2·σxy + c2)(2·ux·uy + c1)
+        num *= 2.0 * cov
+        num += c2
+        uxuy *= 2.0
+        uxuy += c1
+        num *= uxuy
+        den = usq - means_sq  # (σx² + σy² + c2)(ux² + uy² + c1)
+        den *= cov
+        den += c2
+        means_sq += c1
+        den *= means_sq
+        total += float(np.divide(num, den, out=num).sum(dtype=np.float64))
     return total / ((h - 2 * r) * (w - 2 * r) * a.shape[2])
 
 
