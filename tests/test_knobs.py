@@ -87,6 +87,21 @@ def test_every_models_defaults_are_valid_knob_values(entry):
     ActivationConfig(**resolved.values)
 
 
+def test_a_model_can_default_to_robust_and_the_user_opt_out():
+    """sscd-distilled defaults to robust activation (docs/activation-study.md); --no-robust (robust
+    False) wins over it, and evaluate's plain method stays plain for it."""
+    from activeindex.cli import _knob_flag
+    from activeindex.evaluation.protocol import EvalSettings, Method
+
+    ex = types.SimpleNamespace(activation_defaults=PACKAGED_MODELS["sscd-distilled"].activation_defaults)
+    assert configure({}, ex).robust and configure({}, ex).sources["robust"] == "model"
+    assert not configure({"robust": False}, ex).robust
+    assert not EvalSettings().activation_config(Method.PLAIN, ex).robust
+    assert EvalSettings().activation_config(Method.ROBUST, ex).robust
+    assert [_knob_flag("robust", True), _knob_flag("robust", False), _knob_flag("lr", 0.1)] == \
+        ["--robust", "--no-robust", "--lr 0.1"]
+
+
 def test_a_builtin_models_defaults_reach_its_extractor(monkeypatch, tiny_extractor):
     from activeindex.extractors import create_extractor
 
