@@ -166,7 +166,7 @@ def test_a_file_that_loses_rank_one_is_activated_again_then_released_unchanged(s
 def test_add_activate_reports_the_fixes(stored, tmp_path, monkeypatch, image_dir):
     coll, _ = stored
     monkeypatch.setattr(add_mod, "own_code_first",
-                        lambda index, x, y, mates=True: np.ones(len(x), bool) if y is x else np.zeros(len(x), bool))
+                        lambda index, x, y, mates=True, own_ids=None: np.ones(len(x), bool) if y is x else np.zeros(len(x), bool))
     paths = sorted(image_dir.glob("*.png"))[4:6]
     report = add_mod.add_activated(coll, paths, tmp_path / "out", ActivationConfig(iterations=2, precision="fp32"))
     assert report.fixes() == {"margin": 0, "original": 2}
