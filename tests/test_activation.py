@@ -131,16 +131,19 @@ def test_render_equals_the_op_chain_and_its_gradient(monkeypatch, tile, case):
     assert torch.allclose(r.perturbation(delta.detach()), p.detach() * s.view(b, 1, 1, 1), atol=1e-14)
 
 
-def test_render_and_resize_reuse_their_buffers_across_iterations():
+@pytest.mark.parametrize("policy", ["square", "center-crop"])
+def test_render_and_resize_reuse_their_buffers_across_iterations(policy):
     """The rendered x and the gradients live in buffers reused by the next iteration: a second
-    forward/backward through the same Render and resize gives what fresh ones give, and the first
-    iteration's gradient is not needed once the second begins (the loop's contract)."""
+    forward/backward through the same Render and resize gives what fresh ones give, whatever the
+    buffers held before (stale values are overwritten, rows no image reads are zeroed: the
+    centre crop of a tall image leaves whole blocks of rows unread)."""
     g = torch.Generator().manual_seed(1)
-    b, c, h, w = 2, 3, 40, 56
+    b, c, h, w = 2, 3, 80, 40
     x0 = torch.rand(b, c, h, w, generator=g, dtype=torch.float64)
     bound = torch.rand(b, c, h, w, generator=g, dtype=torch.float64) * 0.05
     n_valid = torch.full((b,), float(c * h * w), dtype=torch.float64)
-    a_h, a_w = (m.double() for m in batch_matrices([(h, w)] * b, Preprocessing(input_size=16), (h, w)))
+    pre = Preprocessing(input_size=16, resize=policy)
+    a_h, a_w = (m.double() for m in batch_matrices([(h, w)] * b, pre, (h, w)))
     steps = [(torch.randn(b, c, h, w, generator=g, dtype=torch.float64) * 2).requires_grad_(True) for _ in range(2)]
     weights = torch.randn(b, c, 16, 16, generator=g, dtype=torch.float64)
 
@@ -152,6 +155,9 @@ def test_render_and_resize_reuse_their_buffers_across_iterations():
 
     shared_r, shared_resize = Render(x0, bound, n_valid, 10 ** -4.21), InputResize(a_h, a_w)
     first = step(shared_r, shared_resize, steps[0])
+    for buffer in (shared_r._x, shared_r._g_pre, shared_r._g_delta,
+                   *(t for _, at in shared_resize._axes for t in at._out.values())):
+        buffer.fill_(float("nan"))  # what the first iteration left, made visible if it leaked
     second = step(shared_r, shared_resize, steps[1])
     for delta, got in zip(steps, (first, second)):
         fresh = step(Render(x0, bound, n_valid, 10 ** -4.21), InputResize(a_h, a_w), delta)
